@@ -1,0 +1,56 @@
+"""Outbound side: bytes and an envelope in, one outcome per recipient out. Never sees a store.
+
+`Router` picks the route (MX lookup or the configured smarthost) and opens `Connection`s; a
+connection carries several messages in a row to one destination (connection reuse).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+DELIVERED, TRANSIENT, PERMANENT = "delivered", "transient", "permanent"
+
+
+@dataclass(frozen=True)
+class RcptOutcome:
+    kind: str                  # delivered | transient | permanent
+    reply: str                 # remote reply ("550 5.1.1 no such user") or our own description
+    status: str                # enhanced status for the DSN, e.g. "5.1.1"
+    remote_mta: str | None = None
+    tls: str | None = None     # "TLSv1.3" or "plain" for the log
+
+    @property
+    def final(self) -> bool:
+        return self.kind != TRANSIENT
+
+
+@dataclass(frozen=True)
+class OutRecipient:
+    address: str
+    notify: str | None = None
+    orcpt: str | None = None
+
+
+@dataclass(frozen=True)
+class Envelope:
+    sender: str
+    recipients: tuple[OutRecipient, ...]
+    data: bytes
+    smtputf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+
+
+class Connection(Protocol):
+    async def send(self, env: Envelope) -> dict[str, RcptOutcome]: ...
+    async def close(self) -> None: ...
+
+
+def all_same(env: Envelope, outcome: RcptOutcome) -> dict[str, RcptOutcome]:
+    return {r.address: outcome for r in env.recipients}
+
+
+from .router import Router  # noqa: E402  (re-export after the shared types it uses)
+
+__all__ = ["DELIVERED", "TRANSIENT", "PERMANENT", "RcptOutcome", "OutRecipient", "Envelope", "Connection",
+           "Router", "all_same"]

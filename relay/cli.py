@@ -1,0 +1,343 @@
+"""The `relay` command: serve, check-config, domain, user, queue, cert.
+
+Human tables by default, `--json` for scripts. Exit codes: 0 ok, 1 not found or refused,
+2 usage or configuration error. Every error is one line on stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__, config as config_mod, db
+from .config import Config, ConfigError
+from .credentials import CredentialStore, NotFound, StoreError, display_domain, generate_password, normalize_username
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+
+class CLIError(Exception):
+    def __init__(self, message: str, code: int = EXIT_REFUSED):
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------- output helpers
+
+def _fmt_time(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _fmt_age(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = max(0, int(time.time() - ts))
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s // n}{unit}"
+    return f"{s}s"
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def emit(args: argparse.Namespace, data: Any, human: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(human)
+
+
+# ---------------------------------------------------------------- password input
+
+def read_password(args: argparse.Namespace, username: str, min_length: int) -> tuple[str, bool]:
+    """(password, generated). Interactive prompts ask twice."""
+    if getattr(args, "generate", False):
+        return generate_password(), True
+    if getattr(args, "password_stdin", False):
+        line = sys.stdin.readline()
+        pw = line[:-1] if line.endswith("\n") else line
+        if not pw:
+            raise CLIError("no password on standard input", EXIT_USAGE)
+        return pw, False
+    if not sys.stdin.isatty():
+        raise CLIError("no terminal to prompt for a password: use --password-stdin or --generate", EXIT_USAGE)
+    first = getpass.getpass(f"Password for {username} (at least {min_length} characters): ")
+    second = getpass.getpass("Repeat password: ")
+    if first != second:
+        raise CLIError("passwords do not match")
+    return first, False
+
+
+# ---------------------------------------------------------------- commands
+
+async def _with_stores(cfg: Config, fn):
+    from .queue_store import QueueStore
+    conn = await db.open_async(cfg.storage.path)
+    try:
+        creds = CredentialStore(conn, cfg.credentials)
+        queue = QueueStore(conn, lease_seconds=cfg.delivery.lease_seconds)
+        try:
+            return await fn(creds, queue)
+        finally:
+            await queue.close()
+    finally:
+        await conn.close()
+
+
+def cmd_domain(args: argparse.Namespace, cfg: Config) -> int:
+    async def run(creds: CredentialStore, queue):
+        if args.action == "add":
+            d = await creds.add_domain(args.domain)
+            emit(args, {"domain": d, "display": display_domain(d)},
+                 f"added domain {display_domain(d)}" + (f" ({d})" if display_domain(d) != d else "")
+                 + f"\nnext: relay user add app@{d}")
+        elif args.action == "list":
+            rows = await creds.list_domains()
+            emit(args, rows, table(
+                [[r["display"] + (f" ({r['domain']})" if r["display"] != r["domain"] else ""), r["credentials"],
+                  r["state"] + (f" {_fmt_time(r['verified_at'])}" if r["verified_at"] else ""),
+                  _fmt_time(r["created_at"])] for r in rows],
+                ["DOMAIN", "CREDENTIALS", "STATE", "CREATED"]) if rows else "no domains; add one: relay domain add DOMAIN")
+        elif args.action == "remove":
+            from .credentials import normalize_domain
+            d = normalize_domain(args.domain)
+            queued = await queue.count_for_domain(d)
+            n = await creds.remove_domain(d, force=args.force, queued=queued)
+            emit(args, {"domain": d, "removed_credentials": n}, f"removed domain {d} ({n} credential(s) removed)")
+        return EXIT_OK
+    return asyncio.run(_with_stores(cfg, lambda c, q: run(c, q)))
+
+
+def cmd_user(args: argparse.Namespace, cfg: Config) -> int:
+    async def run(creds: CredentialStore, queue):
+        if args.action == "list":
+            rows = await creds.list_users(args.domain)
+            emit(args, rows, table([[r["username"], r["domain"], _fmt_time(r["created_at"]), _fmt_time(r["updated_at"]),
+                                     _fmt_time(r["last_login"])] for r in rows],
+                                   ["USERNAME", "DOMAIN", "CREATED", "PASSWORD SET", "LAST LOGIN"])
+                 if rows else "no credentials")
+            return EXIT_OK
+        user, domain = normalize_username(args.username)
+        if args.action == "delete":
+            await creds.delete_user(user)
+            emit(args, {"username": user, "deleted": True}, f"deleted {user}")
+            return EXIT_OK
+        if args.action == "add":
+            # Check the cheap refusals before asking for a password.
+            if not await creds.domain_exists(domain):
+                raise NotFound(f"domain {domain} is not a sending domain; add it first: relay domain add {domain}")
+        elif await creds.lookup(user) is None:
+            raise NotFound(f"credential {user} not found")
+        password, generated = read_password(args, user, cfg.credentials.min_password_length)
+        if args.action == "add":
+            await creds.add_user(user, password)
+            verb = "added"
+        else:
+            await creds.reset_password(user, password)
+            verb = "password reset for"
+        data = {"username": user, "domain": domain}
+        human = f"{verb} {user}"
+        if generated:
+            data["password"] = password
+            human += f"\npassword: {password}\n(shown once; store it in the application's SMTP settings now)"
+        emit(args, data, human)
+        return EXIT_OK
+    return asyncio.run(_with_stores(cfg, lambda c, q: run(c, q)))
+
+
+def cmd_queue(args: argparse.Namespace, cfg: Config) -> int:
+    async def run(creds, queue):
+        if args.action == "list":
+            rows = await queue.list()
+            emit(args, rows, table(
+                [[r["id"], _fmt_age(r["created_at"]), r["sender"] or "<>", ",".join(r["recipients"]), r["state"],
+                  _fmt_time(r["next_attempt_at"]), (r["last_error"] or "-")[:60]] for r in rows],
+                ["ID", "AGE", "SENDER", "RECIPIENTS", "STATE", "NEXT ATTEMPT", "LAST ERROR"]) if rows else "queue is empty")
+            return EXIT_OK
+        if args.action == "retry":
+            if not args.all and not args.id:
+                raise CLIError("give a queue ID or --all", EXIT_USAGE)
+            if args.id and not await queue.show(args.id):
+                raise NotFound(f"message {args.id} not in the queue")
+            n = await queue.retry(None if args.all else args.id)
+            emit(args, {"due_now": n}, f"{n} recipient(s) due now (a running relay picks them up within 30 s)")
+            return EXIT_OK
+        m = await queue.show(args.id)
+        if m is None:
+            raise NotFound(f"message {args.id} not in the queue (delivered or bounced messages leave it; "
+                           f"grep {args.id} in the relay log)")
+        if args.action == "show":
+            lines = [f"id:        {m['id']}", f"sender:    <{m['sender']}>", f"created:   {_fmt_time(m['created_at'])}",
+                     f"size:      {m['size']}", f"user:      {m['auth_user'] or '-'}", f"client:    {m['client_ip'] or '-'}",
+                     f"state:     {m['state']}", "", table(
+                         [[r["rcpt"], r["state"] + (" (in flight)" if r["in_flight"] else ""), r["attempts"],
+                           _fmt_time(r["next_attempt_at"]) if r["state"] in ("pending", "deferred") else "-",
+                           r["last_error"] or "-"] for r in m["recipients"]],
+                         ["RECIPIENT", "STATE", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR"]),
+                     "", "history:"] + [f"  {_fmt_time(h['ts'])}  {h['event']:<9} {h['rcpt'] or ''} {h['detail'] or ''}"
+                                        for h in m["history"]] + ["", "headers:", m["headers"]]
+            emit(args, m, "\n".join(lines))
+            return EXIT_OK
+        if args.action == "delete":
+            dsn = None
+            if args.bounce and m["sender"]:
+                from . import bounce
+                from .queue_store import NewMessage, NewRecipient
+                body = await queue.body(args.id) or b""
+                dsn_data = bounce.build_dsn(
+                    reporting_mta=cfg.server.hostname, original_sender=m["sender"], original_message=body,
+                    recipients=[bounce.DSNRecipient(r["rcpt"], "failed", "5.0.0", "deleted from the queue by the administrator")
+                                for r in m["recipients"] if r["state"] in ("pending", "deferred")] or
+                               [bounce.DSNRecipient(m["recipients"][0]["rcpt"], "failed", "5.0.0",
+                                                    "deleted from the queue by the administrator")],
+                    ret=m["ret"] or "HDRS", envid=m["envid"], queue_id=m["id"])
+                dsn = NewMessage("", (NewRecipient(m["sender"], m["sender"].rpartition("@")[2].lower()),), dsn_data)
+            await queue.delete(args.id, bounce=dsn)
+            emit(args, {"deleted": args.id, "bounced": dsn is not None},
+                 f"deleted {args.id}" + (" and queued a bounce to the sender" if dsn else ""))
+            return EXIT_OK
+        raise CLIError(f"unknown queue action {args.action}", EXIT_USAGE)
+    return asyncio.run(_with_stores(cfg, lambda c, q: run(c, q)))
+
+
+def cmd_cert(args: argparse.Namespace, cfg: Config) -> int:
+    from . import tls
+    cert, key = Path(cfg.tls.cert), Path(cfg.tls.key)
+    if (cert.exists() or key.exists()) and not args.force:
+        raise CLIError(f"{cert} or {key} already exists; use --force to replace it")
+    hostname = args.hostname or cfg.server.hostname
+    tls.write_self_signed(str(cert), str(key), hostname)
+    emit(args, {"cert": str(cert), "key": str(key), "hostname": hostname},
+         f"wrote self-signed certificate for {hostname}: {cert} (key {key}, mode 0600)\n"
+         "clients will warn about it; install a real certificate (e.g. certbot) and send SIGHUP to reload")
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
+    config_mod.check_files(cfg)
+    data = config_mod.masked(cfg)
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2))
+    else:
+        print("# configuration is valid; effective values (secrets masked):")
+        print(config_mod.to_toml(data), end="")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
+    from . import logs
+    from .daemon import serve
+    from .server.listeners import ListenError
+    from .tls import TLSError
+    logs.setup(cfg.logging.format, cfg.logging.level)
+    try:
+        return serve(cfg, args.config)
+    except (ListenError, TLSError, ConfigError) as exc:
+        raise CLIError(str(exc), EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                        help="config file (default: $RELAY_CONFIG or config/relay.toml)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+
+    p = argparse.ArgumentParser(prog="relay", description="Self-hosted SMTP submission relay.", parents=[common])
+    p.add_argument("--version", action="version", version=f"relay {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("serve", parents=[common], help="run the relay")
+    sub.add_parser("check-config", parents=[common], help="validate and print the effective configuration")
+
+    dom = sub.add_parser("domain", parents=[common], help="manage sending domains")
+    dsub = dom.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = dsub.add_parser("add", parents=[common], help="add a sending domain")
+    a.add_argument("domain")
+    dsub.add_parser("list", parents=[common], help="list sending domains")
+    r = dsub.add_parser("remove", parents=[common], help="remove a sending domain")
+    r.add_argument("domain")
+    r.add_argument("--force", action="store_true", help="also remove its credentials; ignore queued mail")
+
+    usr = sub.add_parser("user", parents=[common], help="manage SMTP credentials")
+    usub = usr.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, help_ in (("add", "create a credential (USER@DOMAIN)"), ("reset-password", "set a new password")):
+        u = usub.add_parser(name, parents=[common], help=help_)
+        u.add_argument("username", metavar="USER@DOMAIN")
+        g = u.add_mutually_exclusive_group()
+        g.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+        g.add_argument("--generate", action="store_true", help="generate a strong password and print it once")
+    ul = usub.add_parser("list", parents=[common], help="list credentials")
+    ul.add_argument("domain", nargs="?")
+    ud = usub.add_parser("delete", parents=[common], help="delete a credential")
+    ud.add_argument("username", metavar="USER@DOMAIN")
+
+    q = sub.add_parser("queue", parents=[common], help="inspect and manage the mail queue")
+    qsub = q.add_subparsers(dest="action", required=True, metavar="ACTION")
+    qsub.add_parser("list", parents=[common], help="list queued messages")
+    qs = qsub.add_parser("show", parents=[common], help="show one message")
+    qs.add_argument("id")
+    qr = qsub.add_parser("retry", parents=[common], help="make a message (or all) due now")
+    qr.add_argument("id", nargs="?")
+    qr.add_argument("--all", action="store_true")
+    qd = qsub.add_parser("delete", parents=[common], help="delete a message")
+    qd.add_argument("id")
+    qd.add_argument("--bounce", action="store_true", help="send the sender a failure report")
+
+    c = sub.add_parser("cert", parents=[common], help="TLS certificate helpers")
+    csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cs = csub.add_parser("selfsigned", parents=[common], help="write a self-signed certificate to tls.cert/tls.key")
+    cs.add_argument("--hostname", help="default: server.hostname")
+    cs.add_argument("--force", action="store_true", help="replace existing files")
+    return p
+
+
+COMMANDS = {"serve": cmd_serve, "check-config": cmd_check_config, "domain": cmd_domain, "user": cmd_user,
+            "queue": cmd_queue, "cert": cmd_cert}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "config"):
+        args.config = None
+    try:
+        cfg = config_mod.load(args.config)
+        return COMMANDS[args.command](args, cfg)
+    except ConfigError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except NotFound as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except StoreError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except CLIError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return exc.code
+    except (OSError, RuntimeError) as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print("relay: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
+
+

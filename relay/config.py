@@ -1,0 +1,407 @@
+"""Configuration: TOML -> frozen dataclasses, with every default defined once, here.
+
+`load()` rejects unknown keys, wrong types and impossible values with a `ConfigError` that
+names the key, so `relay` can print one line and exit 2. Durations are integer seconds and
+sizes integer bytes: no unit parsing to get wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = "config/relay.toml"
+TLS_MODES = ("starttls", "implicit")
+SMARTHOST_TLS_MODES = ("starttls", "implicit", "none")
+
+
+class ConfigError(Exception):
+    """A bad configuration value; str() is the one line shown to the operator."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"config error: {key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = "localhost"
+    # Grace period for open sessions on SIGTERM before they get 421.
+    shutdown_grace: int = 30
+
+
+@dataclass(frozen=True)
+class Listener:
+    address: str = "0.0.0.0"
+    port: int = 587
+    tls: str = "starttls"
+
+
+def _default_listeners() -> tuple[Listener, ...]:
+    return (
+        Listener(port=25, tls="starttls"),
+        Listener(port=465, tls="implicit"),
+        Listener(port=587, tls="starttls"),
+        Listener(port=2525, tls="starttls"),
+    )
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str = "certs/relay.crt"
+    key: str = "certs/relay.key"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: str = "var/relay.db"
+
+
+@dataclass(frozen=True)
+class SmarthostConfig:
+    host: str = ""
+    port: int = 587
+    tls: str = "starttls"
+    username: str = ""
+    password: str = ""
+    # Name of an environment variable holding the password (keeps it out of the file).
+    password_env: str = ""
+    verify_cert: bool = True
+
+    def resolved_password(self) -> str:
+        if self.password_env:
+            return os.environ.get(self.password_env, "")
+        return self.password
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    mode: str = "mx"
+    mx_port: int = 25
+    # EHLO name for outbound sessions; empty means server.hostname.
+    helo_hostname: str = ""
+    # Verify the MX certificate and defer when TLS is unavailable, for all or listed domains.
+    require_tls: bool = False
+    require_tls_domains: tuple[str, ...] = ()
+    max_connections: int = 50
+    max_connections_per_destination: int = 5
+    # Messages carried by one outbound session before it is closed.
+    max_messages_per_connection: int = 100
+    connect_timeout: int = 30
+    command_timeout: int = 120
+    # Delay before attempt n+1; the last value repeats.
+    retry_schedule: tuple[int, ...] = (60, 300, 900, 1800, 3600, 7200)
+    max_queue_lifetime: int = 5 * 86400
+    # Send a delay warning to the sender once a message waits this long; 0 turns it off.
+    delay_warning_after: int = 0
+    # How long a claimed recipient stays invisible to other workers (crash recovery bound).
+    lease_seconds: int = 600
+    smarthost: SmarthostConfig = field(default_factory=SmarthostConfig)
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    nameservers: tuple[str, ...] = ()
+    timeout: int = 10
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    message_size: int = 26_214_400
+    recipients: int = 100
+    connections: int = 2000
+    connections_per_ip: int = 20
+    auth_failures: int = 5
+    auth_failure_window: int = 300
+    auth_lockout: int = 900
+    # Seconds before a 535 reply: slows guessing, same for unknown user and bad password.
+    auth_failure_delay: float = 1.0
+    # Idle time allowed between commands, and between DATA chunks (progress, not total).
+    idle_timeout: int = 300
+    session_timeout: int = 3600
+    max_commands: int = 1000
+    max_errors: int = 10
+    max_received_headers: int = 50
+
+
+@dataclass(frozen=True)
+class CredentialsConfig:
+    per_domain: int = 5
+    min_password_length: int = 12
+    argon2_time_cost: int = 3
+    argon2_memory_cost: int = 65536
+    argon2_parallelism: int = 4
+    # Seconds a successful verification is remembered (bound to the stored hash).
+    verify_cache_ttl: int = 300
+
+
+@dataclass(frozen=True)
+class TrustedNetwork:
+    network: str = ""
+    domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RefusalConfig:
+    address: str = "0.0.0.0"
+    pop3_port: int = 110
+    imap_port: int = 143
+    pop3s_port: int = 995
+    imaps_port: int = 993
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9469"
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = "logfmt"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    listeners: tuple[Listener, ...] = field(default_factory=_default_listeners)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
+    trusted_networks: tuple[TrustedNetwork, ...] = ()
+    refusal: RefusalConfig = field(default_factory=RefusalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def helo_hostname(self) -> str:
+        return self.delivery.helo_hostname or self.server.hostname
+
+
+# ---------------------------------------------------------------- generic loader
+
+def _convert(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(key, "expected a table")
+        return _build(tp, value, key)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(key, "expected a list")
+        return tuple(_convert(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(key, f"unsupported type {tp!r}")  # pragma: no cover - programming error
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            raise ConfigError(key, "unknown key")
+        kwargs[k] = _convert(key, v, hints[k])
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- semantic checks
+
+def _check_port(key: str, port: int, allow_zero: bool = False) -> None:
+    lo = 0 if allow_zero else 1
+    if not lo <= port <= 65535:
+        raise ConfigError(key, f"port {port} out of range {lo}-65535")
+
+
+def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
+    """'host', 'host:port', '[v6]:port' or a bare IPv6 address -> (host, port)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else default_port
+        return host, port
+    if text.count(":") == 1:
+        host, _, port_s = text.partition(":")
+        return host, int(port_s)
+    return text, default_port
+
+
+def _validate(cfg: Config) -> None:
+    if not cfg.server.hostname or any(c.isspace() for c in cfg.server.hostname):
+        raise ConfigError("server.hostname", "must be a host name without spaces")
+    if not cfg.listeners:
+        raise ConfigError("listeners", "at least one listener is required")
+    seen = set()
+    for i, lst in enumerate(cfg.listeners):
+        _check_port(f"listeners[{i}].port", lst.port, allow_zero=True)
+        if lst.tls not in TLS_MODES:
+            raise ConfigError(f"listeners[{i}].tls", f"must be one of {', '.join(TLS_MODES)}, got {lst.tls!r}")
+        if (lst.address, lst.port) in seen and lst.port != 0:
+            raise ConfigError(f"listeners[{i}].port", f"{lst.address}:{lst.port} is listed twice")
+        seen.add((lst.address, lst.port))
+    d = cfg.delivery
+    if d.mode not in ("mx", "smarthost"):
+        raise ConfigError("delivery.mode", f"must be 'mx' or 'smarthost', got {d.mode!r}")
+    _check_port("delivery.mx_port", d.mx_port)
+    if d.mode == "smarthost" and not d.smarthost.host:
+        raise ConfigError("delivery.smarthost.host", "required when delivery.mode = 'smarthost'")
+    _check_port("delivery.smarthost.port", d.smarthost.port)
+    if d.smarthost.tls not in SMARTHOST_TLS_MODES:
+        raise ConfigError("delivery.smarthost.tls", f"must be one of {', '.join(SMARTHOST_TLS_MODES)}")
+    if d.smarthost.username and d.smarthost.tls == "none":
+        raise ConfigError("delivery.smarthost.tls", "'none' would send the smarthost password in clear text")
+    if not d.retry_schedule:
+        raise ConfigError("delivery.retry_schedule", "needs at least one delay")
+    for i, s in enumerate(d.retry_schedule):
+        _check_positive(f"delivery.retry_schedule[{i}]", s)
+    for name in ("max_connections", "max_connections_per_destination", "max_messages_per_connection",
+                 "connect_timeout", "command_timeout", "max_queue_lifetime", "lease_seconds"):
+        _check_positive(f"delivery.{name}", getattr(d, name))
+    _check_positive("delivery.delay_warning_after", d.delay_warning_after, allow_zero=True)
+    for i, ns in enumerate(cfg.dns.nameservers):
+        try:
+            host, port = parse_hostport(ns, 53)
+            ipaddress.ip_address(host)
+            _check_port(f"dns.nameservers[{i}]", port)
+        except ValueError:
+            raise ConfigError(f"dns.nameservers[{i}]", f"expected an IP address with optional :port, got {ns!r}") from None
+    _check_positive("dns.timeout", cfg.dns.timeout)
+    for f in dataclasses.fields(LimitsConfig):
+        _check_positive(f"limits.{f.name}", getattr(cfg.limits, f.name), allow_zero=(f.name == "auth_failure_delay"))
+    c = cfg.credentials
+    for f in dataclasses.fields(CredentialsConfig):
+        _check_positive(f"credentials.{f.name}", getattr(c, f.name))
+    if c.argon2_memory_cost < 8 * c.argon2_parallelism:
+        raise ConfigError("credentials.argon2_memory_cost", "must be at least 8 x argon2_parallelism (KiB)")
+    for i, tn in enumerate(cfg.trusted_networks):
+        try:
+            ipaddress.ip_network(tn.network, strict=False)
+        except ValueError:
+            raise ConfigError(f"trusted_networks[{i}].network", f"not a CIDR network: {tn.network!r}") from None
+        if not tn.domains:
+            raise ConfigError(f"trusted_networks[{i}].domains", "list the sending domains this network may use")
+    r = cfg.refusal
+    for name in ("pop3_port", "imap_port", "pop3s_port", "imaps_port"):
+        _check_port(f"refusal.{name}", getattr(r, name), allow_zero=True)
+    try:
+        host, port = parse_hostport(cfg.metrics.listen, 9469)
+        _check_port("metrics.listen", port, allow_zero=True)
+    except ValueError:
+        raise ConfigError("metrics.listen", f"expected host:port, got {cfg.metrics.listen!r}") from None
+    if cfg.logging.format not in ("logfmt", "json"):
+        raise ConfigError("logging.format", "must be 'logfmt' or 'json'")
+    if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError("logging.level", "must be debug, info, warning or error")
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data)
+    _validate(cfg)
+    return cfg
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate a config file; a missing file is an error only when named explicitly."""
+    explicit = path is not None or "RELAY_CONFIG" in os.environ
+    p = Path(path or os.environ.get("RELAY_CONFIG") or DEFAULT_CONFIG_PATH)
+    if not p.exists():
+        if explicit:
+            raise ConfigError(str(p), "config file not found")
+        return from_dict({})
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(p), f"invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(str(p), f"cannot read: {exc.strerror}") from None
+    return from_dict(data)
+
+
+def check_files(cfg: Config) -> None:
+    """Certificate files: both present, or both absent (then serve makes a self-signed pair)."""
+    cert, key = Path(cfg.tls.cert), Path(cfg.tls.key)
+    if cert.exists() != key.exists():
+        missing = "tls.key" if cert.exists() else "tls.cert"
+        raise ConfigError(missing, f"file {cfg.tls.key if cert.exists() else cfg.tls.cert} not found "
+                          "(the other one of the pair exists)")
+    for key_name, p in (("tls.cert", cert), ("tls.key", key)):
+        if p.exists() and not os.access(p, os.R_OK):
+            raise ConfigError(key_name, f"file {p} is not readable by this user")
+
+
+def masked(cfg: Config) -> dict[str, Any]:
+    """The effective configuration as plain data, secrets replaced by '***'."""
+    data = dataclasses.asdict(cfg)
+    if data["delivery"]["smarthost"]["password"]:
+        data["delivery"]["smarthost"]["password"] = "***"
+    return data
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Minimal TOML writer for check-config output (tables, arrays of tables, scalars, lists)."""
+    lines: list[str] = []
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    def table(prefix: str, d: dict[str, Any], header: str | None) -> None:
+        if header:
+            lines.append(header)
+        subs = []
+        for k, v in d.items():
+            if isinstance(v, dict):
+                subs.append((k, v))
+            elif isinstance(v, (list, tuple)) and v and isinstance(v[0], dict):
+                subs.append((k, v))
+            else:
+                lines.append(f"{k} = {scalar(v)}")
+        for k, v in subs:
+            name = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, dict):
+                lines.append("")
+                table(name, v, f"[{name}]")
+            else:
+                for item in v:
+                    lines.append("")
+                    table(name, item, f"[[{name}]]")
+
+    table("", data, None)
+    return "\n".join(lines).lstrip("\n") + "\n"
+

@@ -1,0 +1,272 @@
+"""Sending domains and their SMTP credentials: CRUD, the per-domain limit, argon2id verification.
+
+Verification runs argon2 in a thread pool so one login never stalls the event loop. A short-lived
+cache of successful verifications is keyed on (stored hash, keyed password digest): a reset or
+delete changes or removes the stored hash, so it takes effect at the very next AUTH, on any node.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import aiosqlite
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from . import metrics
+from .config import CredentialsConfig
+
+
+class StoreError(Exception):
+    """A refused or impossible operation; str() is the one line for the operator."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a session acts for: an authenticated credential or a trusted network."""
+    username: str
+    domains: tuple[str, ...]  # sending domains allowed (ASCII form); subdomains included
+    kind: str = "auth"        # "auth" | "trusted"
+
+
+def normalize_domain(domain: str) -> str:
+    """Lower-case ASCII (IDNA) form; raises StoreError for something that is not a domain name."""
+    d = domain.strip().rstrip(".").lower()
+    if not d or " " in d or "@" in d or len(d) > 253:
+        raise StoreError(f"not a domain name: {domain!r}")
+    try:
+        ascii_d = d.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise StoreError(f"not a valid internationalised domain name: {domain!r}") from None
+    labels = ascii_d.split(".")
+    if len(labels) < 2 or any(not lab or len(lab) > 63 or lab.startswith("-") or lab.endswith("-") for lab in labels):
+        raise StoreError(f"not a domain name: {domain!r} (need at least two labels, e.g. mg.example.com)")
+    if not all(c.isalnum() or c == "-" for lab in labels for c in lab):
+        raise StoreError(f"not a domain name: {domain!r}")
+    return ascii_d
+
+
+def display_domain(ascii_domain: str) -> str:
+    """The Unicode form of an IDNA domain, for humans."""
+    try:
+        return ascii_domain.encode("ascii").decode("idna")
+    except UnicodeError:
+        return ascii_domain
+
+
+def normalize_username(username: str) -> tuple[str, str]:
+    """'App@MG.Example.com' -> ('app@mg.example.com', 'mg.example.com'). Usernames are case-insensitive."""
+    local, at, domain = username.strip().rpartition("@")
+    if not at or not local or any(c.isspace() or ord(c) < 32 for c in local) or len(local) > 64:
+        raise StoreError(f"username must be a full address at a sending domain, e.g. app@mg.example.com: {username!r}")
+    d = normalize_domain(domain)
+    return f"{local.lower()}@{d}", d
+
+
+def password_problem(username: str, password: str, min_length: int) -> str | None:
+    """Why a password is too weak, or None."""
+    if len(password) < min_length:
+        return f"password too short: at least {min_length} characters"
+    low = password.lower()
+    if low == username.lower() or low == username.split("@")[0].lower():
+        return "password must not equal the username"
+    if len(set(password)) < 4:
+        return "password too repetitive"
+    if "\x00" in password or "\n" in password or "\r" in password:
+        return "password must not contain NUL or line breaks"
+    return None
+
+
+def generate_password() -> str:
+    # 24 URL-safe characters: ~143 bits; no characters that confuse config files or shells.
+    return secrets.token_urlsafe(18)
+
+
+class CredentialStore:
+    def __init__(self, conn: aiosqlite.Connection, cfg: CredentialsConfig,
+                 executor: Executor | None = None, clock=time.time):
+        self._conn = conn
+        self._cfg = cfg
+        self._executor = executor
+        self._clock = clock
+        self._hasher = PasswordHasher(time_cost=cfg.argon2_time_cost, memory_cost=cfg.argon2_memory_cost,
+                                      parallelism=cfg.argon2_parallelism)
+        # Keyed digest so the cache never holds a password or an offline-crackable fast hash of one.
+        self._cache_key = os.urandom(32)
+        self._cache: dict[str, tuple[str, bytes, float]] = {}
+        # Verifying an unknown user against this costs the same as a wrong password.
+        self._dummy_hash = self._hasher.hash(secrets.token_hex(16))
+
+    def configure(self, cfg: CredentialsConfig) -> None:
+        """SIGHUP: new limits and argon2 parameters (old hashes are rehashed at next login)."""
+        self._cfg = cfg
+        self._hasher = PasswordHasher(time_cost=cfg.argon2_time_cost, memory_cost=cfg.argon2_memory_cost,
+                                      parallelism=cfg.argon2_parallelism)
+        self._cache.clear()
+
+    # ------------------------------------------------------------ domains
+
+    async def add_domain(self, domain: str) -> str:
+        d = normalize_domain(domain)
+        try:
+            await self._conn.execute("INSERT INTO domains(name, created_at) VALUES (?, ?)", (d, self._clock()))
+            await self._conn.commit()
+        except aiosqlite.IntegrityError:
+            raise StoreError(f"domain {d} already exists") from None
+        return d
+
+    async def list_domains(self) -> list[dict]:
+        rows = await self._conn.execute_fetchall(
+            "SELECT d.name, d.created_at, d.verified_at, COUNT(c.username) AS credentials "
+            "FROM domains d LEFT JOIN credentials c ON c.domain = d.name GROUP BY d.name ORDER BY d.name")
+        return [{"domain": r["name"], "display": display_domain(r["name"]), "credentials": r["credentials"],
+                 "created_at": r["created_at"], "verified_at": r["verified_at"],
+                 "state": "verified" if r["verified_at"] else "unverified"} for r in rows]
+
+    async def domain_exists(self, domain: str) -> bool:
+        rows = await self._conn.execute_fetchall("SELECT 1 FROM domains WHERE name = ?", (normalize_domain(domain),))
+        return bool(rows)
+
+    async def remove_domain(self, domain: str, *, force: bool = False, queued: int = 0) -> int:
+        """Remove a domain; returns how many credentials went with it."""
+        d = normalize_domain(domain)
+        if not await self.domain_exists(d):
+            raise NotFound(f"domain {d} not found")
+        creds = (await self._conn.execute_fetchall("SELECT COUNT(*) AS n FROM credentials WHERE domain = ?", (d,)))[0]["n"]
+        if not force and (creds or queued):
+            raise StoreError(f"domain {d} still has {creds} credential(s) and {queued} queued message(s); "
+                             "use --force to remove it anyway")
+        await self._conn.execute("DELETE FROM credentials WHERE domain = ?", (d,))
+        await self._conn.execute("DELETE FROM domains WHERE name = ?", (d,))
+        await self._conn.commit()
+        self._cache.clear()
+        return creds
+
+    # ------------------------------------------------------------ credentials
+
+    async def _hash(self, password: str) -> str:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._hasher.hash, password)
+
+    def _check_password(self, username: str, password: str) -> None:
+        problem = password_problem(username, password, self._cfg.min_password_length)
+        if problem:
+            raise StoreError(problem)
+
+    async def add_user(self, username: str, password: str) -> str:
+        user, domain = normalize_username(username)
+        if not await self.domain_exists(domain):
+            raise NotFound(f"domain {domain} is not a sending domain; add it first: relay domain add {domain}")
+        self._check_password(user, password)
+        rows = await self._conn.execute_fetchall("SELECT COUNT(*) AS n FROM credentials WHERE domain = ?", (domain,))
+        if rows[0]["n"] >= self._cfg.per_domain:
+            raise StoreError(f"domain {domain} already has {rows[0]['n']} credentials (limit {self._cfg.per_domain}); "
+                             "delete one first")
+        hashed = await self._hash(password)
+        now = self._clock()
+        try:
+            await self._conn.execute(
+                "INSERT INTO credentials(username, domain, hash, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                (user, domain, hashed, now, now))
+            await self._conn.commit()
+        except aiosqlite.IntegrityError:
+            raise StoreError(f"credential {user} already exists; use reset-password") from None
+        return user
+
+    async def list_users(self, domain: str | None = None) -> list[dict]:
+        if domain:
+            d = normalize_domain(domain)
+            if not await self.domain_exists(d):
+                raise NotFound(f"domain {d} not found")
+            rows = await self._conn.execute_fetchall(
+                "SELECT username, domain, created_at, updated_at, last_login FROM credentials WHERE domain = ? "
+                "ORDER BY username", (d,))
+        else:
+            rows = await self._conn.execute_fetchall(
+                "SELECT username, domain, created_at, updated_at, last_login FROM credentials ORDER BY domain, username")
+        return [dict(r) for r in rows]
+
+    async def reset_password(self, username: str, password: str) -> str:
+        user, _ = normalize_username(username)
+        if await self.lookup(user) is None:
+            raise NotFound(f"credential {user} not found")
+        self._check_password(user, password)
+        hashed = await self._hash(password)
+        await self._conn.execute("UPDATE credentials SET hash = ?, updated_at = ? WHERE username = ?",
+                                 (hashed, self._clock(), user))
+        await self._conn.commit()
+        return user
+
+    async def delete_user(self, username: str) -> str:
+        user, _ = normalize_username(username)
+        cur = await self._conn.execute("DELETE FROM credentials WHERE username = ?", (user,))
+        await self._conn.commit()
+        if cur.rowcount == 0:
+            raise NotFound(f"credential {user} not found")
+        self._cache.pop(user, None)
+        return user
+
+    async def lookup(self, username: str) -> str | None:
+        """The stored hash for a login, or None."""
+        rows = await self._conn.execute_fetchall("SELECT hash FROM credentials WHERE username = ?", (username,))
+        return rows[0]["hash"] if rows else None
+
+    # ------------------------------------------------------------ verification
+
+    def _digest(self, password: bytes) -> bytes:
+        return hmac.new(self._cache_key, password, hashlib.sha256).digest()
+
+    async def verify(self, login: bytes, password: bytes) -> Principal | None:
+        """Check a login; None for any failure (unknown user and bad password look the same)."""
+        try:
+            user, domain = normalize_username(login.decode("utf-8"))
+            pw = password.decode("utf-8")
+        except (UnicodeDecodeError, StoreError):
+            user, domain, pw = "", "", ""
+        stored = await self.lookup(user) if user else None
+        digest = self._digest(password)
+        if stored is not None:
+            hit = self._cache.get(user)
+            if hit and hit[0] == stored and hmac.compare_digest(hit[1], digest) and hit[2] > self._clock():
+                metrics.AUTH_CACHE.labels("hit").inc()
+                return Principal(user, (domain,))
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(self._executor, self._verify_blocking, stored or self._dummy_hash, pw)
+        if not ok or stored is None:
+            return None
+        metrics.AUTH_CACHE.labels("miss").inc()
+        self._cache[user] = (stored, digest, self._clock() + self._cfg.verify_cache_ttl)
+        if len(self._cache) > 10_000:  # bound memory under a credential-stuffing run
+            self._cache.clear()
+        await self._after_login(user, stored, pw)
+        return Principal(user, (domain,))
+
+    def _verify_blocking(self, stored: str, password: str) -> bool:
+        try:
+            return self._hasher.verify(stored, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
+
+    async def _after_login(self, user: str, stored: str, password: str) -> None:
+        now = self._clock()
+        try:
+            if self._hasher.check_needs_rehash(stored):
+                new = await self._hash(password)
+                # Only replace the hash we verified: a concurrent CLI reset wins.
+                await self._conn.execute("UPDATE credentials SET hash = ?, last_login = ? WHERE username = ? AND hash = ?",
+                                         (new, now, user, stored))
+                self._cache.pop(user, None)
+            else:
+                await self._conn.execute("UPDATE credentials SET last_login = ? WHERE username = ?", (now, user))
+            await self._conn.commit()
+        except aiosqlite.Error:
+            pass  # bookkeeping only: a busy database must not fail a good login

@@ -1,0 +1,185 @@
+"""Composition root: builds everything from Config and runs it on one event loop.
+
+Listeners, the queue runner and the metrics exporter share the loop; SIGHUP reloads the
+config-derived limits and the certificate; SIGTERM drains sessions, releases delivery leases
+and exits 0. systemd hears READY=1 once every listener is bound and the queue is open.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from . import __version__, config as config_mod, db, metrics, tls
+from .config import Config, ConfigError
+from .credentials import CredentialStore
+from .delivery import Router
+from .logs import event
+from .queue_runner import QueueRunner
+from .queue_store import QueueStore
+from .server import listeners, refusal
+from .server.auth import AuthThrottle
+from .server.session import ServerState, Settings
+
+log = logging.getLogger("relay.daemon")
+
+
+def sd_notify(message: str) -> None:
+    """systemd's notify protocol (sd_notify(3)): one datagram to $NOTIFY_SOCKET, if set."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(message.encode())
+    except OSError:
+        pass
+
+
+def settings_from(cfg: Config) -> Settings:
+    return Settings(
+        hostname=cfg.server.hostname, limits=cfg.limits,
+        trusted=tuple((ipaddress.ip_network(t.network, strict=False), tuple(t.domains)) for t in cfg.trusted_networks))
+
+
+def ensure_certificate(cfg: Config) -> None:
+    if not Path(cfg.tls.cert).exists() and not Path(cfg.tls.key).exists():
+        tls.write_self_signed(cfg.tls.cert, cfg.tls.key, cfg.server.hostname)
+        event(log, "self_signed_certificate", logging.WARNING, cert=cfg.tls.cert, hostname=cfg.server.hostname,
+              hint="clients will warn about it: install a real certificate (e.g. certbot) at tls.cert/tls.key "
+                   "and send SIGHUP (systemctl reload relay)")
+
+
+class Daemon:
+    def __init__(self, cfg: Config, config_path: str | None):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.stop_event = asyncio.Event()
+        self.executor = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="relay-cpu")
+        self.bound: list[listeners.Bound] = []
+        self.refusal_servers: list[asyncio.Server] = []
+        self.metrics_server = None
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(self.executor)
+        config_mod.check_files(cfg)
+        ensure_certificate(cfg)
+        tls_context = tls.server_context(cfg.tls.cert, cfg.tls.key)
+        self.tls_context = tls_context
+        self.queue_conn = await db.open_async(cfg.storage.path)
+        self.cred_conn = await db.open_async(cfg.storage.path)
+        self.credentials = CredentialStore(self.cred_conn, cfg.credentials, self.executor)
+        self.runner: QueueRunner | None = None
+        self.queue = QueueStore(self.queue_conn, lease_seconds=cfg.delivery.lease_seconds,
+                                on_enqueue=lambda: self.runner.wake() if self.runner else None)
+        recovered = await self.queue.recover()
+        if recovered:
+            event(log, "queue_recovered", recipients=recovered)
+        self.runner = QueueRunner(self.queue, Router(cfg), cfg)
+        self.state = ServerState(settings=settings_from(cfg), credentials=self.credentials, queue=self.queue,
+                                 tls_context=tls_context,
+                                 throttle=AuthThrottle(cfg.limits.auth_failures, cfg.limits.auth_failure_window,
+                                                       cfg.limits.auth_lockout))
+        try:
+            self.bound = await listeners.start(self.state, cfg.listeners, tls_context)
+            self.refusal_servers = await refusal.start(cfg.refusal, tls_context)
+            self._start_metrics()
+        except BaseException:
+            await self._close_stores()
+            raise
+        metrics.BUILD_INFO.info({"version": __version__})
+        for sig, handler in ((signal.SIGHUP, self.reload), (signal.SIGTERM, self.stop_event.set),
+                             (signal.SIGINT, self.stop_event.set)):
+            loop.add_signal_handler(sig, handler)
+        runner_task = asyncio.create_task(self.runner.run(), name="queue-runner")
+        gauges_task = asyncio.create_task(self._queue_gauges(), name="queue-gauges")
+        event(log, "ready", version=__version__, hostname=cfg.server.hostname, pid=os.getpid(),
+              listeners=",".join(f"{b.address}:{b.port}/{b.tls}" for b in self.bound))
+        sd_notify("READY=1")
+        await self.stop_event.wait()
+        sd_notify("STOPPING=1")
+        event(log, "stopping", grace=cfg.server.shutdown_grace)
+        await self._shutdown(runner_task, gauges_task)
+        event(log, "stopped")
+        return 0
+
+    def _start_metrics(self) -> None:
+        from prometheus_client import start_http_server
+        host, port = config_mod.parse_hostport(self.cfg.metrics.listen, 9469)
+        try:
+            # Its own thread: scrapes never wait on the SMTP event loop, nor it on them.
+            server, _thread = start_http_server(port, addr=host, registry=metrics.REGISTRY)
+        except OSError as exc:
+            raise listeners.bind_error("metrics endpoint", host, port, exc) from None
+        self.metrics_server = server
+        event(log, "listening", address=host, port=server.server_port, tls="none", metrics="/metrics")
+
+    async def _queue_gauges(self) -> None:
+        while True:
+            try:
+                s = await self.queue.stats()
+                for state, n in s["recipients"].items():
+                    metrics.QUEUE_RECIPIENTS.labels(state).set(n)
+                metrics.QUEUE_MESSAGES.set(s["messages"])
+                metrics.QUEUE_OLDEST.set(time.time() - s["oldest"] if s["oldest"] else 0)
+            except Exception:  # noqa: BLE001 - a gauge refresh must never take the daemon down
+                log.debug("queue gauge refresh failed", exc_info=True)
+            await asyncio.sleep(5)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read config; apply limits and certificate; keep sessions and listeners."""
+        try:
+            new = config_mod.load(self.config_path)
+            config_mod.check_files(new)
+            tls.load(self.tls_context, new.tls.cert, new.tls.key)
+        except (ConfigError, tls.TLSError) as exc:
+            event(log, "reload_failed", logging.ERROR, error=str(exc))
+            return
+        self.state.settings = settings_from(new)
+        self.state.throttle.configure(new.limits.auth_failures, new.limits.auth_failure_window, new.limits.auth_lockout)
+        self.credentials.configure(new.credentials)
+        self.runner.configure(new)
+        self.cfg = new
+        event(log, "reloaded", cert=new.tls.cert)
+
+    async def _shutdown(self, runner_task: asyncio.Task, gauges_task: asyncio.Task) -> None:
+        for b in self.bound:
+            b.server.close()
+        for s in self.refusal_servers:
+            s.close()
+        self.state.draining = True
+        deadline = time.monotonic() + self.cfg.server.shutdown_grace
+        while True:
+            for sess in list(self.state.sessions):
+                sess.drain_close(force=time.monotonic() >= deadline)
+            if not self.state.sessions or time.monotonic() >= deadline + 1:
+                break
+            await asyncio.sleep(0.05)
+        await self.runner.stop(timeout=self.cfg.server.shutdown_grace)
+        runner_task.cancel()
+        gauges_task.cancel()
+        await asyncio.gather(runner_task, gauges_task, return_exceptions=True)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+        await self._close_stores()
+        self.executor.shutdown(wait=False)
+
+    async def _close_stores(self) -> None:
+        await self.queue.close()
+        await self.queue_conn.close()
+        await self.cred_conn.close()
+
+
+def serve(cfg: Config, config_path: str | None) -> int:
+    return asyncio.run(Daemon(cfg, config_path).run())

@@ -1,0 +1,55 @@
+"""Every Prometheus metric the relay exports, on one registry of our own.
+
+Labels are low-cardinality by construction: listener names, mechanisms, reasons, results.
+Never an address or a username.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+BUILD_INFO = Info("relay_build", "Relay build information", registry=REGISTRY)
+
+CONNECTIONS = Counter("relay_connections_total", "SMTP connections accepted, by listener",
+                      ["listener"], registry=REGISTRY)
+CONNECTIONS_REFUSED = Counter("relay_connections_refused_total",
+                              "Connections refused by a connection cap", ["reason"], registry=REGISTRY)
+SESSIONS_ACTIVE = Gauge("relay_sessions_active", "Open SMTP sessions", registry=REGISTRY)
+TLS_HANDSHAKES = Counter("relay_tls_handshakes_total", "TLS handshakes on SMTP listeners, by result",
+                         ["mode", "result"], registry=REGISTRY)
+AUTH_ATTEMPTS = Counter("relay_auth_attempts_total", "AUTH attempts by mechanism and result",
+                        ["mechanism", "result"], registry=REGISTRY)
+AUTH_LOCKOUTS = Counter("relay_auth_lockouts_total", "Client addresses locked out after failed logins",
+                        registry=REGISTRY)
+AUTH_CACHE = Counter("relay_auth_cache_total", "Verify-cache lookups by result", ["result"], registry=REGISTRY)
+SESSIONS_TRUSTED = Counter("relay_trusted_sessions_total",
+                           "Mail transactions accepted from trusted_networks without AUTH", registry=REGISTRY)
+MESSAGES_ACCEPTED = Counter("relay_messages_accepted_total", "Messages accepted and queued", ["kind"],
+                            registry=REGISTRY)
+MESSAGES_REJECTED = Counter("relay_messages_rejected_total", "Commands and messages rejected, by reason",
+                            ["reason"], registry=REGISTRY)
+MESSAGE_SIZE = Histogram("relay_message_size_bytes", "Size of accepted messages",
+                         buckets=(1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864),
+                         registry=REGISTRY)
+ACCEPT_LATENCY = Histogram("relay_accept_duration_seconds", "Time from end of DATA to the 250 reply",
+                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+                           registry=REGISTRY)
+REFUSALS = Counter("relay_mailbox_protocol_refusals_total",
+                   "POP3/IMAP attempts refused (this relay hosts no mailboxes)", ["protocol"], registry=REGISTRY)
+QUEUE_RECIPIENTS = Gauge("relay_queue_recipients", "Queued recipients by state", ["state"], registry=REGISTRY)
+QUEUE_MESSAGES = Gauge("relay_queue_messages", "Messages in the queue", registry=REGISTRY)
+QUEUE_OLDEST = Gauge("relay_queue_oldest_message_age_seconds", "Age of the oldest queued message",
+                     registry=REGISTRY)
+DELIVERY_ATTEMPTS = Counter("relay_delivery_attempts_total", "Per-recipient delivery attempts by result and mode",
+                            ["result", "mode"], registry=REGISTRY)
+DELIVERY_LATENCY = Histogram("relay_delivery_latency_seconds", "Time from acceptance to final delivery",
+                             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400),
+                             registry=REGISTRY)
+OUTBOUND_CONNECTIONS = Counter("relay_outbound_connections_total", "Outbound SMTP connections by TLS outcome",
+                               ["tls"], registry=REGISTRY)
+BOUNCES = Counter("relay_bounces_total", "Delivery status notifications generated, by kind", ["kind"],
+                  registry=REGISTRY)
+STORE_COMMITS = Counter("relay_store_commits_total", "Queue commits (each one fsync under synchronous=FULL)",
+                        registry=REGISTRY)
+STORE_ERRORS = Counter("relay_store_errors_total", "Queue store failures by kind", ["kind"], registry=REGISTRY)

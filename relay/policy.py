@@ -1,0 +1,301 @@
+"""Pure envelope and content decisions: each check returns a Reply to send, or None for "go on".
+
+No I/O here: the session parses a command, asks these functions, and sends what they return.
+Address syntax follows RFC 5321 4.1.2 (Path, Mailbox); parameters RFC 1870 (SIZE), RFC 6152
+(BODY), RFC 6531 (SMTPUTF8), RFC 4954 (AUTH=), RFC 3461 (DSN).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from . import replies
+from .replies import Reply
+
+_ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_XTEXT_CHAR = re.compile(r"^([\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
+_ENVID_MAX = 100
+_DSN_NOTIFY = {"NEVER", "SUCCESS", "FAILURE", "DELAY"}
+
+
+@dataclass(frozen=True)
+class Address:
+    local: str
+    domain: str          # as given (may be Unicode when SMTPUTF8)
+    ascii_domain: str    # IDNA form, lower case: used for routing and policy
+
+    def __str__(self) -> str:
+        return f"{self.local}@{self.domain}"
+
+
+@dataclass
+class MailParams:
+    size: int | None = None
+    body: str | None = None
+    smtputf8: bool = False
+    auth: str | None = None
+    ret: str | None = None
+    envid: str | None = None
+
+
+@dataclass
+class RcptParams:
+    notify: str | None = None
+    orcpt: str | None = None
+
+
+def _non_ascii(text: str) -> bool:
+    return any(ord(c) > 127 for c in text)
+
+
+def parse_domain(domain: str, smtputf8: bool) -> str | Reply:
+    """The ASCII (IDNA) form of a mail domain, or why it is not acceptable."""
+    if domain.startswith("["):
+        return replies.IP_LITERAL
+    if _non_ascii(domain):
+        if not smtputf8:
+            return replies.SMTPUTF8_REQUIRED
+        try:
+            ascii_d = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return replies.BAD_RCPT_ADDRESS
+    else:
+        ascii_d = domain
+    ascii_d = ascii_d.lower()
+    labels = ascii_d.split(".")
+    if len(ascii_d) > 253 or len(labels) < 2 or not all(_LABEL.match(lab) for lab in labels):
+        return replies.BAD_RCPT_ADDRESS
+    if labels[-1].isdigit():  # 1.2.3.4 written without brackets
+        return replies.IP_LITERAL
+    return ascii_d
+
+
+def parse_path(text: str, *, smtputf8: bool, is_sender: bool) -> tuple[Address | None, str] | Reply:
+    """Parse `<local@domain> params` from MAIL/RCPT. Returns (address or None for <>, rest) or a Reply.
+
+    Refuses what open relays were once tricked with: source routes (`<@a:b@c>`), `%` and `!`
+    routing, quoted local parts hiding an `@`, and address literals.
+    """
+    bad = replies.BAD_SENDER_ADDRESS if is_sender else replies.BAD_RCPT_ADDRESS
+    text = text.strip()
+    if any(c in text for c in "\r\n\x00"):
+        return bad
+    if text.startswith("<"):
+        end = _closing_bracket(text)
+        if end < 0:
+            return bad
+        inner, rest = text[1:end], text[end + 1:]
+        if rest and not rest.startswith(" "):
+            return bad
+    else:
+        inner, _, rest = text.partition(" ")
+    rest = rest.strip()
+    if inner == "":
+        return (None, rest)
+    if inner.startswith("@"):
+        return replies.ROUTE_NOT_ALLOWED
+    if not smtputf8 and _non_ascii(inner):
+        return replies.SMTPUTF8_REQUIRED
+    if inner.startswith('"'):
+        close = _closing_quote(inner)
+        if close < 0 or close + 1 >= len(inner) or inner[close + 1] != "@":
+            return bad
+        local, domain = inner[:close + 1], inner[close + 2:]
+        content = local[1:-1]
+        if any(c in content for c in "@%!") or len(local) > 64:
+            return replies.ROUTE_NOT_ALLOWED
+        if any(ord(c) < 32 or ord(c) == 127 for c in content):
+            return bad
+    else:
+        local, at, domain = inner.rpartition("@")
+        if not at or not local:
+            return bad
+        if "@" in local or "%" in local or "!" in local:
+            return replies.ROUTE_NOT_ALLOWED
+        if len(local.encode("utf-8")) > 64:
+            return bad
+        if _non_ascii(local):
+            if any(ord(c) < 32 or c.isspace() or c in '"(),:;<>@[\\]' for c in local):
+                return bad
+        elif not _ATEXT.match(local):
+            return bad
+    if "!" in domain or "%" in domain:
+        return replies.ROUTE_NOT_ALLOWED
+    parsed = parse_domain(domain, smtputf8)
+    if isinstance(parsed, Reply):
+        return bad if parsed is replies.BAD_RCPT_ADDRESS else parsed
+    if len(inner.encode("utf-8")) > 254:
+        return bad
+    return (Address(local, domain, parsed), rest)
+
+
+def _closing_bracket(text: str) -> int:
+    in_quote = escaped = False
+    for i, c in enumerate(text[1:], 1):
+        if escaped:
+            escaped = False
+        elif c == "\\" and in_quote:
+            escaped = True
+        elif c == '"':
+            in_quote = not in_quote
+        elif c == ">" and not in_quote:
+            return i
+    return -1
+
+
+def _closing_quote(text: str) -> int:
+    escaped = False
+    for i, c in enumerate(text[1:], 1):
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c == '"':
+            return i
+    return -1
+
+
+def xtext_decode(value: str) -> str | None:
+    """RFC 3461 4 xtext -> text, or None when malformed."""
+    if not _XTEXT_CHAR.match(value):
+        return None
+    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+def xtext_encode(value: str) -> str:
+    return "".join(c if 0x21 <= ord(c) <= 0x7E and c not in "+=" else f"+{ord(c):02X}" for c in value)
+
+
+def _split_params(text: str) -> list[tuple[str, str | None]] | Reply:
+    out = []
+    for item in text.split():
+        key, eq, value = item.partition("=")
+        if not key or not all(c.isalnum() or c == "-" for c in key) or (eq and not value):
+            return replies.PARAM_SYNTAX
+        out.append((key.upper(), value if eq else None))
+    return out
+
+
+def parse_mail_params(text: str, *, size_limit: int) -> MailParams | Reply:
+    params = MailParams()
+    items = _split_params(text)
+    if isinstance(items, Reply):
+        return items
+    seen = set()
+    for key, value in items:
+        if key in seen:
+            return replies.PARAM_SYNTAX.with_text(f"Duplicate parameter {key}")
+        seen.add(key)
+        if key == "SIZE":
+            if value is None or not value.isdigit() or len(value) > 20:
+                return replies.PARAM_SYNTAX.with_text("SIZE needs a decimal number")
+            params.size = int(value)
+            if params.size > size_limit:
+                return replies.SIZE_EXCEEDED
+        elif key == "BODY":
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                return replies.PARAM_SYNTAX.with_text("BODY must be 7BIT or 8BITMIME")
+            params.body = value.upper()
+        elif key == "SMTPUTF8":
+            if value is not None:
+                return replies.PARAM_SYNTAX.with_text("SMTPUTF8 takes no value")
+            params.smtputf8 = True
+        elif key == "AUTH":
+            # RFC 4954 5: accepted and recorded; "<>" or an xtext mailbox.
+            if value is None or (value != "<>" and xtext_decode(value) is None):
+                return replies.PARAM_SYNTAX.with_text("AUTH= needs <> or an xtext mailbox")
+            params.auth = value
+        elif key == "RET":
+            if value is None or value.upper() not in ("FULL", "HDRS"):
+                return replies.PARAM_SYNTAX.with_text("RET must be FULL or HDRS")
+            params.ret = value.upper()
+        elif key == "ENVID":
+            decoded = xtext_decode(value or "")
+            if not value or decoded is None or len(value) > _ENVID_MAX:
+                return replies.PARAM_SYNTAX.with_text("ENVID must be xtext, at most 100 characters")
+            params.envid = decoded
+        else:
+            return replies.UNKNOWN_PARAM.with_text(f"Unsupported MAIL parameter {key}")
+    return params
+
+
+def parse_rcpt_params(text: str) -> RcptParams | Reply:
+    params = RcptParams()
+    items = _split_params(text)
+    if isinstance(items, Reply):
+        return items
+    seen = set()
+    for key, value in items:
+        if key in seen:
+            return replies.PARAM_SYNTAX.with_text(f"Duplicate parameter {key}")
+        seen.add(key)
+        if key == "NOTIFY":
+            values = (value or "").upper().split(",")
+            if not value or not set(values) <= _DSN_NOTIFY or ("NEVER" in values and len(values) > 1):
+                return replies.PARAM_SYNTAX.with_text("NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY")
+            params.notify = ",".join(values)
+        elif key == "ORCPT":
+            addr_type, semi, addr = (value or "").partition(";")
+            if not semi or not addr_type or not addr or xtext_decode(addr) is None or len(value or "") > 500:
+                return replies.PARAM_SYNTAX.with_text("ORCPT must be addr-type;xtext")
+            params.orcpt = f"{addr_type.lower()};{xtext_decode(addr)}"
+        else:
+            return replies.UNKNOWN_PARAM.with_text(f"Unsupported RCPT parameter {key}")
+    return params
+
+
+def domain_allowed(ascii_domain: str, allowed: tuple[str, ...]) -> bool:
+    """True when the domain is one of `allowed` or a subdomain of one."""
+    return any(ascii_domain == d or ascii_domain.endswith("." + d) for d in allowed)
+
+
+def check_sender(sender: Address | None, allowed_domains: tuple[str, ...], *, trusted: bool = False) -> Reply | None:
+    if sender is None:
+        # Only the relay itself sends from <> (bounces); a client doing so could forge DSNs.
+        return replies.NULL_SENDER
+    if not domain_allowed(sender.ascii_domain, allowed_domains):
+        return replies.SENDER_NOT_TRUSTED if trusted else replies.SENDER_NOT_ALLOWED
+    return None
+
+
+def check_recipient_count(current: int, limit: int) -> Reply | None:
+    return replies.TOO_MANY_RCPTS if current >= limit else None
+
+
+@dataclass
+class DataState:
+    """Running checks over DATA lines (RFC 5321 2.3.8, 4.5.3.1.6), fed line by line as read."""
+    size_limit: int
+    size: int = 0
+    problem: Reply | None = None
+    lines: list[bytes] = field(default_factory=list)
+
+    def feed(self, line: bytes) -> None:
+        """`line` is one line as read, including its line ending (the final dot line is not fed)."""
+        self.size += len(line)
+        if self.problem is not None:
+            return
+        if self.size > self.size_limit:
+            self.problem = replies.SIZE_EXCEEDED
+            self.lines = []
+            return
+        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+            # A bare CR or LF could end DATA for the next hop where it did not for us (smuggling).
+            self.problem = replies.BARE_LINE_ENDING
+        elif b"\x00" in line:
+            self.problem = replies.NUL_IN_DATA
+        elif len(line) > 1001 or (len(line) == 1001 and not line.startswith(b".")):
+            self.problem = replies.DATA_LINE_TOO_LONG
+        if self.problem is not None:
+            self.lines = []
+            return
+        # RFC 5321 4.5.2: remove the transparency dot.
+        self.lines.append(line[1:] if line.startswith(b".") else line)
+
+    def content(self) -> bytes:
+        return b"".join(self.lines)
+
+
+def check_received_count(count: int, limit: int) -> Reply | None:
+    return replies.LOOP_DETECTED if count > limit else None

@@ -1,0 +1,443 @@
+"""The durable queue: enqueue (group commit) -> queue id; claim due work with a lease; settle outcomes.
+
+All writes go through one writer task that folds whatever is waiting into a single transaction
+(one fsync under synchronous=FULL), each operation inside its own SAVEPOINT so one bad operation
+fails alone. A caller's future resolves only after the COMMIT that holds its work: the session
+sends 250 only then. Rows are shaped for a later `FOR UPDATE SKIP LOCKED` backend: per-recipient
+state, `next_attempt_at` doubling as the lease expiry, and a lease token that fences settles.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import aiosqlite
+
+from . import metrics
+
+ACTIVE = ("pending", "deferred")
+FINAL = ("delivered", "failed")
+
+
+class StoreUnavailable(Exception):
+    """The queue could not commit: the client must get a transient reply."""
+
+
+class StorageFull(StoreUnavailable):
+    pass
+
+
+class LeaseLost(Exception):
+    """Another worker took over this lease; the settle changed nothing."""
+
+
+def new_queue_id() -> str:
+    # Time prefix keeps ids roughly sortable for humans; 40 random bits make them unguessable.
+    return f"{int(time.time()):08X}"[-8:] + secrets.token_hex(5).upper()
+
+
+@dataclass(frozen=True)
+class NewRecipient:
+    address: str
+    route: str                     # destination domain, or "smarthost"
+    notify: str | None = None      # RFC 3461 NOTIFY value, e.g. "FAILURE,DELAY" or "NEVER"
+    orcpt: str | None = None
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    sender: str
+    recipients: tuple[NewRecipient, ...]
+    data: bytes
+    auth_user: str | None = None
+    client_ip: str | None = None
+    ret: str | None = None
+    envid: str | None = None
+    smtputf8: bool = False
+    queue_id: str | None = None    # preassigned so the Received header can carry it
+
+
+@dataclass
+class ClaimedRecipient:
+    id: int
+    address: str
+    attempts: int                  # including the attempt this claim starts
+    notify: str | None
+    orcpt: str | None
+
+
+@dataclass
+class Job:
+    """Due recipients of one message for one route, under one lease token."""
+    msg_id: str
+    route: str
+    token: str
+    sender: str
+    created_at: float
+    size: int
+    ret: str | None
+    envid: str | None
+    smtputf8: bool
+    warned: bool
+    recipients: list[ClaimedRecipient] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RecipientUpdate:
+    id: int
+    state: str                     # deferred | delivered | failed
+    next_attempt_at: float
+    error: str | None = None
+    remote_mta: str | None = None
+
+
+_Op = Callable[[aiosqlite.Connection], Awaitable[Any]]
+
+
+def classify_error(exc: BaseException) -> StoreUnavailable:
+    if isinstance(exc, StoreUnavailable):
+        return exc
+    text = str(exc).lower()
+    if isinstance(exc, sqlite3.Error) and ("full" in text or getattr(exc, "sqlite_errorcode", None) == 13):
+        metrics.STORE_ERRORS.labels("full").inc()
+        return StorageFull(str(exc))
+    metrics.STORE_ERRORS.labels("unavailable").inc()
+    return StoreUnavailable(f"{type(exc).__name__}: {exc}")
+
+
+class QueueStore:
+    def __init__(self, conn: aiosqlite.Connection, *, clock: Callable[[], float] = time.time,
+                 lease_seconds: float = 600, on_enqueue: Callable[[], None] | None = None,
+                 crash_point: str | None = None):
+        self._conn = conn
+        self._clock = clock
+        self.lease_seconds = lease_seconds
+        self._on_enqueue = on_enqueue
+        self._pending: list[tuple[_Op, asyncio.Future]] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task | None = None
+        self._closing = False
+        # Test hook (RELAY_CRASH_POINT): die at a named point to prove recovery.
+        self._crash_point = crash_point if crash_point is not None else os.environ.get("RELAY_CRASH_POINT")
+
+    # ------------------------------------------------------------ writer
+
+    async def _write(self, op: _Op) -> Any:
+        if self._closing:
+            raise StoreUnavailable("queue is closing")
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((op, fut))
+        self._wake.set()
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._writer_loop(), name="queue-writer")
+        return await fut
+
+    async def _writer_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._pending:
+                if self._closing:
+                    return
+                continue
+            batch, self._pending = self._pending, []
+            await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[tuple[_Op, asyncio.Future]]) -> None:
+        conn = self._conn
+        results: list[tuple[asyncio.Future, Any, BaseException | None]] = []
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a transient reply
+            err = classify_error(exc)
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        for i, (op, fut) in enumerate(batch):
+            try:
+                await conn.execute(f"SAVEPOINT op{i}")
+                value = await op(conn)
+                await conn.execute(f"RELEASE op{i}")
+                results.append((fut, value, None))
+            except Exception as exc:  # noqa: BLE001
+                try:
+                    await conn.execute(f"ROLLBACK TO op{i}")
+                    await conn.execute(f"RELEASE op{i}")
+                except Exception:  # noqa: BLE001
+                    pass
+                results.append((fut, None, exc))
+        try:
+            await conn.commit()
+            metrics.STORE_COMMITS.inc()
+        except Exception as exc:  # noqa: BLE001
+            try:
+                await conn.rollback()
+            except Exception:  # noqa: BLE001
+                pass
+            err = classify_error(exc)
+            for fut, _, _ in results:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        for fut, value, exc in results:
+            if fut.done():
+                continue
+            if exc is None:
+                fut.set_result(value)
+            elif isinstance(exc, (LeaseLost, KeyError, ValueError)):
+                fut.set_exception(exc)
+            else:
+                fut.set_exception(classify_error(exc))
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            await self._writer
+
+    # ------------------------------------------------------------ enqueue
+
+    async def enqueue(self, msg: NewMessage) -> str:
+        """Commit a message and its recipients; returns the queue id once durable."""
+        qid = msg.queue_id or new_queue_id()
+        now = self._clock()
+
+        async def op(conn: aiosqlite.Connection) -> str:
+            await self._insert(conn, qid, msg, now)
+            return qid
+
+        result = await self._write(op)
+        if self._crash_point == "after_commit":
+            os._exit(75)  # test hook: committed, but the client never sees 250
+        metrics.MESSAGES_ACCEPTED.labels("bounce" if not msg.sender else "submission").inc()
+        if self._on_enqueue:
+            self._on_enqueue()
+        return result
+
+    async def _insert(self, conn: aiosqlite.Connection, qid: str, msg: NewMessage, now: float) -> None:
+        await conn.execute(
+            "INSERT INTO messages(id, sender, created_at, size, auth_user, client_ip, ret, envid, smtputf8) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (qid, msg.sender, now, len(msg.data), msg.auth_user, msg.client_ip, msg.ret, msg.envid, int(msg.smtputf8)))
+        await conn.execute("INSERT INTO bodies(id, data) VALUES (?, ?)", (qid, msg.data))
+        await conn.executemany(
+            "INSERT INTO recipients(msg_id, rcpt, route, state, next_attempt_at, notify, orcpt, updated_at) "
+            "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
+            [(qid, r.address, r.route, now, r.notify, r.orcpt, now) for r in msg.recipients])
+        await conn.execute("INSERT INTO history(msg_id, ts, event, detail) VALUES (?, ?, 'queued', ?)",
+                           (qid, now, f"from=<{msg.sender}> rcpts={len(msg.recipients)} size={len(msg.data)}"))
+
+    # ------------------------------------------------------------ claim / settle
+
+    async def claim(self, limit: int, now: float | None = None) -> list[Job]:
+        """Lease up to `limit` due recipients, grouped into jobs by (message, route)."""
+        t = self._clock() if now is None else now
+
+        async def op(conn: aiosqlite.Connection) -> list[Job]:
+            rows = await conn.execute_fetchall(
+                "SELECT r.id, r.msg_id, r.rcpt, r.route, r.attempts, r.notify, r.orcpt, "
+                "m.sender, m.created_at, m.size, m.ret, m.envid, m.smtputf8, m.warned "
+                "FROM recipients r JOIN messages m ON m.id = r.msg_id "
+                "WHERE r.state IN ('pending', 'deferred') AND r.next_attempt_at <= ? "
+                "ORDER BY r.next_attempt_at LIMIT ?", (t, limit))
+            jobs: dict[tuple[str, str], Job] = {}
+            updates = []
+            for r in rows:
+                key = (r["msg_id"], r["route"])
+                job = jobs.get(key)
+                if job is None:
+                    job = jobs[key] = Job(r["msg_id"], r["route"], secrets.token_hex(8), r["sender"], r["created_at"],
+                                          r["size"], r["ret"], r["envid"], bool(r["smtputf8"]), bool(r["warned"]))
+                job.recipients.append(ClaimedRecipient(r["id"], r["rcpt"], r["attempts"] + 1, r["notify"], r["orcpt"]))
+                # The lease is the due time: a crashed worker's rows come due again by themselves.
+                updates.append((t + self.lease_seconds, job.token, r["id"]))
+            await conn.executemany(
+                "UPDATE recipients SET next_attempt_at = ?, attempts = attempts + 1, lease_token = ? WHERE id = ?",
+                updates)
+            return list(jobs.values())
+
+        return await self._write(op)
+
+    async def next_due(self) -> float | None:
+        rows = await self._conn.execute_fetchall(
+            "SELECT MIN(next_attempt_at) AS t FROM recipients WHERE state IN ('pending', 'deferred')")
+        return rows[0]["t"] if rows else None
+
+    async def body(self, msg_id: str) -> bytes | None:
+        rows = await self._conn.execute_fetchall("SELECT data FROM bodies WHERE id = ?", (msg_id,))
+        return bytes(rows[0]["data"]) if rows else None
+
+    async def settle(self, job: Job, updates: list[RecipientUpdate], *, bounces: tuple[NewMessage, ...] = (),
+                     history: list[tuple[str | None, str, str]] = (), mark_warned: bool = False) -> list[str]:
+        """Apply outcomes for a job's recipients and queue its DSNs, atomically. Returns DSN queue ids.
+
+        Raises LeaseLost (and changes nothing) if another worker holds the lease now.
+        """
+        now = self._clock()
+        bounce_ids = [b.queue_id or new_queue_id() for b in bounces]
+
+        async def op(conn: aiosqlite.Connection) -> list[str]:
+            for u in updates:
+                cur = await conn.execute(
+                    "UPDATE recipients SET state = ?, next_attempt_at = ?, lease_token = NULL, last_error = ?, "
+                    "remote_mta = ?, updated_at = ? WHERE id = ? AND lease_token = ?",
+                    (u.state, u.next_attempt_at, u.error, u.remote_mta, now, u.id, job.token))
+                if cur.rowcount != 1:
+                    raise LeaseLost(job.msg_id)
+            if history:
+                await conn.executemany("INSERT INTO history(msg_id, ts, rcpt, event, detail) VALUES (?, ?, ?, ?, ?)",
+                                       [(job.msg_id, now, rcpt, ev, detail) for rcpt, ev, detail in history])
+            if mark_warned:
+                await conn.execute("UPDATE messages SET warned = 1 WHERE id = ?", (job.msg_id,))
+            for qid, b in zip(bounce_ids, bounces):
+                await self._insert(conn, qid, b, now)
+            await self._remove_if_final(conn, job.msg_id)
+            return bounce_ids
+
+        result = await self._write(op)
+        if bounces and self._on_enqueue:
+            self._on_enqueue()
+        return result
+
+    async def _remove_if_final(self, conn: aiosqlite.Connection, msg_id: str) -> bool:
+        rows = await conn.execute_fetchall(
+            "SELECT COUNT(*) AS n FROM recipients WHERE msg_id = ? AND state NOT IN ('delivered', 'failed')", (msg_id,))
+        if rows[0]["n"]:
+            return False
+        # Every recipient is final: the message leaves the queue (its story stays in the log).
+        for table, col in (("history", "msg_id"), ("recipients", "msg_id"), ("bodies", "id"), ("messages", "id")):
+            await conn.execute(f"DELETE FROM {table} WHERE {col} = ?", (msg_id,))
+        return True
+
+    async def release(self, job: Job) -> None:
+        """Give a lease back unattempted (shutdown): due now, attempt not counted."""
+        now = self._clock()
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                "UPDATE recipients SET next_attempt_at = ?, lease_token = NULL, attempts = MAX(attempts - 1, 0) "
+                "WHERE lease_token = ?", (now, job.token))
+
+        await self._write(op)
+
+    async def recover(self) -> int:
+        """At startup this node holds no leases: anything left in flight by a crash is due now."""
+        now = self._clock()
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            cur = await conn.execute(
+                "UPDATE recipients SET next_attempt_at = ?, lease_token = NULL "
+                "WHERE lease_token IS NOT NULL AND state IN ('pending', 'deferred')", (now,))
+            return cur.rowcount
+
+        return await self._write(op)
+
+    # ------------------------------------------------------------ operations (CLI)
+
+    async def stats(self) -> dict[str, Any]:
+        rows = await self._conn.execute_fetchall("SELECT state, COUNT(*) AS n FROM recipients GROUP BY state")
+        by_state = {s: 0 for s in ACTIVE + FINAL}
+        by_state.update({r["state"]: r["n"] for r in rows})
+        m = (await self._conn.execute_fetchall("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM messages"))[0]
+        return {"recipients": by_state, "messages": m["n"], "oldest": m["oldest"]}
+
+    async def list(self, limit: int = 1000) -> list[dict[str, Any]]:
+        msgs = await self._conn.execute_fetchall(
+            "SELECT id, sender, created_at, size FROM messages ORDER BY created_at LIMIT ?", (limit,))
+        out = []
+        for m in msgs:
+            rcpts = await self._conn.execute_fetchall(
+                "SELECT rcpt, state, attempts, next_attempt_at, last_error, lease_token FROM recipients "
+                "WHERE msg_id = ? ORDER BY id", (m["id"],))
+            active = [r for r in rcpts if r["state"] in ACTIVE]
+            errors = [r["last_error"] for r in rcpts if r["last_error"]]
+            out.append({
+                "id": m["id"], "sender": m["sender"], "created_at": m["created_at"], "size": m["size"],
+                "recipients": [r["rcpt"] for r in rcpts],
+                "state": _message_state(rcpts),
+                "next_attempt_at": min((r["next_attempt_at"] for r in active), default=None),
+                "last_error": errors[-1] if errors else None,
+            })
+        return out
+
+    async def show(self, msg_id: str) -> dict[str, Any] | None:
+        rows = await self._conn.execute_fetchall("SELECT * FROM messages WHERE id = ?", (msg_id,))
+        if not rows:
+            return None
+        m = dict(rows[0])
+        rcpts = await self._conn.execute_fetchall(
+            "SELECT rcpt, route, state, attempts, next_attempt_at, last_error, remote_mta, notify, orcpt, lease_token "
+            "FROM recipients WHERE msg_id = ? ORDER BY id", (msg_id,))
+        hist = await self._conn.execute_fetchall(
+            "SELECT ts, rcpt, event, detail FROM history WHERE msg_id = ? ORDER BY ts, rowid", (msg_id,))
+        body = await self.body(msg_id) or b""
+        head = body.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+        m["recipients"] = [{**dict(r), "in_flight": r["lease_token"] is not None} for r in rcpts]
+        for r in m["recipients"]:
+            r.pop("lease_token")
+        m["history"] = [dict(h) for h in hist]
+        m["headers"] = head
+        m["state"] = _message_state(rcpts)
+        return m
+
+    async def retry(self, msg_id: str | None) -> int:
+        """Make active recipients (of one message, or all) due now. Returns how many."""
+        now = self._clock()
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            if msg_id is None:
+                cur = await conn.execute("UPDATE recipients SET next_attempt_at = ? "
+                                         "WHERE state IN ('pending', 'deferred') AND lease_token IS NULL", (now,))
+            else:
+                cur = await conn.execute("UPDATE recipients SET next_attempt_at = ? WHERE msg_id = ? "
+                                         "AND state IN ('pending', 'deferred') AND lease_token IS NULL", (now, msg_id))
+            return cur.rowcount
+
+        n = await self._write(op)
+        if n and self._on_enqueue:
+            self._on_enqueue()
+        return n
+
+    async def delete(self, msg_id: str, *, bounce: NewMessage | None = None) -> bool:
+        now = self._clock()
+
+        async def op(conn: aiosqlite.Connection) -> bool:
+            rows = await conn.execute_fetchall("SELECT 1 FROM messages WHERE id = ?", (msg_id,))
+            if not rows:
+                return False
+            await conn.execute("UPDATE recipients SET state = 'failed', lease_token = NULL, "
+                               "last_error = 'deleted by the administrator' WHERE msg_id = ? "
+                               "AND state IN ('pending', 'deferred')", (msg_id,))
+            if bounce is not None:
+                await self._insert(conn, bounce.queue_id or new_queue_id(), bounce, now)
+            await self._remove_if_final(conn, msg_id)
+            return True
+
+        return await self._write(op)
+
+    async def count_for_domain(self, domain: str) -> int:
+        rows = await self._conn.execute_fetchall(
+            "SELECT COUNT(*) AS n FROM messages WHERE sender LIKE ? ESCAPE '\\' OR auth_user LIKE ? ESCAPE '\\'",
+            (f"%@{_like_escape(domain)}", f"%@{_like_escape(domain)}"))
+        return rows[0]["n"]
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _message_state(rcpts: list[Any]) -> str:
+    states = {r["state"] for r in rcpts}
+    if any(r["lease_token"] for r in rcpts if r["state"] in ACTIVE):
+        return "in-flight"
+    if "deferred" in states:
+        return "deferred"
+    if "pending" in states:
+        return "pending"
+    return "final"

@@ -1,0 +1,97 @@
+"""AUTH PLAIN / LOGIN (RFC 4616, RFC 4954) decoding and the per-IP failed-login lockout.
+
+Decoding is pure; the lockout is a small in-memory table per client address with bounded size.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections import deque
+from typing import Callable
+
+from .. import replies
+from ..replies import Reply
+
+MAX_RESPONSE = 12288  # RFC 4954 4: AUTH response line limit
+
+
+def b64(text: bytes) -> bytes | Reply:
+    """Strict base64 (RFC 4954 4: '=' alone is an empty initial response)."""
+    text = text.strip()
+    if text == b"=":
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return replies.AUTH_BAD_BASE64
+
+
+def decode_plain(blob: bytes) -> tuple[bytes, bytes] | Reply:
+    """`authzid NUL authcid NUL passwd` -> (authcid, passwd).
+
+    An authzid naming someone else would let one credential act for another: refused (535)
+    unless it is empty or the authcid itself.
+    """
+    parts = blob.split(b"\x00")
+    if len(parts) != 3 or not parts[1]:
+        return replies.AUTH_INVALID
+    authz, authc, password = parts
+    if authz and authz.lower() != authc.lower():
+        return replies.AUTH_INVALID
+    return authc, password
+
+
+class AuthThrottle:
+    """Counts failed logins per client IP in a sliding window and locks the IP out for a cool-down."""
+
+    def __init__(self, failures: int, window: float, lockout: float, clock: Callable[[], float] = time.monotonic,
+                 max_tracked: int = 100_000):
+        self.failures = failures
+        self.window = window
+        self.lockout = lockout
+        self._clock = clock
+        self._max = max_tracked
+        self._fails: dict[str, deque[float]] = {}
+        self._locked: dict[str, float] = {}
+
+    def configure(self, failures: int, window: float, lockout: float) -> None:
+        self.failures, self.window, self.lockout = failures, window, lockout
+
+    def locked(self, ip: str) -> bool:
+        until = self._locked.get(ip)
+        if until is None:
+            return False
+        if until > self._clock():
+            return True
+        del self._locked[ip]
+        return False
+
+    def failure(self, ip: str) -> bool:
+        """Record a failure; True when this one triggers a lockout."""
+        now = self._clock()
+        q = self._fails.get(ip)
+        if q is None:
+            if len(self._fails) >= self._max:
+                self._prune(now)
+            q = self._fails[ip] = deque()
+        q.append(now)
+        while q and q[0] < now - self.window:
+            q.popleft()
+        if len(q) >= self.failures:
+            self._locked[ip] = now + self.lockout
+            del self._fails[ip]
+            return True
+        return False
+
+    def success(self, ip: str) -> None:
+        self._fails.pop(ip, None)
+
+    def _prune(self, now: float) -> None:
+        for ip in [ip for ip, q in self._fails.items() if not q or q[-1] < now - self.window]:
+            del self._fails[ip]
+        for ip in [ip for ip, t in self._locked.items() if t <= now]:
+            del self._locked[ip]
+        if len(self._fails) >= self._max:  # still full of fresh entries: forget the oldest half
+            for ip in list(self._fails)[: self._max // 2]:
+                del self._fails[ip]

@@ -1,0 +1,665 @@
+"""One SMTP submission session on top of aiosmtpd's protocol machinery.
+
+aiosmtpd gives us the asyncio protocol, the STARTTLS switch (with the RFC 3207 discard of
+pipelined plaintext) and per-command timeouts. Everything a client can get wrong or abuse is
+ours: the command loop (so unknown commands are never logged and internal errors become 451,
+not aiosmtpd's "500 Error: (OperationalError) ..."), AUTH with its state machine, MAIL/RCPT
+parameter handling (AUTH=, DSN), and DATA read with progress timeouts and smuggling checks.
+Every reply carries an enhanced status code (RFC 2034) and comes from `replies`.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, sslproto
+
+from .. import headers, metrics, policy, replies
+from ..config import LimitsConfig
+from ..credentials import CredentialStore, Principal
+from ..logs import event
+from ..queue_store import NewMessage, NewRecipient, QueueStore, StorageFull, StoreUnavailable, new_queue_id
+from ..replies import Reply
+from ..tls import describe
+from .auth import AuthThrottle, b64, decode_plain
+
+log = logging.getLogger("relay.smtp")
+
+POP3_VERBS = frozenset({"USER", "PASS", "STAT", "LIST", "RETR", "DELE", "UIDL", "TOP", "APOP", "CAPA", "STLS", "LAST"})
+IMAP_COMMANDS = frozenset({"LOGIN", "CAPABILITY", "SELECT", "EXAMINE", "AUTHENTICATE", "STARTTLS", "LOGOUT", "LIST",
+                           "LSUB", "STATUS", "FETCH", "NOOP", "ID", "ENABLE", "NAMESPACE", "IDLE"})
+AUTH_MECHANISMS = ("LOGIN", "PLAIN")
+MAX_LINE = 1000  # command lines; RFC 5321 allows 512 plus extensions, AUTH responses need more
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What SIGHUP may change for new commands without dropping sessions."""
+    hostname: str
+    limits: LimitsConfig
+    trusted: tuple[tuple[Any, tuple[str, ...]], ...] = ()   # (ip_network, allowed domains)
+    unverified_domains_refused: bool = False
+
+
+@dataclass
+class ServerState:
+    """Shared by every session: stores, TLS context, throttles, connection counts."""
+    settings: Settings
+    credentials: CredentialStore
+    queue: QueueStore
+    tls_context: ssl.SSLContext
+    throttle: AuthThrottle
+    sessions: set = field(default_factory=set)
+    per_ip: dict[str, int] = field(default_factory=dict)
+    draining: bool = False
+    # Optional hook: (domain) -> awaitable bool, True when the domain has verified its DNS.
+    domain_verified: Any = None
+
+    def trusted_principal(self, ip: str) -> Principal | None:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        for net, domains in self.settings.trusted:
+            if addr in net:
+                return Principal(f"trusted:{net}", domains, kind="trusted")
+        return None
+
+
+@dataclass
+class Transaction:
+    sender: policy.Address
+    params: policy.MailParams
+    principal: Principal
+    recipients: list[tuple[policy.Address, policy.RcptParams]] = field(default_factory=list)
+
+
+class _NoHandler:
+    """aiosmtpd wants a handler; our hooks live on the protocol itself."""
+
+
+class Session(SMTP):
+    def __init__(self, state: ServerState, listener_name: str, implicit_tls: bool):
+        s = state.settings
+        super().__init__(_NoHandler(), data_size_limit=None, enable_SMTPUTF8=True, decode_data=False,
+                         hostname=s.hostname, ident="ESMTP relay ready",
+                         tls_context=None if implicit_tls else state.tls_context,
+                         timeout=s.limits.idle_timeout, auth_require_tls=True,
+                         loop=asyncio.get_running_loop())
+        self.state = state
+        self.listener_name = listener_name
+        self.implicit_tls = implicit_tls
+        self.client_ip = "unknown"
+        self.principal: Principal | None = None
+        self.txn: Transaction | None = None
+        self.helo: str | None = None
+        self.esmtp = False
+        self.commands = 0
+        self.errors = 0
+        self.tls_info: str | None = None
+        self._registered = False
+        self._session_timer: asyncio.TimerHandle | None = None
+        self._in_data = False
+
+    # ---------------------------------------------------------------- connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if not first:
+            # STARTTLS finished: RFC 3207 4.2, forget everything learnt in clear text.
+            self.principal = None
+            self.txn = None
+            self.helo = None
+            self.esmtp = False
+            self.tls_info = describe(transport.get_extra_info("ssl_object"))
+            metrics.TLS_HANDSHAKES.labels("starttls", "ok").inc()
+            event(log, "tls", client=self.client_ip, listener=self.listener_name, tls=self.tls_info)
+            return
+        peer = transport.get_extra_info("peername") or ("unknown", 0)
+        self.client_ip = str(peer[0])
+        if self.implicit_tls:
+            self.tls_info = describe(transport.get_extra_info("ssl_object"))
+            metrics.TLS_HANDSHAKES.labels("implicit", "ok").inc()
+        st = self.state
+        limits = st.settings.limits
+        refuse = None
+        if st.draining:
+            refuse = replies.SHUTTING_DOWN
+        elif len(st.sessions) >= limits.connections:
+            refuse, reason = replies.TOO_MANY_CONNECTIONS, "global"
+        elif st.per_ip.get(self.client_ip, 0) >= limits.connections_per_ip:
+            refuse, reason = replies.TOO_MANY_CONNECTIONS_IP, "per_ip"
+        if refuse is not None:
+            if refuse is not replies.SHUTTING_DOWN:
+                metrics.CONNECTIONS_REFUSED.labels(reason).inc()
+            event(log, "connection_refused", client=self.client_ip, listener=self.listener_name, reply=str(refuse))
+            if self._handler_coroutine is not None:
+                self._handler_coroutine.cancel()
+            transport.write(f"{refuse}\r\n".encode())
+            transport.close()
+            return
+        self._registered = True
+        st.sessions.add(self)
+        st.per_ip[self.client_ip] = st.per_ip.get(self.client_ip, 0) + 1
+        metrics.CONNECTIONS.labels(self.listener_name).inc()
+        metrics.SESSIONS_ACTIVE.inc()
+        self._session_timer = self.loop.call_later(limits.session_timeout, self._session_expired)
+        event(log, "connect", client=self.client_ip, listener=self.listener_name, tls=self.tls_info)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._registered:
+            self._registered = False
+            st = self.state
+            st.sessions.discard(self)
+            n = st.per_ip.get(self.client_ip, 1) - 1
+            if n <= 0:
+                st.per_ip.pop(self.client_ip, None)
+            else:
+                st.per_ip[self.client_ip] = n
+            metrics.SESSIONS_ACTIVE.dec()
+            if self._session_timer is not None:
+                self._session_timer.cancel()
+            event(log, "disconnect", client=self.client_ip, user=self.principal.username if self.principal else None,
+                  commands=self.commands)
+        if self.session is not None and self._timeout_handle is not None:
+            super().connection_lost(error)
+        else:
+            self.transport = None
+
+    def _close_with(self, reply: Reply) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self.transport.write(f"{reply}\r\n".encode())
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        event(log, "timeout", client=self.client_ip, in_data=self._in_data)
+        self._close_with(replies.TIMEOUT)
+
+    def _session_expired(self) -> None:
+        event(log, "session_timeout", client=self.client_ip)
+        self._close_with(replies.SESSION_TOO_LONG)
+
+    def drain_close(self, force: bool) -> bool:
+        """Shutdown: close now if between transactions (or forced). True when closed."""
+        if force or (self.txn is None and not self._in_data):
+            self._close_with(replies.SHUTTING_DOWN)
+            return True
+        return False
+
+    @property
+    def tls_active(self) -> bool:
+        return self.implicit_tls or self._tls_protocol is not None
+
+    # ---------------------------------------------------------------- replies
+
+    async def reply(self, r: Reply | str) -> None:
+        text = str(r)
+        if isinstance(r, Reply) and r.code >= 500:
+            self.errors += 1
+        await self.push(text)
+        if self.errors >= self.state.settings.limits.max_errors and self.transport is not None:
+            event(log, "too_many_errors", client=self.client_ip, errors=self.errors)
+            self._close_with(replies.TOO_MANY_ERRORS)
+
+    def _reject(self, reason: str, r: Reply) -> Reply:
+        metrics.MESSAGES_REJECTED.labels(reason).inc()
+        return r
+
+    # ---------------------------------------------------------------- command loop
+
+    async def _handle_client(self) -> None:
+        await self.push(f"220 {self.hostname} {replies.BANNER}")
+        limits = self.state.settings.limits
+        while self.transport is not None:
+            try:
+                try:
+                    line = await self._reader.readuntil(b"\n")
+                except asyncio.LimitOverrunError as exc:
+                    await self._discard_long_line(exc.consumed)
+                    await self.reply(replies.LINE_TOO_LONG)
+                    continue
+                except asyncio.IncompleteReadError:
+                    break
+                self.commands += 1
+                if self.commands > limits.max_commands:
+                    self._close_with(replies.TOO_MANY_COMMANDS)
+                    break
+                line = line.rstrip(b"\r\n")
+                if len(line) > MAX_LINE:
+                    await self.reply(replies.LINE_TOO_LONG)
+                    continue
+                verb_b, _, arg_b = line.partition(b" ")
+                try:
+                    verb = verb_b.decode("ascii").upper()
+                except UnicodeDecodeError:
+                    await self.reply(replies.SYNTAX_ERROR)
+                    continue
+                method = self._smtp_methods.get(verb) if verb.isalpha() else None
+                if method is None:
+                    # Never log the line: a POP3 "PASS secret" sent here is a password.
+                    if self._is_mailbox_protocol(verb, arg_b):
+                        await self.reply(replies.NOT_A_MAILBOX)
+                    else:
+                        await self.reply(replies.SYNTAX_ERROR.with_text(
+                            "Command unrecognized" if verb.isalpha() else "Syntax error"))
+                    continue
+                arg = arg_b.strip().decode("utf-8", "surrogateescape") or None
+                self._reset_timeout()
+                await method(arg)
+                if self.state.draining and self.txn is None and self.transport is not None:
+                    self._close_with(replies.SHUTTING_DOWN)
+                    break
+            except asyncio.CancelledError:
+                raise
+            except (ConnectionError, asyncio.IncompleteReadError):
+                break
+            except StorageFull:
+                await self._safe_reply(replies.STORAGE_FULL)
+            except StoreUnavailable as exc:
+                event(log, "store_unavailable", logging.ERROR, client=self.client_ip, error=str(exc))
+                await self._safe_reply(replies.INTERNAL_ERROR)
+            except Exception:  # noqa: BLE001 - a bug must cost a retry, never a bounce or a leak
+                log.exception("internal error in session with %s", self.client_ip)
+                await self._safe_reply(replies.INTERNAL_ERROR)
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _safe_reply(self, r: Reply) -> None:
+        self.txn = None
+        try:
+            await self.push(str(r))
+        except Exception:  # noqa: BLE001
+            pass
+
+    async def _discard_long_line(self, consumed: int) -> None:
+        await self._reader.read(consumed)
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.read(exc.consumed)
+
+    def _is_mailbox_protocol(self, verb: str, arg: bytes) -> bool:
+        if verb in POP3_VERBS:
+            metrics.REFUSALS.labels("pop3").inc()
+            return True
+        second = arg.split(b" ", 1)[0].upper()
+        if second.decode("ascii", "replace") in IMAP_COMMANDS:
+            metrics.REFUSALS.labels("imap").inc()
+            return True
+        return False
+
+    # ---------------------------------------------------------------- greeting and simple commands
+
+    async def smtp_EHLO(self, arg: str | None) -> None:
+        await self._helo(arg, esmtp=True)
+
+    async def smtp_HELO(self, arg: str | None) -> None:
+        await self._helo(arg, esmtp=False)
+
+    async def _helo(self, arg: str | None, esmtp: bool) -> None:
+        if not arg or " " in arg.strip():
+            await self.reply(replies.HELO_SYNTAX)
+            return
+        self.helo = arg.strip()
+        self.esmtp = esmtp
+        self.txn = None  # RFC 5321 4.1.4: EHLO resets the transaction
+        if self.session is not None:
+            self.session.host_name = self.helo
+        if not esmtp:
+            await self.push(f"250 {self.hostname}")
+            return
+        lines = [self.hostname, "PIPELINING", f"SIZE {self.state.settings.limits.message_size}", "8BITMIME",
+                 "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"]
+        if not self.tls_active:
+            lines.append("STARTTLS")
+        else:
+            lines.append("AUTH " + " ".join(AUTH_MECHANISMS))
+        await self.push("\r\n".join(replies.multiline(250, lines)))
+
+    async def smtp_NOOP(self, arg: str | None) -> None:
+        await self.reply(replies.NOOP_OK)
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        if arg:
+            await self.reply(replies.PARAM_SYNTAX.with_text("Syntax: RSET"))
+            return
+        self.txn = None
+        await self.reply(replies.RESET_OK)
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        await self.push(str(replies.BYE))
+        if self.transport is not None:
+            self.transport.close()
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        await self.reply(replies.VRFY_CANNOT)
+
+    async def smtp_EXPN(self, arg: str | None) -> None:
+        await self.reply(replies.NOT_IMPLEMENTED)
+
+    async def smtp_HELP(self, arg: str | None) -> None:
+        await self.reply(replies.HELP)
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        if self.tls_active:
+            await self.reply(replies.TLS_ALREADY)
+            return
+        if arg:
+            await self.reply(replies.PARAM_SYNTAX.with_text("Syntax: STARTTLS"))
+            return
+        if not self.helo:
+            await self.reply(replies.NEED_EHLO)
+            return
+        await self.push(str(replies.READY_TLS))
+        waiter = self.loop.create_future()
+        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, self.tls_context, waiter, server_side=True)
+        self._original_transport = self.transport
+        self._original_transport.set_protocol(self._tls_protocol)
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(self._original_transport)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed handshake ends the session, nothing more
+            metrics.TLS_HANDSHAKES.labels("starttls", "failed").inc()
+            event(log, "tls_failed", client=self.client_ip, error=type(exc).__name__)
+            if self.transport is not None:
+                self.transport.close()
+            raise ConnectionError("TLS handshake failed") from None
+
+    # ---------------------------------------------------------------- AUTH (RFC 4954)
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        if not self.helo or not self.esmtp:
+            await self.reply(replies.AUTH_NEED_EHLO)
+            return
+        if not self.tls_active:
+            await self.reply(replies.AUTH_TLS_REQUIRED)
+            return
+        if self.principal is not None and self.principal.kind == "auth":
+            await self.reply(replies.AUTH_ALREADY)
+            return
+        if self.txn is not None:
+            await self.reply(replies.AUTH_IN_TRANSACTION)
+            return
+        parts = (arg or "").split()
+        if not parts or len(parts) > 2:
+            await self.reply(replies.AUTH_BAD_SYNTAX)
+            return
+        mech = parts[0].upper()
+        if mech not in AUTH_MECHANISMS:
+            await self.reply(replies.AUTH_MECH_UNKNOWN)
+            return
+        if self.state.throttle.locked(self.client_ip):
+            metrics.AUTH_ATTEMPTS.labels(mech, "locked").inc()
+            event(log, "auth", client=self.client_ip, mechanism=mech, result="locked")
+            await self.reply(replies.AUTH_LOCKED)
+            return
+        initial = parts[1].encode("utf-8", "surrogateescape") if len(parts) == 2 else None
+        if mech == "PLAIN":
+            creds = await self._auth_plain(initial)
+        else:
+            creds = await self._auth_login(initial)
+        if creds is None:  # aborted or malformed: reply already sent
+            metrics.AUTH_ATTEMPTS.labels(mech, "aborted").inc()
+            return
+        if isinstance(creds, Reply):
+            principal, login = None, b""
+        else:
+            login, password = creds
+            principal = await self.state.credentials.verify(login, password)
+        username = login.decode("utf-8", "replace")[:320]
+        if principal is None:
+            metrics.AUTH_ATTEMPTS.labels(mech, "failure").inc()
+            # Same delay and reply for unknown user, wrong password and malformed credentials.
+            await asyncio.sleep(self.state.settings.limits.auth_failure_delay)
+            locked = self.state.throttle.failure(self.client_ip)
+            # Stable line for fail2ban: event=auth result=failure client=IP
+            event(log, "auth", logging.WARNING, client=self.client_ip, mechanism=mech, result="failure",
+                  user=username)
+            if locked:
+                metrics.AUTH_LOCKOUTS.inc()
+                event(log, "auth_lockout", logging.WARNING, client=self.client_ip,
+                      seconds=self.state.throttle.lockout)
+            await self.reply(replies.AUTH_INVALID)
+            return
+        self.state.throttle.success(self.client_ip)
+        self.principal = principal
+        metrics.AUTH_ATTEMPTS.labels(mech, "success").inc()
+        event(log, "auth", client=self.client_ip, mechanism=mech, result="success", user=principal.username)
+        await self.reply(replies.AUTH_OK)
+
+    async def _read_auth_response(self, challenge: bytes) -> bytes | None:
+        """Send a 334 challenge; the decoded answer, or None after replying to '*' / bad input."""
+        await self.push("334 " + challenge.decode("ascii"))
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            await self._discard_long_line(exc.consumed)
+            await self.reply(replies.LINE_TOO_LONG)
+            return None
+        line = line.strip()
+        if line == b"*":
+            await self.reply(replies.AUTH_ABORTED)
+            return None
+        decoded = b64(line)
+        if isinstance(decoded, Reply):
+            await self.reply(decoded)
+            return None
+        return decoded
+
+    async def _auth_plain(self, initial: bytes | None) -> tuple[bytes, bytes] | Reply | None:
+        if initial is None:
+            blob = await self._read_auth_response(b"")
+            if blob is None:
+                return None
+        else:
+            if initial == b"*":
+                await self.reply(replies.AUTH_ABORTED)
+                return None
+            decoded = b64(initial)
+            if isinstance(decoded, Reply):
+                await self.reply(decoded)
+                return None
+            blob = decoded
+        return decode_plain(blob)
+
+    async def _auth_login(self, initial: bytes | None) -> tuple[bytes, bytes] | None:
+        if initial is None:
+            user = await self._read_auth_response(b"VXNlcm5hbWU6")  # "Username:"
+        else:
+            decoded = b64(initial)
+            if isinstance(decoded, Reply):
+                await self.reply(decoded)
+                return None
+            user = decoded
+        if user is None:
+            return None
+        password = await self._read_auth_response(b"UGFzc3dvcmQ6")  # "Password:"
+        if password is None:
+            return None
+        return user, password
+
+    # ---------------------------------------------------------------- MAIL / RCPT
+
+    def _principal_for_mail(self) -> Principal | Reply:
+        if self.principal is not None:
+            return self.principal
+        trusted = self.state.trusted_principal(self.client_ip)
+        if trusted is not None:
+            return trusted
+        if not self.tls_active:
+            return replies.TLS_REQUIRED
+        return replies.AUTH_REQUIRED
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if not self.helo:
+            await self.reply(replies.NEED_EHLO)
+            return
+        principal = self._principal_for_mail()
+        if isinstance(principal, Reply):
+            await self.reply(self._reject("auth_required", principal))
+            return
+        if self.txn is not None:
+            await self.reply(replies.NESTED_MAIL)
+            return
+        if not arg or arg[:5].upper() != "FROM:":
+            await self.reply(replies.MAIL_SYNTAX)
+            return
+        rest = arg[5:]
+        smtputf8 = "SMTPUTF8" in rest.upper().split()
+        parsed = policy.parse_path(rest, smtputf8=smtputf8, is_sender=True)
+        if isinstance(parsed, Reply):
+            await self.reply(self._reject("sender_syntax", parsed))
+            return
+        sender, param_text = parsed
+        if param_text and not self.esmtp:
+            await self.reply(replies.MAIL_SYNTAX)
+            return
+        params = policy.parse_mail_params(param_text, size_limit=self.state.settings.limits.message_size)
+        if isinstance(params, Reply):
+            await self.reply(self._reject("size" if params is replies.SIZE_EXCEEDED else "parameter", params))
+            return
+        refused = policy.check_sender(sender, principal.domains, trusted=principal.kind == "trusted")
+        if refused is not None:
+            event(log, "sender_refused", client=self.client_ip, user=principal.username, sender=str(sender))
+            await self.reply(self._reject("sender_domain", refused))
+            return
+        if self.state.settings.unverified_domains_refused and self.state.domain_verified is not None:
+            if not await self.state.domain_verified(principal.domains[0]):
+                await self.reply(self._reject("domain_unverified", replies.DOMAIN_UNVERIFIED.with_text(
+                    f"Sending domain {principal.domains[0]} not verified; run: relay domain verify "
+                    f"{principal.domains[0]}")))
+                return
+        if principal.kind == "trusted" and self.principal is None:
+            metrics.SESSIONS_TRUSTED.inc()
+            event(log, "trusted_session", client=self.client_ip, network=principal.username)
+        assert sender is not None
+        self.txn = Transaction(sender, params, principal)
+        await self.reply(replies.SENDER_OK)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if self.txn is None:
+            if self._principal_for_mail() is not self.principal and self.principal is None \
+                    and self.state.trusted_principal(self.client_ip) is None:
+                await self.reply(self._reject("auth_required", self._principal_for_mail()))
+            else:
+                await self.reply(replies.NEED_MAIL)
+            return
+        if not arg or arg[:3].upper() != "TO:":
+            await self.reply(replies.RCPT_SYNTAX)
+            return
+        parsed = policy.parse_path(arg[3:], smtputf8=self.txn.params.smtputf8, is_sender=False)
+        if isinstance(parsed, Reply):
+            await self.reply(self._reject("recipient_syntax", parsed))
+            return
+        rcpt, param_text = parsed
+        if rcpt is None:
+            await self.reply(self._reject("recipient_syntax", replies.BAD_RCPT_ADDRESS))
+            return
+        if param_text and not self.esmtp:
+            await self.reply(replies.RCPT_SYNTAX)
+            return
+        params = policy.parse_rcpt_params(param_text)
+        if isinstance(params, Reply):
+            await self.reply(self._reject("parameter", params))
+            return
+        too_many = policy.check_recipient_count(len(self.txn.recipients), self.state.settings.limits.recipients)
+        if too_many is not None:
+            await self.reply(self._reject("too_many_recipients", too_many))
+            return
+        self.txn.recipients.append((rcpt, params))
+        await self.reply(replies.RCPT_OK)
+
+    # ---------------------------------------------------------------- DATA
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if self.txn is None:
+            p = self._principal_for_mail()
+            await self.reply(self._reject("auth_required", p) if isinstance(p, Reply) else replies.NEED_MAIL)
+            return
+        if not self.txn.recipients:
+            await self.reply(replies.NEED_RCPT)
+            return
+        if arg:
+            await self.reply(replies.DATA_SYNTAX)
+            return
+        await self.push(replies.START_DATA)
+        limits = self.state.settings.limits
+        data = policy.DataState(limits.message_size)
+        # Past this much a client is not uploading a message but streaming at us: hang up.
+        hard_cap = 2 * limits.message_size + 1_048_576
+        at_line_start = True
+        self._in_data = True
+        try:
+            while True:
+                try:
+                    line = await self._reader.readuntil(b"\n")
+                except asyncio.LimitOverrunError as exc:
+                    chunk = await self._reader.read(exc.consumed)
+                    data.size += len(chunk)
+                    if data.problem is None:
+                        data.problem = replies.DATA_LINE_TOO_LONG
+                        data.lines = []
+                    at_line_start = False
+                    self._reset_timeout()
+                    continue
+                # Only CRLF "." CRLF ends DATA: "\n.\n", "\r.\r" and friends are content.
+                if at_line_start and line == b".\r\n":
+                    break
+                at_line_start = line.endswith(b"\r\n")
+                data.feed(line)
+                # Progress-based idle timeout: a slow but moving upload is not cut off.
+                self._reset_timeout()
+                if data.size > hard_cap:
+                    self._close_with(replies.SIZE_EXCEEDED)
+                    return
+        finally:
+            self._in_data = False
+        txn, self.txn = self.txn, None
+        if data.problem is not None:
+            reason = {replies.SIZE_EXCEEDED: "size", replies.DATA_LINE_TOO_LONG: "line_length"}.get(
+                data.problem, "bare_line_ending")
+            event(log, "data_refused", client=self.client_ip, user=txn.principal.username, reason=reason)
+            await self.reply(self._reject(reason, data.problem))
+            return
+        t0 = time.perf_counter()
+        content = data.content()
+        data.lines = []
+        if policy.check_received_count(headers.count_received(content), limits.max_received_headers):
+            await self.reply(self._reject("loop", replies.LOOP_DETECTED))
+            return
+        qid = new_queue_id()
+        hostname = self.state.settings.hostname
+        protocol = ("UTF8SMTP" if txn.params.smtputf8 else "ESMTP" if self.esmtp else "SMTP") + \
+            ("S" if self.tls_active else "") + ("A" if txn.principal.kind == "auth" else "")
+        if protocol == "SMTPS":
+            protocol = "SMTP"  # RFC 3848 has no SMTPS; TLS shows in the comment
+        received = headers.received_line(
+            helo=self.helo or "unknown", client_ip=self.client_ip, hostname=hostname, protocol=protocol,
+            queue_id=qid, tls=self.tls_info,
+            recipient=str(txn.recipients[0][0]) if len(txn.recipients) == 1 else None)
+        message = headers.prepare(content, received=received, hostname=hostname, queue_id=qid)
+        new = NewMessage(
+            sender=str(txn.sender),
+            recipients=tuple(NewRecipient(str(a), a.ascii_domain, p.notify, p.orcpt) for a, p in txn.recipients),
+            data=message, auth_user=txn.principal.username, client_ip=self.client_ip,
+            ret=txn.params.ret, envid=txn.params.envid, smtputf8=txn.params.smtputf8, queue_id=qid)
+        await self.state.queue.enqueue(new)
+        metrics.MESSAGE_SIZE.observe(len(message))
+        metrics.ACCEPT_LATENCY.observe(time.perf_counter() - t0)
+        event(log, "queued", qid=qid, client=self.client_ip, user=txn.principal.username, sender=str(txn.sender),
+              rcpts=len(txn.recipients), size=len(message))
+        await self.reply(replies.QUEUED.with_text(f"{replies.QUEUED.text} {qid}"))

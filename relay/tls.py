@@ -1,0 +1,90 @@
+"""TLS for the SMTP listeners: server contexts (TLS >= 1.2), self-signed certificates, reload.
+
+One SSLContext is shared by every listener; SIGHUP loads the new certificate into that same
+object, so new handshakes use it while open sessions keep theirs.
+"""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+from pathlib import Path
+
+
+class TLSError(Exception):
+    pass
+
+
+def server_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    load(ctx, cert, key)
+    return ctx
+
+
+def load(ctx: ssl.SSLContext, cert: str, key: str) -> None:
+    try:
+        ctx.load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        raise TLSError(f"cannot read {exc.filename}: file not found") from None
+    except PermissionError as exc:
+        raise TLSError(f"cannot read {exc.filename}: permission denied") from None
+    except ssl.SSLError as exc:
+        raise TLSError(f"certificate {cert} / key {key} unusable: {exc.reason or exc}") from None
+
+
+def client_context(verify: bool) -> ssl.SSLContext:
+    """Outbound: verify=False is opportunistic TLS (RFC 7435), as MTAs do by default."""
+    if verify:
+        ctx = ssl.create_default_context()
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def describe(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """'using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)' for Received and logs."""
+    if ssl_object is None:
+        return None
+    cipher = ssl_object.cipher()
+    if not cipher:
+        return None
+    name, version, bits = cipher
+    return f"using {ssl_object.version() or version} with cipher {name} ({bits}/{bits} bits)"
+
+
+def write_self_signed(cert_path: str, key_path: str, hostname: str, days: int = 825) -> None:
+    """Create a self-signed certificate for `hostname` (key mode 0600)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    sans: list[x509.GeneralName] = []
+    try:
+        sans.append(x509.IPAddress(ipaddress.ip_address(hostname)))
+    except ValueError:
+        sans.append(x509.DNSName(hostname))
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    for p in (cert_path, key_path):
+        Path(p).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+    with open(cert_path, "wb") as fh:
+        fh.write(cert.public_bytes(serialization.Encoding.PEM))
