@@ -153,7 +153,14 @@ class QueueRunner:
         else:
             env = Envelope(job.sender, tuple(OutRecipient(r.address, r.notify, r.orcpt) for r in job.recipients),
                            body, job.smtputf8, job.ret, job.envid)
-            outcomes = await route.send(env)
+            try:
+                outcomes = await route.send(env)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug in one delivery must not stall the queue
+                log.exception("delivery of %s failed unexpectedly", job.msg_id)
+                outcomes = {r.address: RcptOutcome(TRANSIENT, f"internal error: {type(exc).__name__}", "4.3.0")
+                            for r in job.recipients}
         t = asyncio.create_task(self._settle(job, outcomes, body, expired))
         self._settling.add(t)
         t.add_done_callback(self._settling.discard)

@@ -73,7 +73,7 @@ class Session:
                                  tls_context=tls_context if tls == "implicit" else None)
         where = f"{host}[{address}]:{port}"
         try:
-            await client.connect(timeout=connect_timeout, server_hostname=host)
+            await client.connect(timeout=connect_timeout)
         except aiosmtplib.SMTPConnectResponseError as exc:
             raise ConnectFailure(f"{where} greeted with {_describe_exc(exc)}", status_of(exc.code, exc.message)) from None
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:

@@ -1,0 +1,46 @@
+"""Shared fixtures: real peers on loopback (DNS server, MX sink) and the real relay process."""
+from __future__ import annotations
+
+import pytest
+
+from tests.support.dns_server import DNSServer
+from tests.support.mx_sink import MXSink
+from tests.support.relay_instance import RelayInstance
+
+USER = "app@mg.example.com"
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def dns_server():
+    with DNSServer({}) as server:
+        yield server
+
+
+@pytest.fixture
+def mx_sink():
+    with MXSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+def make_relay(tmp_path):
+    """Factory: make_relay(**kwargs) -> started RelayInstance; all are stopped at teardown."""
+    started: list[RelayInstance] = []
+
+    def factory(start: bool = True, name: str = "relay", **kwargs) -> RelayInstance:
+        inst = RelayInstance(tmp_path / name, **kwargs)
+        started.append(inst)
+        return inst.start() if start else inst
+
+    yield factory
+    for inst in started:
+        inst.kill()
+
+
+@pytest.fixture
+def relay(make_relay):
+    """A running relay with one credential (USER / PASSWORD) and no reachable MX."""
+    inst = make_relay(start=False)
+    inst.add_user(USER, PASSWORD)
+    return inst.start()

@@ -1,0 +1,269 @@
+"""Run the real relay (the installed `relay` console script) from a temporary config, on ephemeral ports.
+
+The relay logs JSON lines; the harness reads them in a thread, learns the bound ports from the
+`listening` events and waits for `ready`. Tests reach peers (DNS, MX sinks) through config, as
+an operator would: nothing in the relay is monkeypatched.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import smtplib
+import sqlite3
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+FAST_ARGON2 = {"argon2_time_cost": 1, "argon2_memory_cost": 1024, "argon2_parallelism": 1}
+
+
+def relay_executable() -> list[str]:
+    """The installed console script next to this Python (what users run), else `python -m relay`."""
+    script = Path(sys.executable).parent / "relay"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("relay")
+    return [found] if found else [sys.executable, "-m", "relay"]
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))
+
+
+def to_toml(data: dict) -> str:
+    lines: list[str] = []
+
+    def emit(prefix: str, d: dict) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and not (
+            isinstance(v, list) and v and isinstance(v[0], dict))}
+        for k, v in scalars.items():
+            lines.append(f"{k} = {_toml_value(v)}")
+        for k, v in d.items():
+            name = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, dict):
+                lines.append(f"\n[{name}]")
+                emit(name, v)
+            elif isinstance(v, list) and v and isinstance(v[0], dict):
+                for item in v:
+                    lines.append(f"\n[[{name}]]")
+                    emit(name, item)
+
+    emit("", data)
+    return "\n".join(lines) + "\n"
+
+
+def client_tls_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class RelayInstance:
+    def __init__(self, workdir: Path, *, dns: str | None = None, mx_port: int | None = None,
+                 config: dict | None = None, env: dict[str, str] | None = None):
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        base: dict[str, Any] = {
+            "server": {"hostname": "relay.test", "shutdown_grace": 5},
+            "listeners": [
+                {"address": "127.0.0.1", "port": 0, "tls": "starttls"},
+                {"address": "127.0.0.1", "port": 0, "tls": "implicit"},
+            ],
+            "tls": {"cert": str(self.dir / "relay.crt"), "key": str(self.dir / "relay.key")},
+            "storage": {"path": str(self.dir / "relay.db")},
+            "delivery": {"retry_schedule": [1, 2, 4]},
+            "dns": {"timeout": 2},
+            "limits": {"auth_failure_delay": 0.05},
+            "credentials": dict(FAST_ARGON2),
+            "refusal": {"address": "127.0.0.1", "pop3_port": 0, "imap_port": 0, "pop3s_port": 0, "imaps_port": 0},
+            "metrics": {"listen": "127.0.0.1:0"},
+            "logging": {"format": "json", "level": "info"},
+        }
+        if dns:
+            base["dns"]["nameservers"] = [dns]
+        if mx_port:
+            base["delivery"]["mx_port"] = mx_port
+        self.config = _merge(base, config or {})
+        self.config_path = self.dir / "relay.toml"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.events: list[dict] = []
+        self.raw_log: list[str] = []
+        self._lock = threading.Lock()
+        self.ports: dict[str, int] = {}
+        self.write_config()
+
+    # ------------------------------------------------------------ config and CLI
+
+    def write_config(self) -> None:
+        self.config_path.write_text(to_toml(self.config))
+
+    def cli(self, *args: str, input: str | None = None, check: bool = False,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        cp = subprocess.run(relay_executable() + ["-c", str(self.config_path), *args], input=input, text=True,
+                            capture_output=True, timeout=60, env={**self.env, **(env or {})})
+        if check and cp.returncode != 0:
+            raise AssertionError(f"relay {' '.join(args)} -> {cp.returncode}: {cp.stderr}")
+        return cp
+
+    def add_user(self, username: str, password: str) -> None:
+        domain = username.rpartition("@")[2]
+        self.cli("domain", "add", domain)  # may already exist
+        self.cli("user", "add", username, "--password-stdin", input=password + "\n", check=True)
+
+    # ------------------------------------------------------------ process
+
+    def start(self, timeout: float = 30) -> "RelayInstance":
+        with self._lock:
+            self.events.clear()
+        self.ports = {}
+        self.proc = subprocess.Popen(relay_executable() + ["-c", str(self.config_path), "serve"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env)
+        threading.Thread(target=self._read_log, args=(self.proc,), daemon=True).start()
+        if not self.wait_event("ready", timeout=timeout):
+            self.kill()
+            raise RuntimeError("relay did not become ready:\n" + "\n".join(self.raw_log[-30:]))
+        for e in self.events_named("listening"):
+            key = e.get("refusal") or ("metrics" if e.get("metrics") else e.get("tls"))
+            self.ports.setdefault(key, e["port"])
+        return self
+
+    def _read_log(self, proc: subprocess.Popen) -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self._lock:
+                self.raw_log.append(line)
+                try:
+                    self.events.append(json.loads(line))
+                except ValueError:
+                    pass
+
+    def events_named(self, name: str, **match: Any) -> list[dict]:
+        with self._lock:
+            return [e for e in self.events if e.get("event") == name
+                    and all(e.get(k) == v for k, v in match.items())]
+
+    def wait_event(self, name: str, timeout: float = 10, count: int = 1, **match: Any) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.events_named(name, **match)) >= count:
+                return True
+            if self.proc is not None and self.proc.poll() is not None and name != "stopped":
+                time.sleep(0.1)
+                return len(self.events_named(name, **match)) >= count
+            time.sleep(0.02)
+        return False
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self) -> "RelayInstance":
+        self.kill()
+        return self.start()
+
+    def __enter__(self) -> "RelayInstance":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ clients and inspection
+
+    @property
+    def port(self) -> int:
+        return self.ports["starttls"]
+
+    def smtp(self, *, implicit: bool = False, timeout: float = 10, source: str | None = None) -> smtplib.SMTP:
+        """A connected client; on the STARTTLS port it has already done STARTTLS + EHLO."""
+        kw = {"source_address": (source, 0)} if source else {}
+        if implicit:
+            s: smtplib.SMTP = smtplib.SMTP_SSL("127.0.0.1", self.ports["implicit"], timeout=timeout,
+                                               context=client_tls_context(), **kw)
+            s.ehlo("client.test")
+            return s
+        s = smtplib.SMTP("127.0.0.1", self.port, timeout=timeout, **kw)
+        s.ehlo("client.test")
+        s.starttls(context=client_tls_context())
+        s.ehlo("client.test")
+        return s
+
+    def submit(self, username: str, password: str, sender: str, rcpts: list[str], data: bytes | str,
+               implicit: bool = False) -> str:
+        """Authenticate and send one message; returns the queue id from the 250 reply."""
+        s = self.smtp(implicit=implicit)
+        try:
+            s.login(username, password)
+            s.mail(sender)
+            for r in rcpts:
+                code, msg = s.rcpt(r)
+                assert code == 250, (code, msg)
+            code, msg = s.data(data)
+            assert code == 250, (code, msg)
+            return msg.decode().rsplit(" ", 1)[-1]
+        finally:
+            try:
+                s.quit()
+            except smtplib.SMTPException:
+                pass
+
+    def db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.config["storage"]["path"], timeout=10)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def queued(self) -> list[dict]:
+        with self.db() as conn:
+            return [dict(r) for r in conn.execute(
+                "SELECT m.id, m.sender, r.rcpt, r.state, r.attempts, r.last_error FROM messages m "
+                "JOIN recipients r ON r.msg_id = m.id ORDER BY m.created_at, r.id")]
+
+    def body(self, qid: str) -> bytes | None:
+        with self.db() as conn:
+            row = conn.execute("SELECT data FROM bodies WHERE id = ?", (qid,)).fetchone()
+            return bytes(row["data"]) if row else None
+
+    def metrics_text(self) -> str:
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['metrics']}/metrics", timeout=5) as r:
+            return r.read().decode()
