@@ -1,0 +1,555 @@
+#!/usr/bin/env python3
+"""Benchmark: throughput, latency, CPU and memory of the relay, side by side with Postfix.
+
+Run from the repository root with the project's venv: `make bench` (or `.venv/bin/python bench/run.py`).
+Everything runs on 127.0.0.1, bounded in messages and time, and is stopped afterwards.
+
+Scenarios (see README "Benchmark"):
+  1  authenticated submission: N clients, STARTTLS + AUTH PLAIN + one 10 KB message per
+     connection, and the same with connection reuse (many messages per session)
+  2  trusted-network path driven by Postfix's smtp-source (no TLS/AUTH), relay -> sink
+  3  sizes 1/10/100 KB and concurrency 1/20/100 for scenario 1
+  4  queue scale: enqueue 100,000 messages with delivery paused; enqueue and claim cost at 1k and 100k
+  5  1,000 idle connections: relay RSS, and banner latency of a new client meanwhile
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.relay_instance import RelayInstance, client_tls_context  # noqa: E402
+
+USER = "bench@bench.example"
+PASSWORD = "benchmark password 1"
+RCPT = "sink@sink.example"
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_kb(pid: int, key: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+# ---------------------------------------------------------------- sink
+
+class Sink:
+    """Postfix's smtp-sink when installed (fast, not ours), else an aiosmtpd sink; counts messages."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.count = 0
+        self.kind = "smtp-sink" if shutil.which("smtp-sink") else "aiosmtpd"
+        if self.kind == "smtp-sink":
+            cmd = ["smtp-sink", "-c", f"127.0.0.1:{self.port}", "1024"]
+            if os.geteuid() == 0:
+                cmd[1:1] = ["-u", "nobody"]
+        else:
+            cmd = [sys.executable, str(ROOT / "bench" / "pysink.py"), str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+
+    def _read(self) -> None:
+        buf = b""
+        assert self.proc.stdout is not None
+        while True:
+            chunk = self.proc.stdout.read1(4096) if hasattr(self.proc.stdout, "read1") else self.proc.stdout.read(1)
+            if not chunk:
+                return
+            buf = (buf + chunk)[-200:]
+            m = re.findall(rb"mesg=(\d+)", buf)
+            if m:
+                self.count = int(m[-1])
+
+    def wait_for(self, n: int, timeout: float) -> float | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.count >= n:
+                return time.monotonic()
+            time.sleep(0.005)
+        return None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# ---------------------------------------------------------------- relay under test
+
+def start_relay(workdir: Path, sink: Sink, *, trusted: bool = False, extra: dict | None = None) -> RelayInstance:
+    cfg = {
+        "delivery": {"mode": "smarthost", "smarthost": {"host": "127.0.0.1", "port": sink.port, "tls": "none"},
+                     "max_connections_per_destination": 20},
+        "limits": {"connections_per_ip": 5000, "connections": 5000, "auth_failure_delay": 1.0},
+        "logging": {"format": "json", "level": "info"},
+    }
+    if trusted:
+        cfg["trusted_networks"] = [{"network": "127.0.0.0/8", "domains": ["bench.example"]}]
+    if extra:
+        for k, v in extra.items():
+            cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
+    inst = RelayInstance(workdir, config=cfg)
+    inst.add_user(USER, PASSWORD)
+    inst.start()
+    return inst
+
+
+def metric(relay: RelayInstance, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+]+)$", relay.metrics_text(), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+# ---------------------------------------------------------------- SMTP load client (asyncio, pipelined)
+
+async def _reply(r: asyncio.StreamReader) -> bytes:
+    while True:
+        line = await r.readline()
+        if not line:
+            raise ConnectionError("closed")
+        if line[3:4] != b"-":
+            return line
+
+
+async def _expect(r: asyncio.StreamReader, code: bytes) -> None:
+    line = await _reply(r)
+    if not line.startswith(code):
+        raise RuntimeError(f"expected {code!r}, got {line!r}")
+
+
+def make_message(size: int, n: int) -> bytes:
+    head = (f"From: <{USER}>\r\nTo: <{RCPT}>\r\nSubject: bench {n}\r\n"
+            f"Message-ID: <{n}.{time.time_ns()}@bench.example>\r\n\r\n").encode()
+    line = b"X" * 76 + b"\r\n"
+    body = line * max(1, (size - len(head)) // len(line))
+    return head + body
+
+
+async def submit_load(port: int, *, clients: int, messages: int, per_session: int, size: int,
+                      time_limit: float) -> dict:
+    ctx = client_tls_context()
+    auth = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+    latencies: list[float] = []
+    next_n = 0
+    errors = 0
+    deadline = time.monotonic() + time_limit
+    data = make_message(size, 0)
+
+    async def one_session() -> None:
+        nonlocal next_n, errors
+        r, w = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+        try:
+            await _expect(r, b"220")
+            w.write(b"EHLO bench.client\r\n")
+            await _expect(r, b"250")
+            w.write(b"STARTTLS\r\n")
+            await _expect(r, b"220")
+            await w.start_tls(ctx)
+            w.write(b"EHLO bench.client\r\nAUTH PLAIN " + auth + b"\r\n")
+            await _expect(r, b"250")
+            await _expect(r, b"235")
+            for _ in range(per_session):
+                if next_n >= messages or time.monotonic() > deadline:
+                    break
+                next_n += 1
+                w.write(f"MAIL FROM:<{USER}>\r\nRCPT TO:<{RCPT}>\r\nDATA\r\n".encode())
+                await _expect(r, b"250")
+                await _expect(r, b"250")
+                await _expect(r, b"354")
+                w.write(data + b".\r\n")
+                t0 = time.perf_counter()
+                await _expect(r, b"250")
+                latencies.append(time.perf_counter() - t0)
+            w.write(b"QUIT\r\n")
+            await _reply(r)
+        except (OSError, RuntimeError, ConnectionError, ssl.SSLError):
+            errors += 1
+        finally:
+            w.close()
+
+    async def worker() -> None:
+        while next_n < messages and time.monotonic() < deadline:
+            await one_session()
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return {"accepted": len(latencies), "seconds": time.monotonic() - t0, "latencies": latencies,
+            "errors": errors, "start": t0}
+
+
+# ---------------------------------------------------------------- scenarios
+
+def run_submission(workdir: Path, sink: Sink, *, clients: int, messages: int, per_session: int, size: int,
+                   time_limit: float = 120) -> dict:
+    relay = start_relay(workdir, sink)
+    try:
+        pid = relay.proc.pid
+        base_sink = sink.count
+        cpu0 = proc_cpu(pid)
+        commits0 = metric(relay, "relay_store_commits_total")
+        res = asyncio.run(submit_load(relay.port, clients=clients, messages=messages, per_session=per_session,
+                                      size=size, time_limit=time_limit))
+        end = sink.wait_for(base_sink + res["accepted"], timeout=120)
+        cpu = proc_cpu(pid) - cpu0
+        commits = metric(relay, "relay_store_commits_total") - commits0
+        n = res["accepted"]
+        return {
+            "clients": clients, "size": size, "per_session": per_session, "messages": n, "errors": res["errors"],
+            "accepted_per_s": n / res["seconds"] if res["seconds"] else 0,
+            "end_to_end_per_s": n / (end - res["start"]) if end and n else None,
+            "p50_ms": pct(res["latencies"], 50) * 1000, "p95_ms": pct(res["latencies"], 95) * 1000,
+            "p99_ms": pct(res["latencies"], 99) * 1000,
+            "cpu_s_per_1000": cpu / n * 1000 if n else None,
+            "peak_rss_mb": proc_rss_kb(pid, "VmHWM") / 1024,
+            "commits_per_msg": commits / n if n else None,
+        }
+    finally:
+        relay.stop()
+
+
+def run_smtp_source(port: int, sink: Sink, messages: int, sessions: int, size: int) -> tuple[float, float | None]:
+    base = sink.count
+    t0 = time.monotonic()
+    subprocess.run(["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
+                    "-f", USER, "-t", RCPT, f"127.0.0.1:{port}"], check=True, timeout=300,
+                   stdout=subprocess.DEVNULL)
+    accepted = time.monotonic() - t0
+    end = sink.wait_for(base + messages, timeout=300)
+    return messages / accepted, (messages / (end - t0) if end else None)
+
+
+def scenario2_relay(workdir: Path, sink: Sink, messages: int) -> dict:
+    relay = start_relay(workdir, sink, trusted=True)
+    try:
+        pid = relay.proc.pid
+        cpu0 = proc_cpu(pid)
+        acc, e2e = run_smtp_source(relay.port, sink, messages, 20, 10240)
+        cpu = proc_cpu(pid) - cpu0
+        return {"accepted_per_s": acc, "end_to_end_per_s": e2e, "cpu_s_per_1000": cpu / messages * 1000,
+                "peak_rss_mb": proc_rss_kb(pid, "VmHWM") / 1024}
+    finally:
+        relay.stop()
+
+
+class Postfix:
+    """A throwaway Postfix on loopback (own config and queue directories) relaying to the sink."""
+
+    def __init__(self, workdir: Path, sink: Sink):
+        self.dir = workdir
+        self.port = free_port()
+        conf = workdir / "etc"
+        conf.mkdir(parents=True)
+        (workdir / "spool").mkdir()
+        (workdir / "data").mkdir()
+        master = []
+        for line in Path("/etc/postfix/master.cf").read_text().splitlines():
+            if line.startswith("smtp ") and " inet " in line:
+                line = f"127.0.0.1:{self.port} inet n - n - - smtpd"
+            elif line and not line[0].isspace() and not line.startswith("#"):
+                cols = line.split()
+                if len(cols) >= 8:
+                    cols[4] = "n"  # no chroot: the throwaway spool has no chroot tree
+                    line = " ".join(cols)
+            master.append(line)
+        (conf / "master.cf").write_text("\n".join(master) + "\n")
+        (conf / "main.cf").write_text(f"""
+compatibility_level = 3.6
+queue_directory = {workdir}/spool
+data_directory = {workdir}/data
+mail_owner = postfix
+myhostname = postfix.bench.example
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relayhost = [127.0.0.1]:{sink.port}
+smtpd_relay_restrictions = permit_mynetworks, reject
+alias_maps =
+alias_database =
+local_recipient_maps =
+maillog_file = {workdir}/maillog
+maillog_file_prefixes = {workdir}
+smtp_tls_security_level = none
+smtpd_tls_security_level = none
+""")
+        self.env = {**os.environ, "MAIL_CONFIG": str(conf)}
+        self.conf = conf
+        subprocess.run(["postfix", "-c", str(conf), "set-permissions"], env=self.env, capture_output=True)
+        cp = subprocess.run(["postfix", "-c", str(conf), "start"], env=self.env, capture_output=True, text=True)
+        if cp.returncode != 0:
+            raise RuntimeError(f"postfix start failed: {cp.stderr.strip()}")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("postfix did not start listening")
+
+    def master_pid(self) -> int | None:
+        p = self.dir / "spool" / "pid" / "master.pid"
+        try:
+            return int(p.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def stop(self) -> None:
+        subprocess.run(["postfix", "-c", str(self.conf), "stop"], env=self.env, capture_output=True)
+
+
+def scenario2_postfix(workdir: Path, sink: Sink, messages: int) -> dict:
+    pf = Postfix(workdir, sink)
+    try:
+        acc, e2e = run_smtp_source(pf.port, sink, messages, 20, 10240)
+        return {"accepted_per_s": acc, "end_to_end_per_s": e2e}
+    finally:
+        pf.stop()
+
+
+async def _queue_scale(path: str, total: int) -> dict:
+    from relay import db
+    from relay.queue_store import NewMessage, NewRecipient, QueueStore
+    conn = await db.open_async(path)
+    q = QueueStore(conn)
+    data = make_message(10240, 0)
+    msg = NewMessage(USER, (NewRecipient(RCPT, "sink.example"),), data)
+    done = 0
+    marks: dict[int, float] = {}
+
+    async def enqueue_batch(n: int) -> float:
+        t0 = time.perf_counter()
+        # 20 concurrent submitters, as with 20 clients: group commit applies.
+        per = n // 20
+        await asyncio.gather(*(asyncio.gather(*(q.enqueue(msg) for _ in range(per))) for _ in range(20)))
+        return (time.perf_counter() - t0) / (per * 20)
+
+    async def claim_cost() -> float:
+        t0 = time.perf_counter()
+        jobs = await q.claim(200, now=0)  # now=0: nothing due, measures the indexed lookup only
+        jobs2 = await q.claim(200)
+        for j in jobs + jobs2:
+            await q.release(j)
+        return (time.perf_counter() - t0) / max(1, sum(len(j.recipients) for j in jobs2))
+
+    out = {}
+    while done < total:
+        step = 1000 if done < 1000 else 10000
+        cost = await enqueue_batch(step)
+        done += step
+        if done in (1000, total):
+            out[f"enqueue_us_per_msg_at_{done}"] = cost * 1e6
+            out[f"claim_us_per_rcpt_at_{done}"] = (await claim_cost()) * 1e6
+    await q.close()
+    await conn.close()
+    size = sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
+    out["db_mb"] = size / 1e6
+    return out
+
+
+def scenario4(workdir: Path, total: int) -> dict:
+    return asyncio.run(_queue_scale(str(workdir / "scale.db"), total))
+
+
+async def _idle(port: int, n: int, pid: int) -> dict:
+    rss0 = proc_rss_kb(pid)
+    conns = []
+    for _ in range(n):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        await r.readline()
+        conns.append(w)
+    await asyncio.sleep(0.5)
+    rss = proc_rss_kb(pid)
+    lat = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        line = await r.readline()
+        lat.append(time.perf_counter() - t0)
+        assert line.startswith(b"220"), line
+        w.close()
+    for w in conns:
+        w.close()
+    return {"idle_connections": n, "rss_mb": rss / 1024, "rss_before_mb": rss0 / 1024,
+            "banner_p50_ms": pct(lat, 50) * 1000, "banner_max_ms": max(lat) * 1000}
+
+
+def scenario5(workdir: Path, sink: Sink, n: int) -> dict:
+    relay = start_relay(workdir, sink)
+    try:
+        return asyncio.run(_idle(relay.port, n, relay.proc.pid))
+    finally:
+        relay.stop()
+
+
+def fsyncs_per_message(workdir: Path, sink: Sink, messages: int) -> float | None:
+    """Count fsync/fdatasync syscalls with strace while 20 clients submit."""
+    if not shutil.which("strace"):
+        return None
+    relay = start_relay(workdir, sink)
+    try:
+        out = workdir / "strace.txt"
+        tracer = subprocess.Popen(["strace", "-f", "-c", "-e", "trace=fsync,fdatasync", "-o", str(out),
+                                   "-p", str(relay.proc.pid)], stderr=subprocess.DEVNULL)
+        time.sleep(1)
+        res = asyncio.run(submit_load(relay.port, clients=20, messages=messages, per_session=10, size=10240,
+                                      time_limit=120))
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(10)
+        calls = sum(int(m.group(1)) for m in re.finditer(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?f(?:data)?sync",
+                                                          out.read_text(), re.M))
+        return calls / res["accepted"] if res["accepted"] else None
+    finally:
+        relay.stop()
+
+
+# ---------------------------------------------------------------- main
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+    return str(v)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenarios", default="1,2,3,4,5")
+    p.add_argument("--messages", type=int, default=2000, help="messages per submission run (scenario 1/3)")
+    p.add_argument("--source-messages", type=int, default=5000, help="smtp-source messages (scenario 2)")
+    p.add_argument("--queue-scale", type=int, default=100_000, help="messages for scenario 4")
+    p.add_argument("--idle", type=int, default=1000, help="idle connections for scenario 5")
+    p.add_argument("--repeat", type=int, default=3, help="repetitions for scenario 2 (median, min-max)")
+    p.add_argument("--compare-postfix", action="store_true")
+    p.add_argument("--json", help="also write results to this file")
+    args = p.parse_args()
+    raise_nofile()
+    scen = {int(s) for s in args.scenarios.split(",") if s}
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    tmp = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    tmp.chmod(0o755)  # Postfix's unprivileged daemons must reach their spool below it
+    sink = Sink()
+    results["sink"] = sink.kind
+    print(f"sink: {sink.kind} on 127.0.0.1:{sink.port}; work dir {tmp}")
+    try:
+        if 1 in scen:
+            rows = []
+            for per in (1, 50):
+                r = run_submission(tmp / f"s1-{per}", sink, clients=20, messages=args.messages, per_session=per,
+                                   size=10240)
+                rows.append(r)
+                print(f"[1] 20 clients, 10 KB, {per} msg/session: " + ", ".join(
+                    f"{k}={fmt(v)}" for k, v in r.items() if k not in ("clients", "size", "per_session")))
+            fs = fsyncs_per_message(tmp / "s1-strace", sink, min(args.messages, 1000))
+            print(f"[1] fsync+fdatasync per accepted message (strace, 20 clients): {fmt(fs)}")
+            results["scenario1"] = {"runs": rows, "fsyncs_per_message": fs}
+        if 2 in scen:
+            if not shutil.which("smtp-source"):
+                print("[2] skipped: smtp-source not installed (Debian package postfix)")
+            else:
+                rel = [scenario2_relay(tmp / f"s2-relay-{i}", sink, args.source_messages) for i in range(args.repeat)]
+                results["scenario2_relay"] = rel
+                line = "[2] relay   smtp-source -s 20 -m {} -l 10240: ".format(args.source_messages)
+                for key in ("accepted_per_s", "end_to_end_per_s"):
+                    vals = [r[key] for r in rel if r[key]]
+                    line += f"{key} median {fmt(statistics.median(vals))} (min {fmt(min(vals))}, max {fmt(max(vals))}); "
+                line += f"cpu_s_per_1000 {fmt(statistics.median(r['cpu_s_per_1000'] for r in rel))}"
+                print(line)
+                if args.compare_postfix:
+                    if not shutil.which("postfix"):
+                        print("[2] --compare-postfix: postfix not installed")
+                    else:
+                        pf = [scenario2_postfix(tmp / f"s2-postfix-{i}", sink, args.source_messages)
+                              for i in range(args.repeat)]
+                        results["scenario2_postfix"] = pf
+                        line = "[2] postfix smtp-source -s 20 -m {} -l 10240: ".format(args.source_messages)
+                        for key in ("accepted_per_s", "end_to_end_per_s"):
+                            vals = [r[key] for r in pf if r[key]]
+                            line += f"{key} median {fmt(statistics.median(vals))} (min {fmt(min(vals))}, max {fmt(max(vals))}); "
+                        print(line)
+                        ratio = statistics.median(r["end_to_end_per_s"] for r in rel if r["end_to_end_per_s"]) / \
+                            statistics.median(r["end_to_end_per_s"] for r in pf if r["end_to_end_per_s"])
+                        results["scenario2_ratio_end_to_end"] = ratio
+                        print(f"[2] end-to-end ratio relay/postfix: {ratio:.2f}")
+        if 3 in scen:
+            rows = []
+            for size in (1024, 10240, 102400):
+                for clients in (1, 20, 100):
+                    n = max(200, args.messages // (4 if size >= 102400 else 1))
+                    r = run_submission(tmp / f"s3-{size}-{clients}", sink, clients=clients, messages=n,
+                                       per_session=1, size=size)
+                    rows.append(r)
+                    print(f"[3] {size // 1024:>3} KB x {clients:>3} clients: accepted/s {fmt(r['accepted_per_s'])}, "
+                          f"e2e/s {fmt(r['end_to_end_per_s'])}, p50/p95/p99 ms {fmt(r['p50_ms'])}/{fmt(r['p95_ms'])}/"
+                          f"{fmt(r['p99_ms'])}, cpu s/1000 {fmt(r['cpu_s_per_1000'])}, rss {fmt(r['peak_rss_mb'])} MB")
+            results["scenario3"] = rows
+        if 4 in scen:
+            r = scenario4(tmp, args.queue_scale)
+            results["scenario4"] = r
+            print("[4] queue scale: " + ", ".join(f"{k}={fmt(v)}" for k, v in r.items()))
+        if 5 in scen:
+            r = scenario5(tmp / "s5", sink, args.idle)
+            results["scenario5"] = r
+            print("[5] idle connections: " + ", ".join(f"{k}={fmt(v)}" for k, v in r.items()))
+    finally:
+        sink.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
