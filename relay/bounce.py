@@ -45,6 +45,8 @@ class DSNRecipient:
     original_recipient: str | None = None
     last_attempt: datetime | None = None
     will_retry_until: datetime | None = None
+    # RFC 3464 2.3.6: "smtp" only for a remote SMTP reply; our own explanations use an X- type.
+    diagnostic_type: str = "smtp"
 
 
 def _clean(value: str) -> str:
@@ -235,7 +237,8 @@ def build_dsn(*, reporting_mta: str, original_sender: str, original_message: byt
         if remote:
             block += _field("Remote-MTA", f"dns; {remote}")
         if diag:
-            block += _field("Diagnostic-Code", f"smtp; {diag}")
+            dtype = _clean(r.diagnostic_type).replace(" ", "") or "smtp"
+            block += _field("Diagnostic-Code", f"{dtype}; {diag}")
         if r.last_attempt:
             block += _field("Last-Attempt-Date", _date(r.last_attempt))
         if r.will_retry_until:

@@ -1,13 +1,15 @@
 """The scheduler (like Postfix's qmgr): claims due recipients, delivers them per destination, settles.
 
 Per destination, up to N workers each keep one outbound connection and carry queued messages
-in a row over it (connection reuse); a global semaphore caps outbound connections. Outcomes
-and any DSNs they cause are settled in one transaction. Never a bounce for a bounce.
+in a row over it (connection reuse); an idle connection is kept a moment for the next message.
+A global semaphore caps outbound connections. Outcomes and any DSNs they cause are settled in
+one transaction. Never a bounce for a bounce.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from datetime import datetime, timezone
@@ -23,6 +25,15 @@ log = logging.getLogger("relay.queue")
 
 CLAIM_BATCH = 200
 MAX_BACKLOG = 2000  # claimed-but-not-started recipients held in memory
+# Longest sleep between looks at the queue. Enqueues in this process wake the runner at once;
+# this bounds how late it notices changes made elsewhere (`relay queue retry` runs in another
+# process, later other nodes): one indexed MIN() every 2 s costs nothing.
+IDLE_POLL = 2.0
+# An idle outbound connection waits this long for the next message to its destination
+# (Postfix's smtp_connection_cache_time_limit), so a burst of submissions shares one session.
+CONNECTION_IDLE = 2.0
+EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
+_SMTP_REPLY = re.compile(r"^[245]\d\d[ -]")
 
 
 def retry_delay(attempts: int, schedule: tuple[int, ...]) -> int:
@@ -34,11 +45,30 @@ def notify_allows(notify: str | None, what: str) -> bool:
     """RFC 3461 5.2: without NOTIFY, send failure (and delay) reports but no success report."""
     if notify is None:
         return what in ("FAILURE", "DELAY")
-    return what in notify.split(",")
+    return what in notify.upper().split(",")
 
 
 def _domain(address: str) -> str:
     return address.rpartition("@")[2]
+
+
+def _route_of(address: str) -> str:
+    """The queue's route key for an address: its domain in ASCII (IDNA) form, as the session stores it."""
+    domain = _domain(address).lower()
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
+
+
+class _Destination:
+    """Jobs waiting for one destination and the workers serving it."""
+
+    def __init__(self) -> None:
+        self.queue: deque[Job] = deque()
+        self.workers = 0
+        self.idle = 0              # workers holding an open connection, waiting for a job
+        self.wake = asyncio.Event()
 
 
 class QueueRunner:
@@ -48,17 +78,19 @@ class QueueRunner:
         self.clock = clock
         self._wake = asyncio.Event()
         self._stopping = False
-        self._backlog: dict[str, deque[Job]] = {}
-        self._workers: dict[str, int] = {}
+        self._dests: dict[str, _Destination] = {}
+        self._global_waiting = 0
         self._tasks: set[asyncio.Task] = set()
         self._settling: set[asyncio.Task] = set()
         self._current: dict[asyncio.Task, Job] = {}
+        self._run_task: asyncio.Task | None = None
         self.paused = False
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
         self.cfg = cfg
         self.router.configure(cfg)
+        # Workers release the semaphore they acquired, so replacing it on reload is safe.
         self._global = asyncio.Semaphore(cfg.delivery.max_connections)
 
     def wake(self) -> None:
@@ -66,17 +98,23 @@ class QueueRunner:
 
     @property
     def backlog(self) -> int:
-        return sum(len(q) for q in self._backlog.values())
+        return sum(len(d.queue) for d in self._dests.values())
 
     async def run(self) -> None:
+        self._run_task = asyncio.current_task()
         while not self._stopping:
             claimed = 0
             if not self.paused and self.backlog < MAX_BACKLOG:
                 try:
-                    jobs = await self.queue.claim(CLAIM_BATCH)
+                    jobs = await self.queue.claim(CLAIM_BATCH, destination=self.router.destination)
                 except Exception:  # noqa: BLE001 - the store may be briefly busy; retry shortly
                     log.exception("claim failed")
                     jobs = []
+                if self._stopping:
+                    # stop() began while this claim was committing: hand the leases straight back.
+                    for job in jobs:
+                        await self._release(job)
+                    return
                 claimed = sum(len(j.recipients) for j in jobs)
                 for job in jobs:
                     self._dispatch(job)
@@ -87,88 +125,145 @@ class QueueRunner:
 
     async def _sleep_until_due(self) -> None:
         self._wake.clear()
-        timeout = 30.0
+        timeout = IDLE_POLL
         try:
             due = await self.queue.next_due()
         except Exception:  # noqa: BLE001
             due = None
         if due is not None:
             timeout = min(timeout, max(0.0, due - self.clock()) + 0.01)
-        if timeout <= 0.01 and self.backlog >= MAX_BACKLOG:
-            timeout = 0.5
+        if timeout <= 0.01 and (self.backlog >= MAX_BACKLOG or self.paused):
+            timeout = 0.5  # due work we may not claim yet: do not spin
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)
         except asyncio.TimeoutError:
             pass
 
+    # ------------------------------------------------------------ workers
+
     def _dispatch(self, job: Job) -> None:
         dest = self.router.destination(job.route)
-        q = self._backlog.setdefault(dest, deque())
-        q.append(job)
-        workers = self._workers.get(dest, 0)
-        if workers < self.cfg.delivery.max_connections_per_destination and (workers == 0 or len(q) > workers):
-            self._workers[dest] = workers + 1
-            t = asyncio.create_task(self._worker(dest), name=f"deliver:{dest}")
-            self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
+        d = self._dests.get(dest)
+        if d is None:
+            d = self._dests[dest] = _Destination()
+        d.queue.append(job)
+        d.wake.set()  # an idle worker with an open connection takes it
+        if d.workers < self.cfg.delivery.max_connections_per_destination and \
+                (d.workers == 0 or len(d.queue) > d.workers):
+            self._spawn(dest, d)
 
-    async def _worker(self, dest: str) -> None:
-        q = self._backlog[dest]
-        route = None
+    def _spawn(self, dest: str, d: _Destination) -> None:
+        d.workers += 1
+        t = asyncio.create_task(self._worker(dest, d), name=f"deliver:{dest}")
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _worker(self, dest: str, d: _Destination) -> None:
         try:
-            async with self._global:
+            self._global_waiting += 1
+            for other in self._dests.values():
+                if other.idle:
+                    other.wake.set()  # idle connections give their slot to a destination with work
+            try:
+                sem = self._global
+                await sem.acquire()
+            finally:
+                self._global_waiting -= 1
+            route = None
+            cancelled = False
+            try:
                 route = self.router.open(dest)
                 me = asyncio.current_task()
-                while q and not self._stopping:
-                    job = q.popleft()
+                while not self._stopping:
+                    if not d.queue:
+                        if await self._wait_for_work(d, route):
+                            continue
+                        break
+                    job = d.queue.popleft()
                     self._current[me] = job
                     try:
                         await self._deliver(route, job)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:  # noqa: BLE001 - its lease brings the job back; keep serving the rest
+                        log.exception("delivery of %s failed unexpectedly", job.msg_id)
                     finally:
                         self._current.pop(me, None)
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
+            finally:
+                if route is not None:
+                    if cancelled:
+                        route.abort()  # shutdown gave up on a stalled peer: no polite QUIT to wait on
+                    else:
+                        try:
+                            await route.close()
+                        except Exception:  # noqa: BLE001 - a failed QUIT must not leak the worker slot
+                            log.debug("closing the route to %s failed", dest, exc_info=True)
+                sem.release()
         finally:
-            if route is not None:
-                await route.close()
-            self._workers[dest] -= 1
-            if self._workers[dest] == 0:
-                del self._workers[dest]
-                if not q:
-                    self._backlog.pop(dest, None)
+            d.workers -= 1
+            if d.workers == 0:
+                if not d.queue:
+                    if self._dests.get(dest) is d:
+                        del self._dests[dest]
                 elif not self._stopping:
-                    self._workers[dest] = 1  # jobs arrived while we were closing: keep going
-                    t = asyncio.create_task(self._worker(dest), name=f"deliver:{dest}")
-                    self._tasks.add(t)
-                    t.add_done_callback(self._tasks.discard)
+                    self._spawn(dest, d)  # jobs arrived while we were closing: keep going
+
+    async def _wait_for_work(self, d: _Destination, route) -> bool:
+        """Keep an open connection for CONNECTION_IDLE seconds in case another job comes for it."""
+        if not route.reusable or self._global_waiting:
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONNECTION_IDLE
+        d.idle += 1
+        try:
+            while not d.queue:
+                remaining = deadline - loop.time()
+                if self._stopping or self._global_waiting or remaining <= 0:
+                    return False
+                d.wake.clear()
+                try:
+                    await asyncio.wait_for(d.wake.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+            return True
+        finally:
+            d.idle -= 1
 
     async def _deliver(self, route, job: Job) -> None:
-        now = self.clock()
+        if self.clock() >= job.leased_until - self.queue.lease_seconds / 2:
+            # It waited long in the backlog: make sure the lease is still ours before sending.
+            try:
+                await self.queue.renew(job)
+            except LeaseLost:
+                event(log, "lease_lost", logging.WARNING, qid=job.msg_id)
+                return
         body = await self.queue.body(job.msg_id)
         if body is None:  # deleted by the administrator meanwhile
             return
-        expired = now - job.created_at >= self.cfg.delivery.max_queue_lifetime
-        if expired:
-            outcomes = {r.address: RcptOutcome(PERMANENT, "message expired in the queue without delivery "
-                                               f"(max_queue_lifetime {self.cfg.delivery.max_queue_lifetime}s)", "4.4.7")
+        env = Envelope(job.sender, tuple(OutRecipient(r.address, r.notify, r.orcpt) for r in job.recipients),
+                       body, job.smtputf8, job.ret, job.envid)
+        try:
+            outcomes = await route.send(env)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug in one delivery must not stall the queue
+            log.exception("delivery of %s failed unexpectedly", job.msg_id)
+            outcomes = {r.address: RcptOutcome(TRANSIENT, f"internal error: {type(exc).__name__}", "4.3.0")
                         for r in job.recipients}
-        else:
-            env = Envelope(job.sender, tuple(OutRecipient(r.address, r.notify, r.orcpt) for r in job.recipients),
-                           body, job.smtputf8, job.ret, job.envid)
-            try:
-                outcomes = await route.send(env)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a bug in one delivery must not stall the queue
-                log.exception("delivery of %s failed unexpectedly", job.msg_id)
-                outcomes = {r.address: RcptOutcome(TRANSIENT, f"internal error: {type(exc).__name__}", "4.3.0")
-                            for r in job.recipients}
-        t = asyncio.create_task(self._settle(job, outcomes, body, expired))
+        t = asyncio.create_task(self._settle(job, outcomes, body))
         self._settling.add(t)
         t.add_done_callback(self._settling.discard)
 
-    async def _settle(self, job: Job, outcomes: dict[str, RcptOutcome], body: bytes, expired: bool) -> None:
+    # ------------------------------------------------------------ settle
+
+    async def _settle(self, job: Job, outcomes: dict[str, RcptOutcome], body: bytes) -> None:
         now = self.clock()
         d = self.cfg.delivery
         mode = self.router.mode
+        expires_at = job.created_at + d.max_queue_lifetime
         updates: list[RecipientUpdate] = []
         history: list[tuple[str | None, str, str]] = []
         failed: list[bounce.DSNRecipient] = []
@@ -177,31 +272,37 @@ class QueueRunner:
         age = now - job.created_at
         for r in job.recipients:
             o = outcomes.get(r.address) or RcptOutcome(TRANSIENT, "no outcome recorded", "4.0.0")
+            status, expired = o.status, False
             if o.kind == DELIVERED:
                 state, next_at = "delivered", now
                 metrics.DELIVERY_LATENCY.observe(max(0.0, age))
             elif o.kind == PERMANENT:
                 state, next_at = "failed", now
+            elif now >= expires_at:
+                # Out of time: fail with the last reply as the reason (RFC 3464 2.3.6).
+                state, next_at, status, expired = "failed", now, EXPIRED_STATUS, True
             else:
-                state, next_at = "deferred", now + retry_delay(r.attempts, d.retry_schedule)
-            metrics.DELIVERY_ATTEMPTS.labels({"delivered": "delivered", "failed": "failed"}.get(state, "deferred"),
-                                             mode).inc()
+                # The last retry lands on the expiry time itself, so expiry is never late by a whole step.
+                state, next_at = "deferred", min(now + retry_delay(r.attempts, d.retry_schedule), expires_at)
+            metrics.DELIVERY_ATTEMPTS.labels(state, mode).inc()
             updates.append(RecipientUpdate(r.id, state, next_at, None if state == "delivered" else o.reply,
                                            o.remote_mta))
-            history.append((r.address, state, o.reply))
+            history.append((r.address, "expired" if expired else state, o.reply))
             event(log, "delivery", logging.INFO if state != "failed" else logging.WARNING, qid=job.msg_id,
                   rcpt=r.address, result=state, mx=o.remote_mta, tls=o.tls, reply=o.reply, attempt=r.attempts,
-                  expired=expired or None, next_attempt=int(next_at - now) if state == "deferred" else None)
+                  expired=expired or None, next_attempt=round(next_at - now) if state == "deferred" else None)
+            # An MX or smarthost is not the final mailbox: success there is "relayed" (RFC 3461 5.2.2).
+            action = {"delivered": "relayed", "failed": "failed"}.get(state, "delayed")
             dsn_r = bounce.DSNRecipient(
-                final_recipient=r.address, action={"delivered": "delivered", "failed": "failed"}.get(state, "delayed"),
-                status=o.status if state != "delivered" else "2.0.0", diagnostic=o.reply if o.remote_mta or state != "delivered" else None,
-                remote_mta=o.remote_mta, original_recipient=r.orcpt,
+                final_recipient=r.address, action=action, status=status,
+                diagnostic=o.reply, remote_mta=o.remote_mta, original_recipient=r.orcpt,
                 last_attempt=datetime.fromtimestamp(now, timezone.utc),
-                will_retry_until=datetime.fromtimestamp(job.created_at + d.max_queue_lifetime, timezone.utc)
-                if state == "deferred" else None)
+                will_retry_until=datetime.fromtimestamp(expires_at, timezone.utc) if state == "deferred" else None,
+                diagnostic_type="smtp" if o.remote_mta and _SMTP_REPLY.match(o.reply) else "X-Relay")
             if state == "failed" and notify_allows(r.notify, "FAILURE"):
                 failed.append(dsn_r)
-            elif state == "delivered" and notify_allows(r.notify, "SUCCESS"):
+            elif state == "delivered" and notify_allows(r.notify, "SUCCESS") and not o.dsn:
+                # When the remote took NOTIFY along, the success report is its to send (RFC 3461 5.2.1).
                 succeeded.append(dsn_r)
             elif state == "deferred" and notify_allows(r.notify, "DELAY"):
                 delayed.append(dsn_r)
@@ -223,6 +324,9 @@ class QueueRunner:
         except Exception:  # noqa: BLE001 - unsettled work comes due again when its lease expires
             log.exception("settle failed for %s", job.msg_id)
             return
+        if any(u.state == "deferred" for u in updates):
+            # The runner is asleep until the lease expiry it saw at claim time; the due time is earlier now.
+            self.wake()
         for qid, b in zip(ids, bounces):
             event(log, "bounce", qid=job.msg_id, dsn_qid=qid, to=job.sender,
                   rcpts=len(b.recipients))
@@ -232,16 +336,23 @@ class QueueRunner:
             reporting_mta=self.cfg.server.hostname, original_sender=job.sender, original_message=body,
             recipients=rcpts, ret=job.ret or "HDRS", envid=job.envid,
             arrival_date=datetime.fromtimestamp(job.created_at, timezone.utc), queue_id=job.msg_id)
-        return NewMessage(sender="", recipients=(NewRecipient(job.sender, _domain(job.sender).lower()),), data=data,
+        return NewMessage(sender="", recipients=(NewRecipient(job.sender, _route_of(job.sender)),), data=data,
                           smtputf8=not job.sender.isascii())
+
+    # ------------------------------------------------------------ shutdown
 
     async def stop(self, timeout: float) -> None:
         """Stop claiming; give back what has not started; let in-flight deliveries finish or release them."""
         self._stopping = True
         self._wake.set()
-        pending = [job for q in self._backlog.values() for job in q]
-        for q in self._backlog.values():
-            q.clear()
+        for d in self._dests.values():
+            d.wake.set()
+        if self._run_task is not None and not self._run_task.done() and self._run_task is not asyncio.current_task():
+            # Let a claim that is committing right now finish, so its leases are released, not stranded.
+            await asyncio.wait({self._run_task}, timeout=min(timeout, 10))
+        pending = [job for d in self._dests.values() for job in d.queue]
+        for d in self._dests.values():
+            d.queue.clear()
         for job in pending:
             await self._release(job)
         if self._tasks:

@@ -84,6 +84,7 @@ class Job:
     envid: str | None
     smtputf8: bool
     warned: bool
+    leased_until: float = 0.0      # the lease's expiry (= the rows' next_attempt_at while leased)
     recipients: list[ClaimedRecipient] = field(default_factory=list)
 
 
@@ -235,9 +236,20 @@ class QueueStore:
 
     # ------------------------------------------------------------ claim / settle
 
-    async def claim(self, limit: int, now: float | None = None) -> list[Job]:
-        """Lease up to `limit` due recipients, grouped into jobs by (message, route)."""
+    async def claim(self, limit: int, now: float | None = None,
+                    destination: Callable[[str], str] | None = None) -> list[Job]:
+        """Lease up to `limit` due recipients, grouped into jobs by (message, destination).
+
+        `destination` maps a route to what shares a transaction: with a smarthost every domain
+        of a message goes in one transaction, not one per recipient domain.
+        """
         t = self._clock() if now is None else now
+        dest = destination or (lambda route: route)
+        # Look before taking the write lock: the runner polls, and an empty claim need not be a transaction.
+        if not await self._conn.execute_fetchall(
+                "SELECT 1 FROM recipients WHERE state IN ('pending', 'deferred') AND next_attempt_at <= ? LIMIT 1",
+                (t,)):
+            return []
 
         async def op(conn: aiosqlite.Connection) -> list[Job]:
             rows = await conn.execute_fetchall(
@@ -249,11 +261,12 @@ class QueueStore:
             jobs: dict[tuple[str, str], Job] = {}
             updates = []
             for r in rows:
-                key = (r["msg_id"], r["route"])
+                key = (r["msg_id"], dest(r["route"]))
                 job = jobs.get(key)
                 if job is None:
-                    job = jobs[key] = Job(r["msg_id"], r["route"], secrets.token_hex(8), r["sender"], r["created_at"],
-                                          r["size"], r["ret"], r["envid"], bool(r["smtputf8"]), bool(r["warned"]))
+                    job = jobs[key] = Job(r["msg_id"], key[1], secrets.token_hex(8), r["sender"], r["created_at"],
+                                          r["size"], r["ret"], r["envid"], bool(r["smtputf8"]), bool(r["warned"]),
+                                          t + self.lease_seconds)
                 job.recipients.append(ClaimedRecipient(r["id"], r["rcpt"], r["attempts"] + 1, r["notify"], r["orcpt"]))
                 # The lease is the due time: a crashed worker's rows come due again by themselves.
                 updates.append((t + self.lease_seconds, job.token, r["id"]))
@@ -263,6 +276,24 @@ class QueueStore:
             return list(jobs.values())
 
         return await self._write(op)
+
+    async def renew(self, job: Job) -> None:
+        """Extend a job's lease before starting it; raises LeaseLost (changing nothing) if it was taken over.
+
+        A job can wait in the runner's backlog behind a slow destination; once its lease has run
+        out, another claim may hold the same rows, and delivering both would send the mail twice.
+        """
+        until = self._clock() + self.lease_seconds
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            cur = await conn.execute(
+                "UPDATE recipients SET next_attempt_at = ? WHERE lease_token = ? AND state IN ('pending', 'deferred')",
+                (until, job.token))
+            if cur.rowcount != len(job.recipients):
+                raise LeaseLost(job.msg_id)
+
+        await self._write(op)
+        job.leased_until = until
 
     async def next_due(self) -> float | None:
         rows = await self._conn.execute_fetchall(

@@ -18,6 +18,8 @@ class RcptOutcome:
     status: str                # enhanced status for the DSN, e.g. "5.1.1"
     remote_mta: str | None = None
     tls: str | None = None     # "TLSv1.3" or "plain" for the log
+    # The remote took our DSN parameters (RFC 3461 5.2.1): success reports are its job from here on.
+    dsn: bool = False
 
     @property
     def final(self) -> bool:

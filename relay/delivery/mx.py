@@ -48,10 +48,14 @@ def order_mx(records: list[MXHost], rng: random.Random | None = None) -> list[st
     for r in records:
         by_pref.setdefault(r.preference, []).append(r.name)
     out: list[str] = []
+    seen: set[str] = set()
     for pref in sorted(by_pref):
         names = by_pref[pref]
         rng.shuffle(names)
-        out.extend(n for n in names if n not in out)
+        for n in names:
+            if n not in seen:  # a host listed twice is tried once, at its best preference
+                seen.add(n)
+                out.append(n)
     return out
 
 

@@ -18,12 +18,15 @@ _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
 class ConnectFailure(Exception):
-    def __init__(self, reply: str, status: str = "4.4.1", tls_failed: bool = False, permanent: bool = False):
+    def __init__(self, reply: str, status: str = "4.4.1", tls_failed: bool = False, permanent: bool = False,
+                 host: str | None = None, tls: str | None = None):
         super().__init__(reply)
         self.reply = reply
         self.status = status
         self.tls_failed = tls_failed
         self.permanent = permanent
+        self.host = host           # the host that failed, for Remote-MTA and the log
+        self.tls = tls             # "failed" (handshake/verification) or "unavailable" (no STARTTLS), for the log
 
 
 def status_of(code: int, message: str) -> str:
@@ -33,11 +36,16 @@ def status_of(code: int, message: str) -> str:
     return f"{str(code)[0]}.0.0"
 
 
-def outcome_of(code: int, message: str, host: str, tls: str | None) -> RcptOutcome:
+class StaleSession(Exception):
+    """A reused session was found closed before anything of this message was sent: reconnect and retry."""
+
+
+def outcome_of(code: int, message: str, host: str, tls: str | None, dsn: bool = False) -> RcptOutcome:
     text = " ".join(message.split())[:900]
     reply = f"{code} {text}"
     kind = DELIVERED if 200 <= code < 300 else PERMANENT if 500 <= code < 600 else TRANSIENT
-    return RcptOutcome(kind, reply, status_of(code, text) if kind != DELIVERED else "2.0.0", host, tls)
+    return RcptOutcome(kind, reply, status_of(code, text) if kind != DELIVERED else "2.0.0", host, tls,
+                       dsn and kind == DELIVERED)
 
 
 def _describe_exc(exc: BaseException) -> str:
@@ -75,11 +83,18 @@ class Session:
         try:
             await client.connect(timeout=connect_timeout)
         except aiosmtplib.SMTPConnectResponseError as exc:
-            raise ConnectFailure(f"{where} greeted with {_describe_exc(exc)}", status_of(exc.code, exc.message)) from None
+            raise ConnectFailure(f"{where} greeted with {_describe_exc(exc)}", status_of(exc.code, exc.message),
+                                 host=host) from None
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
-            raise ConnectFailure(f"{where}: {_describe_exc(exc)}", tls_failed=tls == "implicit") from None
+            implicit = tls == "implicit"
+            raise ConnectFailure(f"{where}: {_describe_exc(exc)}", tls_failed=implicit, host=host,
+                                 tls="failed" if implicit and isinstance(exc.__cause__ or exc, ssl.SSLError)
+                                 else None) from None
         try:
-            await client.ehlo()
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                await client.helo()  # RFC 5321 3.2: an old server that refuses EHLO still speaks SMTP
             if tls in ("opportunistic", "required", "starttls"):
                 if client.supports_extension("starttls"):
                     try:
@@ -87,23 +102,26 @@ class Session:
                     except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
                         client.close()
                         raise ConnectFailure(f"{where}: STARTTLS failed: {_describe_exc(exc)}",
-                                             "4.7.5" if tls != "opportunistic" else "4.4.1", tls_failed=True) from None
+                                             "4.7.5" if tls != "opportunistic" else "4.4.1", tls_failed=True,
+                                             host=host, tls="failed") from None
                     await client.ehlo()
                 elif tls != "opportunistic":
                     client.close()
-                    raise ConnectFailure(f"{where} does not offer STARTTLS and TLS is required", "4.7.5")
+                    raise ConnectFailure(f"{where} does not offer STARTTLS and TLS is required", "4.7.5",
+                                         host=host, tls="unavailable")
             if username:
                 try:
                     await client.login(username, password)
                 except aiosmtplib.SMTPResponseException as exc:
                     client.close()
                     # Transient on purpose: a wrong smarthost password is the operator's to fix, not a bounce.
-                    raise ConnectFailure(f"{where} refused our login: {_describe_exc(exc)}", "4.7.0") from None
+                    raise ConnectFailure(f"{where} refused our login: {_describe_exc(exc)}", "4.7.0",
+                                         host=host) from None
         except ConnectFailure:
             raise
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
             client.close()
-            raise ConnectFailure(f"{where}: {_describe_exc(exc)}") from None
+            raise ConnectFailure(f"{where}: {_describe_exc(exc)}", host=host) from None
         ssl_obj = client.transport.get_extra_info("ssl_object") if client.transport else None
         return cls(client, host, ssl_obj.version() if ssl_obj else None)
 
@@ -126,14 +144,26 @@ class Session:
         if dsn and env.envid:
             opts.append(f"ENVID={xtext_encode(env.envid)}")
         enc = "utf-8" if env.smtputf8 else "ascii"
+        reused = self.messages > 0
         self.messages += 1
+        result: dict[str, RcptOutcome] = {}
         try:
             try:
                 await c.mail(env.sender, options=opts, encoding=enc)
             except aiosmtplib.SMTPResponseException as exc:
+                if reused and exc.code == 421:
+                    # The server closed the idle cached session (RFC 5321 3.8): not this message's fault.
+                    self.alive = False
+                    c.close()
+                    raise StaleSession(self.host) from None
                 await self._rset()
                 return all_same(env, outcome_of(exc.code, exc.message, self.host, self.tls))
-            result: dict[str, RcptOutcome] = {}
+            except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+                if reused:
+                    self.alive = False
+                    c.close()
+                    raise StaleSession(self.host) from exc
+                raise
             accepted = []
             for r in env.recipients:
                 ropts = []
@@ -144,7 +174,7 @@ class Session:
                     ropts.append(f"ORCPT={kind};{xtext_encode(addr)}")
                 try:
                     await c.rcpt(r.address, options=ropts, encoding=enc)
-                    accepted.append(r.address)
+                    accepted.append(r)
                 except aiosmtplib.SMTPResponseException as exc:
                     result[r.address] = outcome_of(exc.code, exc.message, self.host, self.tls)
             if not accepted:
@@ -152,17 +182,19 @@ class Session:
                 return result
             try:
                 resp = await c.data(env.data)
-                done = outcome_of(resp.code, resp.message, self.host, self.tls)
+                code, message = resp.code, resp.message
             except aiosmtplib.SMTPResponseException as exc:
-                done = outcome_of(exc.code, exc.message, self.host, self.tls)
-            for a in accepted:
-                result[a] = done
+                code, message = exc.code, exc.message
+            for r in accepted:
+                # Only a recipient whose NOTIFY went along hands its success report over to the remote.
+                result[r.address] = outcome_of(code, message, self.host, self.tls, dsn=dsn and r.notify is not None)
             return result
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
             self.alive = False
             c.close()
             broken = RcptOutcome(TRANSIENT, f"{self.host}: {_describe_exc(exc)}", "4.4.2", self.host, self.tls)
-            return {r.address: broken for r in env.recipients}
+            # Replies already given (a 550 to one RCPT) stand; only the undecided recipients are retried.
+            return {r.address: result.get(r.address, broken) for r in env.recipients}
 
     async def _rset(self) -> None:
         try:
@@ -170,6 +202,10 @@ class Session:
         except (aiosmtplib.SMTPException, OSError):
             self.alive = False
             self.client.close()
+
+    def abort(self) -> None:
+        self.alive = False
+        self.client.close()
 
     async def close(self) -> None:
         if self.alive and self.client.is_connected:

@@ -12,7 +12,7 @@ from ..logs import event
 from ..tls import client_context
 from . import PERMANENT, TRANSIENT, Envelope, RcptOutcome, all_same
 from .mx import DNSFailure, make_resolver, resolve_addresses, resolve_mx
-from .outbound import ConnectFailure, Session
+from .outbound import ConnectFailure, Session, StaleSession
 
 log = logging.getLogger("relay.delivery")
 
@@ -27,23 +27,43 @@ class _Route:
     async def _connect(self) -> Session:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    async def send(self, env: Envelope) -> dict[str, RcptOutcome]:
+    @property
+    def reusable(self) -> bool:
+        """An open session worth keeping for the next message to this destination."""
         cfg = self.router.cfg.delivery
-        if self.session is not None and (not self.session.alive or self.session.messages >= cfg.max_messages_per_connection):
-            await self.session.close()
-            self.session = None
-        if self.session is None:
+        return self.session is not None and self.session.alive and \
+            self.session.messages < cfg.max_messages_per_connection
+
+    async def send(self, env: Envelope) -> dict[str, RcptOutcome]:
+        for _ in range(2):
+            if self.session is not None and not self.reusable:
+                await self.session.close()
+                self.session = None
+            if self.session is None:
+                try:
+                    self.session = await self._connect()
+                except DNSFailure as exc:
+                    return all_same(env, RcptOutcome(PERMANENT if exc.permanent else TRANSIENT, exc.reply, exc.status))
+                except ConnectFailure as exc:
+                    return all_same(env, RcptOutcome(PERMANENT if exc.permanent else TRANSIENT, exc.reply, exc.status,
+                                                     exc.host, exc.tls))
             try:
-                self.session = await self._connect()
-            except DNSFailure as exc:
-                return all_same(env, RcptOutcome(PERMANENT if exc.permanent else TRANSIENT, exc.reply, exc.status))
-            except ConnectFailure as exc:
-                return all_same(env, RcptOutcome(PERMANENT if exc.permanent else TRANSIENT, exc.reply, exc.status))
-        return await self.session.send(env)
+                return await self.session.send(env)
+            except StaleSession:
+                # A cached session died while idle; nothing was sent, so one fresh connection is safe.
+                await self.session.close()
+                self.session = None
+        return all_same(env, RcptOutcome(TRANSIENT, "connection lost twice before MAIL FROM", "4.4.2"))
 
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+            self.session = None
+
+    def abort(self) -> None:
+        """Drop the connection at once (cancelled mid-command: the session state is unknown)."""
+        if self.session is not None:
+            self.session.abort()
             self.session = None
 
 
