@@ -114,7 +114,7 @@ class SmarthostRoute(_Route):
         r = self.router
         d = r.cfg.delivery
         sh = d.smarthost
-        ctx = client_context(verify=sh.verify_cert)
+        ctx = r.verified_tls if sh.verify_cert else r.opportunistic_tls
         s = await Session.open(address=sh.host, port=sh.port, host=sh.host, helo=r.cfg.helo_hostname,
                                connect_timeout=d.connect_timeout, command_timeout=d.command_timeout,
                                tls=sh.tls, verify=sh.verify_cert, username=sh.username,
@@ -130,6 +130,7 @@ class Router:
     def configure(self, cfg: Config) -> None:
         self.cfg = cfg
         self.resolver = make_resolver(cfg.dns)
+        # Built once: loading the system CA store costs milliseconds per connection otherwise.
         self.opportunistic_tls = client_context(verify=False)
         self.verified_tls = client_context(verify=True)
 
