@@ -9,8 +9,10 @@ import argparse
 import asyncio
 import getpass
 import json
+import sqlite3
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +27,18 @@ class CLIError(Exception):
     def __init__(self, message: str, code: int = EXIT_REFUSED):
         super().__init__(message)
         self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage plus 'relay domain: error: ...' (two lines); scripts and people
+    grep for one line starting with 'relay: ', like every other error of ours."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"relay: {message} (see: {self.prog} --help)\n")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 # ---------------------------------------------------------------- output helpers
@@ -66,14 +80,18 @@ def read_password(args: argparse.Namespace, username: str, min_length: int) -> t
         return generate_password(), True
     if getattr(args, "password_stdin", False):
         line = sys.stdin.readline()
-        pw = line[:-1] if line.endswith("\n") else line
+        # One line; its ending (\n or \r\n from a Windows editor or `echo` in some shells) is not part of it.
+        pw = line.removesuffix("\n").removesuffix("\r")
         if not pw:
             raise CLIError("no password on standard input", EXIT_USAGE)
         return pw, False
     if not sys.stdin.isatty():
         raise CLIError("no terminal to prompt for a password: use --password-stdin or --generate", EXIT_USAGE)
-    first = getpass.getpass(f"Password for {username} (at least {min_length} characters): ")
-    second = getpass.getpass("Repeat password: ")
+    try:
+        first = getpass.getpass(f"Password for {username} (at least {min_length} characters): ")
+        second = getpass.getpass("Repeat password: ")
+    except EOFError:  # Ctrl-D at the prompt
+        raise CLIError("no password entered", EXIT_USAGE) from None
     if first != second:
         raise CLIError("passwords do not match")
     return first, False
@@ -134,9 +152,8 @@ def cmd_user(args: argparse.Namespace, cfg: Config) -> int:
             emit(args, {"username": user, "deleted": True}, f"deleted {user}")
             return EXIT_OK
         if args.action == "add":
-            # Check the cheap refusals before asking for a password.
-            if not await creds.domain_exists(domain):
-                raise NotFound(f"domain {domain} is not a sending domain; add it first: relay domain add {domain}")
+            # Refuse what needs no password (unknown domain, duplicate, limit) before asking for one.
+            await creds.check_can_add(user)
         elif await creds.lookup(user) is None:
             raise NotFound(f"credential {user} not found")
         password, generated = read_password(args, user, cfg.credentials.min_password_length)
@@ -217,6 +234,18 @@ def cmd_cert(args: argparse.Namespace, cfg: Config) -> int:
     if (cert.exists() or key.exists()) and not args.force:
         raise CLIError(f"{cert} or {key} already exists; use --force to replace it")
     hostname = args.hostname or cfg.server.hostname
+    try:
+        # Certificates carry the ASCII (A-label) form of an IDN (RFC 5280 7.2).
+        hostname = hostname.rstrip(".").encode("idna").decode("ascii")
+    except UnicodeError:
+        hostname = ""
+    if not config_mod.is_hostname(hostname):
+        raise CLIError(f"--hostname: expected a host name or IP address, got {args.hostname or cfg.server.hostname!r}",
+                       EXIT_USAGE)
+    if args.force:
+        # An existing key file keeps its mode when rewritten in place (O_CREAT sets the mode
+        # only for new files): remove it so the new key is created 0600.
+        key.unlink(missing_ok=True)
     tls.write_self_signed(str(cert), str(key), hostname)
     emit(args, {"cert": str(cert), "key": str(key), "hostname": hostname},
          f"wrote self-signed certificate for {hostname}: {cert} (key {key}, mode 0600)\n"
@@ -257,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="config file (default: $RELAY_CONFIG or config/relay.toml)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
 
-    p = argparse.ArgumentParser(prog="relay", description="Self-hosted SMTP submission relay.", parents=[common])
+    p = _Parser(prog="relay", description="Self-hosted SMTP submission relay.", parents=[common])
     p.add_argument("--version", action="version", version=f"relay {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -318,23 +347,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_mod.load(args.config)
         return COMMANDS[args.command](args, cfg)
     except ConfigError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
+        print(f"relay: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    except NotFound as exc:
-        print(f"relay: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    except StoreError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
+    except StoreError as exc:  # NotFound included
+        print(f"relay: {_one_line(exc)}", file=sys.stderr)
         return EXIT_REFUSED
     except CLIError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
+        print(f"relay: {_one_line(exc)}", file=sys.stderr)
         return exc.code
-    except (OSError, RuntimeError) as exc:
-        print(f"relay: {exc}", file=sys.stderr)
+    except sqlite3.Error as exc:  # e.g. locked beyond busy_timeout, disk full
+        print(f"relay: database error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_REFUSED
+    except (OSError, RuntimeError) as exc:  # db.DatabaseError is a RuntimeError
+        print(f"relay: {_one_line(exc)}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
         print("relay: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the promise is one line, never a traceback
+        print(f"relay: unexpected error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":  # pragma: no cover

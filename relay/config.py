@@ -7,8 +7,12 @@ sizes integer bytes: no unit parsing to get wrong.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
+import json
+import math
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -198,7 +202,10 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
     if origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(key, "expected a list")
+            if dataclasses.is_dataclass(item_tp) and isinstance(value, dict):
+                # The usual slip: [listeners] instead of [[listeners]].
+                raise ConfigError(key, f"expected an array of tables: write [[{key}]], not [{key}]")
+            raise ConfigError(key, f"expected a list, got {value!r}")
         return tuple(_convert(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
     if tp is bool:
         if not isinstance(value, bool):
@@ -211,6 +218,9 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
+        # TOML has nan and inf; no duration or limit means anything with them.
+        if not math.isfinite(value):
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -226,7 +236,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else k
         if k not in names:
-            raise ConfigError(key, "unknown key")
+            close = difflib.get_close_matches(k, sorted(names), n=1)
+            raise ConfigError(key, "unknown key" + (f" (did you mean {close[0]!r}?)" if close else ""))
         kwargs[k] = _convert(key, v, hints[k])
     return cls(**kwargs)
 
@@ -244,21 +255,76 @@ def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _port_number(text: str) -> int:
+    # Digits only: int() would also take " 53", "+53" and "5_3".
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"bad port {text!r}")
+    return int(text)
+
+
 def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
-    """'host', 'host:port', '[v6]:port' or a bare IPv6 address -> (host, port)."""
+    """'host', 'host:port', '[v6]:port' or a bare IPv6 address -> (host, port); ValueError otherwise.
+
+    The port is not range-checked here: callers report that against their own key.
+    """
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") else default_port
-        return host, port
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not host:
+            raise ValueError(f"unbalanced brackets in {text!r}")
+        if not rest:
+            return host, default_port
+        if not rest.startswith(":"):
+            raise ValueError(f"unexpected {rest!r} after ']'")
+        return host, _port_number(rest[1:])
     if text.count(":") == 1:
         host, _, port_s = text.partition(":")
-        return host, int(port_s)
+        return host, _port_number(port_s)
+    if ":" in text:
+        ipaddress.IPv6Address(text)  # a bare IPv6 address, or nothing we understand (ValueError)
     return text, default_port
 
 
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+
+
+def is_hostname(text: str) -> bool:
+    """An ASCII DNS host name (RFC 5321 4.1.2 sub-domain syntax) or an IP address."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return len(text) <= 253 and _HOSTNAME_RE.fullmatch(text) is not None
+
+
+def _ascii_domain(key: str, domain: str) -> str:
+    """Lower-case IDNA form, as stored for sending domains and used for routes: a domain
+    written 'MG.Example.com' or in Unicode must still match what we compare it with."""
+    try:
+        d = domain.rstrip(".").lower().encode("idna").decode("ascii")
+    except UnicodeError:
+        d = ""
+    if "." not in d or not _HOSTNAME_RE.fullmatch(d) or d.replace(".", "").isdigit():
+        raise ConfigError(key, f"expected a domain name like mg.example.com, got {domain!r}")
+    return d
+
+
+def _normalize(cfg: Config) -> Config:
+    d = cfg.delivery
+    if d.require_tls_domains:
+        d = dataclasses.replace(d, require_tls_domains=tuple(
+            _ascii_domain(f"delivery.require_tls_domains[{i}]", x) for i, x in enumerate(d.require_tls_domains)))
+    nets = tuple(dataclasses.replace(tn, domains=tuple(
+        _ascii_domain(f"trusted_networks[{i}].domains[{j}]", x) for j, x in enumerate(tn.domains)))
+        for i, tn in enumerate(cfg.trusted_networks))
+    return dataclasses.replace(cfg, delivery=d, trusted_networks=nets)
+
+
 def _validate(cfg: Config) -> None:
-    if not cfg.server.hostname or any(c.isspace() for c in cfg.server.hostname):
-        raise ConfigError("server.hostname", "must be a host name without spaces")
+    # It goes into the banner, EHLO, Received: and the self-signed certificate: ASCII only.
+    if not is_hostname(cfg.server.hostname):
+        raise ConfigError("server.hostname", "expected a DNS host name (letters, digits, '-' and '.'; "
+                          f"xn-- form for IDNs), got {cfg.server.hostname!r}")
     if not cfg.listeners:
         raise ConfigError("listeners", "at least one listener is required")
     seen = set()
@@ -273,11 +339,14 @@ def _validate(cfg: Config) -> None:
     if d.mode not in ("mx", "smarthost"):
         raise ConfigError("delivery.mode", f"must be 'mx' or 'smarthost', got {d.mode!r}")
     _check_port("delivery.mx_port", d.mx_port)
+    if d.helo_hostname and not is_hostname(d.helo_hostname):
+        raise ConfigError("delivery.helo_hostname", f"expected a DNS host name or empty, got {d.helo_hostname!r}")
     if d.mode == "smarthost" and not d.smarthost.host:
         raise ConfigError("delivery.smarthost.host", "required when delivery.mode = 'smarthost'")
     _check_port("delivery.smarthost.port", d.smarthost.port)
     if d.smarthost.tls not in SMARTHOST_TLS_MODES:
-        raise ConfigError("delivery.smarthost.tls", f"must be one of {', '.join(SMARTHOST_TLS_MODES)}")
+        raise ConfigError("delivery.smarthost.tls",
+                          f"must be one of {', '.join(SMARTHOST_TLS_MODES)}, got {d.smarthost.tls!r}")
     if d.smarthost.username and d.smarthost.tls == "none":
         raise ConfigError("delivery.smarthost.tls", "'none' would send the smarthost password in clear text")
     if not d.retry_schedule:
@@ -315,25 +384,29 @@ def _validate(cfg: Config) -> None:
         _check_port(f"refusal.{name}", getattr(r, name), allow_zero=True)
     try:
         host, port = parse_hostport(cfg.metrics.listen, 9469)
-        _check_port("metrics.listen", port, allow_zero=True)
     except ValueError:
-        raise ConfigError("metrics.listen", f"expected host:port, got {cfg.metrics.listen!r}") from None
+        host, port = "", 0
+    # An empty host would bind every interface: make the operator write 0.0.0.0 for that.
+    if not host or not is_hostname(host):
+        raise ConfigError("metrics.listen", f"expected host:port like 127.0.0.1:9469, got {cfg.metrics.listen!r}")
+    _check_port("metrics.listen", port, allow_zero=True)
     if cfg.logging.format not in ("logfmt", "json"):
-        raise ConfigError("logging.format", "must be 'logfmt' or 'json'")
+        raise ConfigError("logging.format", f"must be 'logfmt' or 'json', got {cfg.logging.format!r}")
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError("logging.level", "must be debug, info, warning or error")
+        raise ConfigError("logging.level", f"must be debug, info, warning or error, got {cfg.logging.level!r}")
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    cfg = _build(Config, data)
+    cfg = _normalize(_build(Config, data))
     _validate(cfg)
     return cfg
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:
     """Load and validate a config file; a missing file is an error only when named explicitly."""
-    explicit = path is not None or "RELAY_CONFIG" in os.environ
-    p = Path(path or os.environ.get("RELAY_CONFIG") or DEFAULT_CONFIG_PATH)
+    env = os.environ.get("RELAY_CONFIG") or None  # set but empty counts as unset
+    explicit = path is not None or env is not None
+    p = Path(path if path is not None else env or DEFAULT_CONFIG_PATH)
     if not p.exists():
         if explicit:
             raise ConfigError(str(p), "config file not found")
@@ -343,6 +416,9 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(p), f"invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        # tomllib decodes before parsing and lets this through (TOML files are UTF-8).
+        raise ConfigError(str(p), f"invalid TOML: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(str(p), f"cannot read: {exc.strerror}") from None
     return from_dict(data)
@@ -379,7 +455,8 @@ def to_toml(data: dict[str, Any]) -> str:
             return repr(v)
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(scalar(x) for x in v) + "]"
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # JSON string escapes are valid TOML basic-string escapes; TOML also forbids a raw DEL.
+        return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")
 
     def table(prefix: str, d: dict[str, Any], header: str | None) -> None:
         if header:

@@ -42,17 +42,24 @@ class Principal:
 def normalize_domain(domain: str) -> str:
     """Lower-case ASCII (IDNA) form; raises StoreError for something that is not a domain name."""
     d = domain.strip().rstrip(".").lower()
-    if not d or " " in d or "@" in d or len(d) > 253:
+    if not d or " " in d or "@" in d:
         raise StoreError(f"not a domain name: {domain!r}")
     try:
         ascii_d = d.encode("idna").decode("ascii")
     except UnicodeError:
         raise StoreError(f"not a valid internationalised domain name: {domain!r}") from None
+    # The 253-octet limit (RFC 1035 2.3.4) applies to the ASCII form, which is longer than the Unicode one.
+    if len(ascii_d) > 253:
+        raise StoreError(f"not a domain name: {domain!r} (longer than 253 characters)")
     labels = ascii_d.split(".")
     if len(labels) < 2 or any(not lab or len(lab) > 63 or lab.startswith("-") or lab.endswith("-") for lab in labels):
         raise StoreError(f"not a domain name: {domain!r} (need at least two labels, e.g. mg.example.com)")
-    if not all(c.isalnum() or c == "-" for lab in labels for c in lab):
+    # ASCII letters and digits only (str.isalnum() would also pass other scripts' digits).
+    if not all(c.isascii() and c.isalnum() or c == "-" for lab in labels for c in lab):
         raise StoreError(f"not a domain name: {domain!r}")
+    if labels[-1].isdigit():
+        # An all-numeric top-level label is an IP address, not a sending domain (RFC 3696 2).
+        raise StoreError(f"not a domain name: {domain!r} (an IP address cannot be a sending domain)")
     return ascii_d
 
 
@@ -67,7 +74,8 @@ def display_domain(ascii_domain: str) -> str:
 def normalize_username(username: str) -> tuple[str, str]:
     """'App@MG.Example.com' -> ('app@mg.example.com', 'mg.example.com'). Usernames are case-insensitive."""
     local, at, domain = username.strip().rpartition("@")
-    if not at or not local or any(c.isspace() or ord(c) < 32 for c in local) or len(local) > 64:
+    # A second '@' (only legal inside a quoted local part) would make login names ambiguous.
+    if not at or not local or "@" in local or any(c.isspace() or ord(c) < 32 for c in local) or len(local) > 64:
         raise StoreError(f"username must be a full address at a sending domain, e.g. app@mg.example.com: {username!r}")
     d = normalize_domain(domain)
     return f"{local.lower()}@{d}", d
@@ -104,14 +112,17 @@ class CredentialStore:
         # Keyed digest so the cache never holds a password or an offline-crackable fast hash of one.
         self._cache_key = os.urandom(32)
         self._cache: dict[str, tuple[str, bytes, float]] = {}
-        # Verifying an unknown user against this costs the same as a wrong password.
-        self._dummy_hash = self._hasher.hash(secrets.token_hex(16))
+        # Verifying an unknown user against this costs the same as a wrong password. Made on
+        # first need, in the executor: every CLI command builds a store and most never verify.
+        self._dummy_hash: str | None = None
 
     def configure(self, cfg: CredentialsConfig) -> None:
         """SIGHUP: new limits and argon2 parameters (old hashes are rehashed at next login)."""
         self._cfg = cfg
         self._hasher = PasswordHasher(time_cost=cfg.argon2_time_cost, memory_cost=cfg.argon2_memory_cost,
                                       parallelism=cfg.argon2_parallelism)
+        # Remade with the new parameters, or an unknown user would answer at the old speed.
+        self._dummy_hash = None
         self._cache.clear()
 
     # ------------------------------------------------------------ domains
@@ -140,15 +151,23 @@ class CredentialStore:
     async def remove_domain(self, domain: str, *, force: bool = False, queued: int = 0) -> int:
         """Remove a domain; returns how many credentials went with it."""
         d = normalize_domain(domain)
-        if not await self.domain_exists(d):
-            raise NotFound(f"domain {d} not found")
-        creds = (await self._conn.execute_fetchall("SELECT COUNT(*) AS n FROM credentials WHERE domain = ?", (d,)))[0]["n"]
-        if not force and (creds or queued):
-            raise StoreError(f"domain {d} still has {creds} credential(s) and {queued} queued message(s); "
-                             "use --force to remove it anyway")
-        await self._conn.execute("DELETE FROM credentials WHERE domain = ?", (d,))
-        await self._conn.execute("DELETE FROM domains WHERE name = ?", (d,))
-        await self._conn.commit()
+        # One write transaction: the count we refuse on is the count we delete, even with a
+        # `user add` running at the same time, and a crash never leaves half a removal.
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            if not (await self._conn.execute_fetchall("SELECT 1 FROM domains WHERE name = ?", (d,))):
+                raise NotFound(f"domain {d} not found")
+            creds = (await self._conn.execute_fetchall(
+                "SELECT COUNT(*) AS n FROM credentials WHERE domain = ?", (d,)))[0]["n"]
+            if not force and (creds or queued):
+                raise StoreError(f"domain {d} still has {creds} credential(s) and {queued} queued message(s); "
+                                 "use --force to remove it anyway")
+            await self._conn.execute("DELETE FROM credentials WHERE domain = ?", (d,))
+            await self._conn.execute("DELETE FROM domains WHERE name = ?", (d,))
+            await self._conn.commit()
+        except BaseException:
+            await self._conn.rollback()
+            raise
         self._cache.clear()
         return creds
 
@@ -162,24 +181,47 @@ class CredentialStore:
         if problem:
             raise StoreError(problem)
 
-    async def add_user(self, username: str, password: str) -> str:
+    async def check_can_add(self, username: str) -> tuple[str, str]:
+        """The refusals `add_user` would give that need no password: unknown domain, an existing
+        credential, the per-domain limit. Lets the CLI refuse before prompting."""
         user, domain = normalize_username(username)
         if not await self.domain_exists(domain):
             raise NotFound(f"domain {domain} is not a sending domain; add it first: relay domain add {domain}")
-        self._check_password(user, password)
+        # Existence before the limit: "already exists" is the true reason even on a full domain.
+        if await self.lookup(user) is not None:
+            raise StoreError(f"credential {user} already exists; use reset-password")
+        n = await self._count(domain)
+        if n >= self._cfg.per_domain:
+            raise self._limit_error(domain, n)
+        return user, domain
+
+    async def _count(self, domain: str) -> int:
         rows = await self._conn.execute_fetchall("SELECT COUNT(*) AS n FROM credentials WHERE domain = ?", (domain,))
-        if rows[0]["n"] >= self._cfg.per_domain:
-            raise StoreError(f"domain {domain} already has {rows[0]['n']} credentials (limit {self._cfg.per_domain}); "
-                             "delete one first")
+        return rows[0]["n"]
+
+    def _limit_error(self, domain: str, n: int) -> StoreError:
+        return StoreError(f"domain {domain} already has {n} credentials (limit {self._cfg.per_domain}); "
+                          "delete one first: relay user delete USER@DOMAIN")
+
+    async def add_user(self, username: str, password: str) -> str:
+        user, domain = await self.check_can_add(username)
+        self._check_password(user, password)
         hashed = await self._hash(password)
         now = self._clock()
         try:
-            await self._conn.execute(
-                "INSERT INTO credentials(username, domain, hash, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-                (user, domain, hashed, now, now))
+            # The limit is checked inside the INSERT itself: two concurrent `user add` commands
+            # (hashing takes a while) cannot both pass a separate count and exceed it.
+            cur = await self._conn.execute(
+                "INSERT INTO credentials(username, domain, hash, created_at, updated_at) "
+                "SELECT ?, ?, ?, ?, ? WHERE (SELECT COUNT(*) FROM credentials WHERE domain = ?) < ?",
+                (user, domain, hashed, now, now, domain, self._cfg.per_domain))
             await self._conn.commit()
         except aiosqlite.IntegrityError:
-            raise StoreError(f"credential {user} already exists; use reset-password") from None
+            # Lost a race: another process added this user, or removed the domain, meanwhile.
+            await self.check_can_add(user)
+            raise
+        if cur.rowcount == 0:
+            raise self._limit_error(domain, await self._count(domain))
         return user
 
     async def list_users(self, domain: str | None = None) -> list[dict]:
@@ -216,8 +258,12 @@ class CredentialStore:
         return user
 
     async def lookup(self, username: str) -> str | None:
-        """The stored hash for a login, or None."""
-        rows = await self._conn.execute_fetchall("SELECT hash FROM credentials WHERE username = ?", (username,))
+        """The stored hash for a login (any case, Unicode or ASCII domain), or None."""
+        try:
+            user, _ = normalize_username(username)
+        except StoreError:
+            return None
+        rows = await self._conn.execute_fetchall("SELECT hash FROM credentials WHERE username = ?", (user,))
         return rows[0]["hash"] if rows else None
 
     # ------------------------------------------------------------ verification
@@ -240,6 +286,8 @@ class CredentialStore:
                 metrics.AUTH_CACHE.labels("hit").inc()
                 return Principal(user, (domain,))
         loop = asyncio.get_running_loop()
+        if stored is None and self._dummy_hash is None:
+            self._dummy_hash = await self._hash(secrets.token_hex(16))
         ok = await loop.run_in_executor(self._executor, self._verify_blocking, stored or self._dummy_hash, pw)
         if not ok or stored is None:
             return None

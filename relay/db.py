@@ -5,8 +5,10 @@ recorded in `PRAGMA user_version`, so an old database is upgraded by simply star
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import aiosqlite
@@ -75,20 +77,77 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+class DatabaseError(RuntimeError):
+    """The database cannot be opened or migrated; str() names the file (one line for the operator)."""
+
+
+def _statements(script: str) -> list[str]:
+    # Split a migration into statements so it can run inside OUR transaction: executescript()
+    # would first COMMIT any open transaction, losing the lock that makes migrating race-free.
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return out
+
+
+BUSY_TIMEOUT = 5.0
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    # Switching a new file to WAL takes an exclusive lock, and SQLite answers "database is
+    # locked" at once, without its busy handler, while another connection is doing the same
+    # (daemon and CLI starting together): retry for as long as busy_timeout would wait.
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+
+
 def _prepare(conn: sqlite3.Connection) -> None:
-    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+    _enable_wal(conn)
     # FULL: the WAL is fsynced at every commit, so a 250 after commit survives power loss.
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=5000")
+
+
+def _too_new(version: int) -> DatabaseError:
+    return DatabaseError(f"database schema version {version} is newer than this relay ({SCHEMA_VERSION}); "
+                         "run a newer relay")
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == SCHEMA_VERSION:
+        return
     if version > SCHEMA_VERSION:
-        raise RuntimeError(f"database schema version {version} is newer than this relay ({SCHEMA_VERSION})")
-    for i in range(version, SCHEMA_VERSION):
-        conn.executescript("BEGIN;" + MIGRATIONS[i] + f"; PRAGMA user_version={i + 1}; COMMIT;")
+        raise _too_new(version)
+    # Two processes may open a fresh file at once (daemon and CLI): the write lock is taken
+    # first and the version read again under it, so exactly one of them migrates.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise _too_new(version)
+        for i in range(version, SCHEMA_VERSION):
+            for stmt in _statements(MIGRATIONS[i]):
+                conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version={i + 1}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # some errors already rolled back inside SQLite
+            conn.execute("ROLLBACK")
+        raise
 
 
 def ensure_parent(path: str) -> None:
@@ -97,39 +156,79 @@ def ensure_parent(path: str) -> None:
         parent.mkdir(parents=True, exist_ok=True, mode=0o750)
 
 
+def _create_private(path: str) -> None:
+    # Create the file 0600 before SQLite does (it would use the umask, typically 0644, and the
+    # file would be readable until the chmod below); SQLite gives -wal/-shm the same mode.
+    # O_EXCL matters: closing ANY descriptor of a file drops every POSIX lock this process holds
+    # on it, so opening an existing database here would silently unlock the daemon's other
+    # connection, and another process could then delete the WAL under it (stale reads forever).
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        if os.path.isdir(path):
+            raise DatabaseError(f"database {path}: is a directory (storage.path)") from None
+    except OSError as exc:
+        raise DatabaseError(f"database {path}: cannot create: {exc.strerror}") from None
+
+
+def _init_file(path: str) -> None:
+    """Create, switch to WAL (persistent in the file) and migrate; then close."""
+    if path == ":memory:":
+        # Each connection would get its own empty database, and queued mail must survive restarts.
+        raise DatabaseError("database :memory:: storage.path must be a file")
+    try:
+        ensure_parent(path)
+    except OSError as exc:
+        raise DatabaseError(f"database {path}: cannot create its directory: {exc.strerror}") from None
+    _create_private(path)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+    try:
+        _prepare(conn)
+        _migrate(conn)
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"database {path}: {exc}") from None
+    finally:
+        conn.close()
+    _restrict_mode(path)
+
+
 def open_sync(path: str) -> sqlite3.Connection:
     """Blocking connection for the CLI (short-lived, one command)."""
-    ensure_parent(path)
+    _init_file(path)
     conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
-    conn.row_factory = sqlite3.Row
-    _prepare(conn)
-    _migrate(conn)
-    _restrict_mode(path)
+    try:
+        conn.row_factory = sqlite3.Row
+        _prepare(conn)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise DatabaseError(f"database {path}: {exc}") from None
     return conn
 
 
 async def open_async(path: str) -> aiosqlite.Connection:
     """Connection for the daemon: all its I/O runs on aiosqlite's own thread."""
-    ensure_parent(path)
+    # One migration code path (the sync one), run off the event loop.
+    await asyncio.to_thread(_init_file, path)
     conn = await aiosqlite.connect(path, isolation_level=None, timeout=5.0)
-    conn.row_factory = sqlite3.Row
-    await conn.execute("PRAGMA journal_mode=WAL")
-    await conn.execute("PRAGMA synchronous=FULL")
-    await conn.execute("PRAGMA foreign_keys=ON")
-    await conn.execute("PRAGMA busy_timeout=5000")
-    version = (await (await conn.execute("PRAGMA user_version")).fetchone())[0]
-    if version < SCHEMA_VERSION:
-        for i in range(version, SCHEMA_VERSION):
-            await conn.executescript("BEGIN;" + MIGRATIONS[i] + f"; PRAGMA user_version={i + 1}; COMMIT;")
-    elif version > SCHEMA_VERSION:
+    try:
+        conn.row_factory = sqlite3.Row
+        # Per-connection settings (journal_mode=WAL is already persistent in the file).
+        await conn.execute("PRAGMA busy_timeout=5000")
+        await conn.execute("PRAGMA synchronous=FULL")
+        await conn.execute("PRAGMA foreign_keys=ON")
+    except BaseException as exc:
+        # aiosqlite runs a non-daemon thread per connection: an unclosed one keeps the
+        # process alive forever after the error.
         await conn.close()
-        raise RuntimeError(f"database schema version {version} is newer than this relay ({SCHEMA_VERSION})")
-    _restrict_mode(path)
+        if isinstance(exc, sqlite3.Error):
+            raise DatabaseError(f"database {path}: {exc}") from None
+        raise
     return conn
 
 
 def _restrict_mode(path: str) -> None:
-    # Credentials hashes and queued mail: readable by the relay user only.
+    # Credentials hashes and queued mail: readable by the relay user only (also fixes files
+    # created by older versions).
     for p in (path, path + "-wal", path + "-shm"):
         try:
             os.chmod(p, 0o600)
