@@ -113,28 +113,111 @@ async def _with_stores(cfg: Config, fn):
         await conn.close()
 
 
+def _domain_records(cfg: Config, domain: str, keys) -> list:
+    from . import dkim_keys
+    dm = cfg.domains
+    spf = dkim_keys.spf_value(dm.public_addresses, cfg.server.hostname, dm.spf_include,
+                              cfg.delivery.mode == "smarthost")
+    return dkim_keys.records(domain, keys, spf=spf, dmarc_rua=dm.dmarc_rua, hostname=cfg.server.hostname,
+                             public_addresses=dm.public_addresses)
+
+
 def cmd_domain(args: argparse.Namespace, cfg: Config) -> int:
-    async def run(creds: CredentialStore, queue):
+    from . import dkim_keys
+    from .credentials import normalize_domain
+
+    async def run(creds: CredentialStore, queue, dkim: "dkim_keys.DKIMStore") -> int:
+        dm = cfg.domains
         if args.action == "add":
             d = await creds.add_domain(args.domain)
-            emit(args, {"domain": d, "display": display_domain(d)},
+            key = await dkim.create(d, algorithm=args.dkim_algorithm or dm.dkim_algorithm,
+                                    rsa_bits=dm.dkim_rsa_bits, selector=args.selector or dm.dkim_selector)
+            emit(args, {"domain": d, "display": display_domain(d), "dkim_selector": key.selector,
+                        "dkim_algorithm": key.algorithm},
                  f"added domain {display_domain(d)}" + (f" ({d})" if display_domain(d) != d else "")
-                 + f"\nnext: relay user add app@{d}")
+                 + f" with DKIM key {key.selector} ({key.algorithm})"
+                 + f"\nnext: publish the records `relay domain dns {d}` prints, then `relay domain verify {d}`,"
+                 + f"\n      and create a credential: relay user add app@{d}")
         elif args.action == "list":
             rows = await creds.list_domains()
+            for r in rows:
+                active = await dkim.active(r["domain"])
+                r["dkim_selector"] = active.selector if active else None
             emit(args, rows, table(
                 [[r["display"] + (f" ({r['domain']})" if r["display"] != r["domain"] else ""), r["credentials"],
                   r["state"] + (f" {_fmt_time(r['verified_at'])}" if r["verified_at"] else ""),
-                  _fmt_time(r["created_at"])] for r in rows],
-                ["DOMAIN", "CREDENTIALS", "STATE", "CREATED"]) if rows else "no domains; add one: relay domain add DOMAIN")
+                  r["dkim_selector"] or "-", _fmt_time(r["created_at"])] for r in rows],
+                ["DOMAIN", "CREDENTIALS", "STATE", "DKIM", "CREATED"]) if rows else "no domains; add one: relay domain add DOMAIN")
         elif args.action == "remove":
-            from .credentials import normalize_domain
             d = normalize_domain(args.domain)
             queued = await queue.count_for_domain(d)
             n = await creds.remove_domain(d, force=args.force, queued=queued)
             emit(args, {"domain": d, "removed_credentials": n}, f"removed domain {d} ({n} credential(s) removed)")
+        elif args.action == "dkim":
+            d = normalize_domain(args.domain)
+            if not await creds.domain_exists(d):
+                raise NotFound(f"domain {d} not found")
+            if args.dkim_action == "rotate":
+                key = await dkim.create(d, algorithm=args.dkim_algorithm or dm.dkim_algorithm,
+                                        rsa_bits=dm.dkim_rsa_bits, selector=args.selector or "")
+                emit(args, {"domain": d, "selector": key.selector, "algorithm": key.algorithm, "txt": key.txt},
+                     f"new active DKIM key {key.selector} for {d}; publish:\n{key.record_name}. IN TXT "
+                     f"{dkim_keys.txt_chunks(key.txt)}\nthe previous key stays published-but-unused until "
+                     f"`relay domain dkim remove {d} SELECTOR`; run `relay domain verify {d}` once published")
+            elif args.dkim_action == "remove":
+                await dkim.remove(d, args.selector_name)
+                emit(args, {"domain": d, "removed": args.selector_name},
+                     f"removed DKIM key {args.selector_name} of {d}; its TXT record can go now")
+            else:
+                keys = await dkim.keys(d)
+                emit(args, [{"selector": k.selector, "algorithm": k.algorithm, "active": k.active,
+                             "created_at": k.created_at, "record": k.record_name} for k in keys],
+                     table([[k.selector, k.algorithm, "active" if k.active else "retired", _fmt_time(k.created_at)]
+                            for k in keys], ["SELECTOR", "ALGORITHM", "STATE", "CREATED"]) if keys else "no DKIM keys")
+        elif args.action == "dns":
+            d = normalize_domain(args.domain)
+            if not await creds.domain_exists(d):
+                raise NotFound(f"domain {d} not found")
+            recs = _domain_records(cfg, d, await dkim.keys(d))
+            if getattr(args, "json", False):
+                print(json.dumps([{"name": r.name, "type": r.type, "value": r.value, "purpose": r.purpose,
+                                   "required": r.required} for r in recs], indent=2))
+            elif args.zone:
+                print(dkim_keys.zone_snippet(recs), end="")
+            else:
+                print(table([[r.purpose, r.type, r.name, r.value] for r in recs], ["PURPOSE", "TYPE", "NAME", "VALUE"]))
+                print("\nzone file snippet (also: --zone):\n" + dkim_keys.zone_snippet(recs), end="")
+        elif args.action == "verify":
+            from .delivery.mx import make_resolver
+            d = normalize_domain(args.domain)
+            if not await creds.domain_exists(d):
+                raise NotFound(f"domain {d} not found")
+            recs = [r for r in _domain_records(cfg, d, await dkim.keys(d)) if r.type == "TXT"]
+            checks = await dkim_keys.verify(make_resolver(cfg.dns), recs)
+            ok = all(c.status == "ok" for c in checks if c.record.required)
+            await dkim.mark_verified(d, ok)
+            data = {"domain": d, "verified": ok, "records": [
+                {"purpose": c.record.purpose, "name": c.record.name, "status": c.status, "expected": c.record.value,
+                 "found": c.found, "required": c.record.required} for c in checks]}
+            lines = []
+            for c in checks:
+                label = {"ok": "found and correct", "different": "found but different", "missing": "missing",
+                         "error": "lookup failed"}[c.status]
+                lines.append(f"{c.record.purpose:<34} {c.record.name:<40} {label}")
+                if c.status == "different":
+                    lines.append(f"    expected: {c.record.value}")
+                    lines.extend(f"    found:    {f}" for f in c.found)
+                elif c.status == "missing":
+                    lines.append(f"    publish:  {c.record.value}")
+            lines.append(f"\n{d}: " + ("verified: DKIM and SPF are right" if ok else
+                                        "NOT verified: DKIM and SPF must both be right"))
+            emit(args, data, "\n".join(lines))
+            return EXIT_OK if ok else EXIT_REFUSED
         return EXIT_OK
-    return asyncio.run(_with_stores(cfg, lambda c, q: run(c, q)))
+
+    async def with_dkim(creds, queue):
+        return await run(creds, queue, dkim_keys.DKIMStore(creds._conn))
+    return asyncio.run(_with_stores(cfg, with_dkim))
 
 
 def cmd_user(args: argparse.Namespace, cfg: Config) -> int:
@@ -188,7 +271,7 @@ def cmd_queue(args: argparse.Namespace, cfg: Config) -> int:
             if args.id and not await queue.show(args.id):
                 raise NotFound(f"message {args.id} not in the queue")
             n = await queue.retry(None if args.all else args.id)
-            emit(args, {"due_now": n}, f"{n} recipient(s) due now (a running relay picks them up within 30 s)")
+            emit(args, {"due_now": n}, f"{n} recipient(s) due now (a running relay picks them up within 2 s)")
             return EXIT_OK
         m = await queue.show(args.id)
         if m is None:
@@ -208,18 +291,23 @@ def cmd_queue(args: argparse.Namespace, cfg: Config) -> int:
             return EXIT_OK
         if args.action == "delete":
             dsn = None
-            if args.bounce and m["sender"]:
+            active = [r for r in m["recipients"] if r["state"] in ("pending", "deferred")]
+            # RFC 3461: NOTIFY=NEVER asked for no report; a null sender gets none either.
+            notified = [r for r in active if (r["notify"] or "").upper() != "NEVER"]
+            if args.bounce and m["sender"] and notified:
                 from . import bounce
+                from .queue_runner import route_of
                 from .queue_store import NewMessage, NewRecipient
                 body = await queue.body(args.id) or b""
                 dsn_data = bounce.build_dsn(
                     reporting_mta=cfg.server.hostname, original_sender=m["sender"], original_message=body,
-                    recipients=[bounce.DSNRecipient(r["rcpt"], "failed", "5.0.0", "deleted from the queue by the administrator")
-                                for r in m["recipients"] if r["state"] in ("pending", "deferred")] or
-                               [bounce.DSNRecipient(m["recipients"][0]["rcpt"], "failed", "5.0.0",
-                                                    "deleted from the queue by the administrator")],
+                    recipients=[bounce.DSNRecipient(r["rcpt"], "failed", "5.0.0",
+                                                    "deleted from the queue by the administrator",
+                                                    original_recipient=r["orcpt"], diagnostic_type="X-Relay")
+                                for r in notified],
                     ret=m["ret"] or "HDRS", envid=m["envid"], queue_id=m["id"])
-                dsn = NewMessage("", (NewRecipient(m["sender"], m["sender"].rpartition("@")[2].lower()),), dsn_data)
+                dsn = NewMessage("", (NewRecipient(m["sender"], route_of(m["sender"])),), dsn_data,
+                                 smtputf8=not m["sender"].isascii())
             await queue.delete(args.id, bounce=dsn)
             emit(args, {"deleted": args.id, "bounced": dsn is not None},
                  f"deleted {args.id}" + (" and queued a bounce to the sender" if dsn else ""))
@@ -295,12 +383,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     dom = sub.add_parser("domain", parents=[common], help="manage sending domains")
     dsub = dom.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = dsub.add_parser("add", parents=[common], help="add a sending domain")
+    a = dsub.add_parser("add", parents=[common], help="add a sending domain (and its DKIM key)")
     a.add_argument("domain")
+    a.add_argument("--dkim-algorithm", choices=("rsa", "ed25519"), help="default: domains.dkim_algorithm")
+    a.add_argument("--selector", help="DKIM selector (default: domains.dkim_selector or date-based)")
     dsub.add_parser("list", parents=[common], help="list sending domains")
     r = dsub.add_parser("remove", parents=[common], help="remove a sending domain")
     r.add_argument("domain")
     r.add_argument("--force", action="store_true", help="also remove its credentials; ignore queued mail")
+    dk = dsub.add_parser("dkim", parents=[common], help="DKIM keys: list, rotate, remove")
+    dksub = dk.add_subparsers(dest="dkim_action", required=True, metavar="ACTION")
+    dkl = dksub.add_parser("list", parents=[common], help="list a domain's DKIM keys")
+    dkl.add_argument("domain")
+    dkr = dksub.add_parser("rotate", parents=[common], help="new active key; the old one stays published")
+    dkr.add_argument("domain")
+    dkr.add_argument("--dkim-algorithm", choices=("rsa", "ed25519"))
+    dkr.add_argument("--selector")
+    dkd = dksub.add_parser("remove", parents=[common], help="remove a retired key")
+    dkd.add_argument("domain")
+    dkd.add_argument("selector_name", metavar="SELECTOR")
+    dd = dsub.add_parser("dns", parents=[common], help="print the DNS records to publish")
+    dd.add_argument("domain")
+    dd.add_argument("--zone", action="store_true", help="zone-file snippet only")
+    dv = dsub.add_parser("verify", parents=[common], help="look the records up; exit 0 when DKIM and SPF are right")
+    dv.add_argument("domain")
 
     usr = sub.add_parser("user", parents=[common], help="manage SMTP credentials")
     usub = usr.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -161,6 +161,23 @@ class RefusalConfig:
 
 
 @dataclass(frozen=True)
+class DomainsConfig:
+    """Sender authentication for sending domains: DKIM keys and the DNS records to publish."""
+    dkim_algorithm: str = "rsa"
+    dkim_rsa_bits: int = 2048
+    # Empty: date-based, e.g. "relay20261126" (rotation makes a new one).
+    dkim_selector: str = ""
+    # This relay's public addresses, for the SPF record and the A/AAAA/PTR references.
+    public_addresses: tuple[str, ...] = ()
+    # SPF include: of the smarthost provider (when delivery.mode = "smarthost").
+    spf_include: str = ""
+    # Address for DMARC aggregate reports in the suggested record; empty: postmaster@DOMAIN.
+    dmarc_rua: str = ""
+    # Refuse mail from a domain until `relay domain verify` has found its records (550 5.7.1).
+    require_verified: bool = False
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = "127.0.0.1:9469"
 
@@ -182,6 +199,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
     trusted_networks: tuple[TrustedNetwork, ...] = ()
+    domains: DomainsConfig = field(default_factory=DomainsConfig)
     refusal: RefusalConfig = field(default_factory=RefusalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -379,6 +397,18 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"trusted_networks[{i}].network", f"not a CIDR network: {tn.network!r}") from None
         if not tn.domains:
             raise ConfigError(f"trusted_networks[{i}].domains", "list the sending domains this network may use")
+    dm = cfg.domains
+    if dm.dkim_algorithm not in ("rsa", "ed25519"):
+        raise ConfigError("domains.dkim_algorithm", f"must be 'rsa' or 'ed25519', got {dm.dkim_algorithm!r}")
+    if dm.dkim_rsa_bits not in (1024, 2048, 3072, 4096):
+        raise ConfigError("domains.dkim_rsa_bits", f"must be 1024, 2048, 3072 or 4096, got {dm.dkim_rsa_bits}")
+    if dm.dkim_selector and not all(c.isalnum() or c in "-." for c in dm.dkim_selector):
+        raise ConfigError("domains.dkim_selector", f"letters, digits, '-' and '.' only, got {dm.dkim_selector!r}")
+    for i, a in enumerate(dm.public_addresses):
+        try:
+            ipaddress.ip_address(a)
+        except ValueError:
+            raise ConfigError(f"domains.public_addresses[{i}]", f"not an IP address: {a!r}") from None
     r = cfg.refusal
     for name in ("pop3_port", "imap_port", "pop3s_port", "imaps_port"):
         _check_port(f"refusal.{name}", getattr(r, name), allow_zero=True)

@@ -163,6 +163,7 @@ class CredentialStore:
                 raise StoreError(f"domain {d} still has {creds} credential(s) and {queued} queued message(s); "
                                  "use --force to remove it anyway")
             await self._conn.execute("DELETE FROM credentials WHERE domain = ?", (d,))
+            await self._conn.execute("DELETE FROM dkim_keys WHERE domain = ?", (d,))
             await self._conn.execute("DELETE FROM domains WHERE name = ?", (d,))
             await self._conn.commit()
         except BaseException:

@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -20,12 +21,14 @@ from . import __version__, config as config_mod, db, metrics, tls
 from .config import Config, ConfigError
 from .credentials import CredentialStore
 from .delivery import Router
+from .dkim_keys import DKIMStore
 from .logs import event
 from .queue_runner import QueueRunner
 from .queue_store import QueueStore
 from .server import listeners, refusal
 from .server.auth import AuthThrottle
 from .server.session import ServerState, Settings
+from .signing import Signer
 
 log = logging.getLogger("relay.daemon")
 
@@ -48,7 +51,19 @@ def sd_notify(message: str) -> None:
 def settings_from(cfg: Config) -> Settings:
     return Settings(
         hostname=cfg.server.hostname, limits=cfg.limits,
-        trusted=tuple((ipaddress.ip_network(t.network, strict=False), tuple(t.domains)) for t in cfg.trusted_networks))
+        trusted=tuple((ipaddress.ip_network(t.network, strict=False), tuple(t.domains)) for t in cfg.trusted_networks),
+        unverified_domains_refused=cfg.domains.require_verified)
+
+
+def raise_fd_limit() -> None:
+    """Each session is a descriptor: lift the soft limit to the hard one (systemd sets LimitNOFILE)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def ensure_certificate(cfg: Config) -> None:
@@ -77,25 +92,35 @@ class Daemon:
         ensure_certificate(cfg)
         tls_context = tls.server_context(cfg.tls.cert, cfg.tls.key)
         self.tls_context = tls_context
-        self.queue_conn = await db.open_async(cfg.storage.path)
-        self.cred_conn = await db.open_async(cfg.storage.path)
-        self.credentials = CredentialStore(self.cred_conn, cfg.credentials, self.executor)
-        self.runner: QueueRunner | None = None
-        self.queue = QueueStore(self.queue_conn, lease_seconds=cfg.delivery.lease_seconds,
-                                on_enqueue=lambda: self.runner.wake() if self.runner else None)
-        recovered = await self.queue.recover()
-        if recovered:
-            event(log, "queue_recovered", recipients=recovered)
-        self.runner = QueueRunner(self.queue, Router(cfg), cfg)
-        self.state = ServerState(settings=settings_from(cfg), credentials=self.credentials, queue=self.queue,
-                                 tls_context=tls_context,
-                                 throttle=AuthThrottle(cfg.limits.auth_failures, cfg.limits.auth_failure_window,
-                                                       cfg.limits.auth_lockout))
+        raise_fd_limit()
+        self.queue_conn = self.cred_conn = None
+        self.queue = None
         try:
+            self.queue_conn = await db.open_async(cfg.storage.path)
+            self.cred_conn = await db.open_async(cfg.storage.path)
+            self.credentials = CredentialStore(self.cred_conn, cfg.credentials, self.executor)
+            self.dkim = DKIMStore(self.cred_conn)
+            self.runner: QueueRunner | None = None
+            self.queue = QueueStore(self.queue_conn, lease_seconds=cfg.delivery.lease_seconds,
+                                    on_enqueue=lambda: self.runner.wake() if self.runner else None)
+            recovered = await self.queue.recover()
+            if recovered:
+                event(log, "queue_recovered", recipients=recovered)
+            self.runner = QueueRunner(self.queue, Router(cfg), cfg)
+            self.state = ServerState(settings=settings_from(cfg), credentials=self.credentials, queue=self.queue,
+                                     tls_context=tls_context,
+                                     throttle=AuthThrottle(cfg.limits.auth_failures, cfg.limits.auth_failure_window,
+                                                           cfg.limits.auth_lockout),
+                                     domain_verified=self.dkim.is_verified,
+                                     signer=Signer(self.dkim, self.executor))
             self.bound = await listeners.start(self.state, cfg.listeners, tls_context)
             self.refusal_servers = await refusal.start(cfg.refusal, tls_context)
             self._start_metrics()
         except BaseException:
+            for b in self.bound:
+                b.server.close()
+            for srv in self.refusal_servers:
+                srv.close()
             await self._close_stores()
             raise
         metrics.BUILD_INFO.info({"version": __version__})
@@ -166,7 +191,8 @@ class Daemon:
             if not self.state.sessions or time.monotonic() >= deadline + 1:
                 break
             await asyncio.sleep(0.05)
-        await self.runner.stop(timeout=self.cfg.server.shutdown_grace)
+        # One grace period in all: what the sessions used is not given to the runner again.
+        await self.runner.stop(timeout=max(1.0, deadline + 1 - time.monotonic()))
         runner_task.cancel()
         gauges_task.cancel()
         await asyncio.gather(runner_task, gauges_task, return_exceptions=True)
@@ -176,9 +202,12 @@ class Daemon:
         self.executor.shutdown(wait=False)
 
     async def _close_stores(self) -> None:
-        await self.queue.close()
-        await self.queue_conn.close()
-        await self.cred_conn.close()
+        # An open aiosqlite connection keeps its thread, and the process, alive.
+        if self.queue is not None:
+            await self.queue.close()
+        for conn in (self.queue_conn, self.cred_conn):
+            if conn is not None:
+                await conn.close()
 
 
 def serve(cfg: Config, config_path: str | None) -> int:

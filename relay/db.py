@@ -72,6 +72,19 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX history_msg ON history(msg_id);
     """,
+    # 2: DKIM keys per sending domain (private halves never leave the database)
+    """
+    CREATE TABLE dkim_keys (
+        domain      TEXT NOT NULL REFERENCES domains(name),
+        selector    TEXT NOT NULL,
+        algorithm   TEXT NOT NULL,             -- rsa | ed25519
+        private_key TEXT NOT NULL,
+        public_key  TEXT NOT NULL,             -- the p= value
+        created_at  REAL NOT NULL,
+        active      INTEGER NOT NULL DEFAULT 1,
+        PRIMARY KEY (domain, selector)
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

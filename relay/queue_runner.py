@@ -52,7 +52,7 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2]
 
 
-def _route_of(address: str) -> str:
+def route_of(address: str) -> str:
     """The queue's route key for an address: its domain in ASCII (IDNA) form, as the session stores it."""
     domain = _domain(address).lower()
     try:
@@ -336,7 +336,7 @@ class QueueRunner:
             reporting_mta=self.cfg.server.hostname, original_sender=job.sender, original_message=body,
             recipients=rcpts, ret=job.ret or "HDRS", envid=job.envid,
             arrival_date=datetime.fromtimestamp(job.created_at, timezone.utc), queue_id=job.msg_id)
-        return NewMessage(sender="", recipients=(NewRecipient(job.sender, _route_of(job.sender)),), data=data,
+        return NewMessage(sender="", recipients=(NewRecipient(job.sender, route_of(job.sender)),), data=data,
                           smtputf8=not job.sender.isascii())
 
     # ------------------------------------------------------------ shutdown

@@ -83,6 +83,7 @@ def write_self_signed(cert_path: str, key_path: str, hostname: str, days: int = 
     for p in (cert_path, key_path):
         Path(p).parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # O_CREAT's mode applies only to a new file; an old key may have been 0644
     with os.fdopen(fd, "wb") as fh:
         fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                    serialization.NoEncryption()))

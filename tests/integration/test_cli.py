@@ -115,7 +115,7 @@ def test_domain_add_list_remove(inst):
     assert "bücher.example (xn--bcher-kva.example)" in out
     ok(inst.cli("domain", "add", "mg.example.com"))
     table = ok(inst.cli("domain", "list")).splitlines()
-    assert table[0].split() == ["DOMAIN", "CREDENTIALS", "STATE", "CREATED"]
+    assert table[0].split() == ["DOMAIN", "CREDENTIALS", "STATE", "DKIM", "CREATED"]
     assert table[1].split()[:3] == ["mg.example.com", "0", "unverified"]
     assert table[2].startswith("bücher.example (xn--bcher-kva.example)")  # ordered by the stored ASCII form
     for argv in (["domain", "list", "--json"], ["--json", "domain", "list"]):
@@ -123,7 +123,8 @@ def test_domain_add_list_remove(inst):
         assert [(r["domain"], r["display"], r["credentials"]) for r in rows] == [
             ("mg.example.com", "mg.example.com", 0), ("xn--bcher-kva.example", "bücher.example", 0)]
     added = json.loads(ok(inst.cli("domain", "add", "other.example", "--json")))
-    assert added == {"domain": "other.example", "display": "other.example"}
+    assert added["domain"] == "other.example" and added["display"] == "other.example"
+    assert added["dkim_algorithm"] == "rsa" and added["dkim_selector"].startswith("relay")
 
     error_line(inst.cli("domain", "add", "MG.Example.COM"), 1, "already exists")
     error_line(inst.cli("domain", "add", "localhost"), 1, "not a domain name")

@@ -15,7 +15,9 @@ def test_submit_and_deliver(make_relay, dns_server):
     assert mx_sink.wait_for(1, timeout=15)
     msg = mx_sink.messages[0]
     assert msg.mail_from == USER and msg.rcpt_tos == ["bob@example.net"]
-    assert msg.data.startswith(b"Received: from client.test")
+    # DKIM-Signature (made at acceptance) on top, then our Received.
+    assert msg.data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=mg.example.com;")
+    assert b"\r\nReceived: from client.test" in msg.data
     assert f"id {qid}".encode() in msg.data
     assert b"Bcc:" not in msg.data and b"hidden@example.org" not in msg.data
     assert msg.tls  # opportunistic STARTTLS, certificate not verified
