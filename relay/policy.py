@@ -90,6 +90,8 @@ def parse_path(text: str, *, smtputf8: bool, is_sender: bool) -> tuple[Address |
             return bad
     else:
         inner, _, rest = text.partition(" ")
+        if not inner:
+            return bad  # "MAIL FROM:" with no path at all; only "<>" is the null path
     rest = rest.strip()
     if inner == "":
         return (None, rest)

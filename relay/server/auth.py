@@ -43,7 +43,13 @@ def decode_plain(blob: bytes) -> tuple[bytes, bytes] | Reply:
 
 
 class AuthThrottle:
-    """Counts failed logins per client IP in a sliding window and locks the IP out for a cool-down."""
+    """Counts failed logins per client IP in a sliding window and locks the IP out for a cool-down.
+
+    A good login does not clear the count: otherwise anyone holding one credential could guess
+    another's password without limit, logging in as themselves every few tries. Attempts being
+    verified count against the budget (`begin`/`end`), so parallel connections cannot all guess
+    while the first failures are still in their delay.
+    """
 
     def __init__(self, failures: int, window: float, lockout: float, clock: Callable[[], float] = time.monotonic,
                  max_tracked: int = 100_000):
@@ -54,6 +60,7 @@ class AuthThrottle:
         self._max = max_tracked
         self._fails: dict[str, deque[float]] = {}
         self._locked: dict[str, float] = {}
+        self._inflight: dict[str, int] = {}
 
     def configure(self, failures: int, window: float, lockout: float) -> None:
         self.failures, self.window, self.lockout = failures, window, lockout
@@ -67,6 +74,31 @@ class AuthThrottle:
         del self._locked[ip]
         return False
 
+    def _recent(self, ip: str, now: float) -> int:
+        q = self._fails.get(ip)
+        if q is None:
+            return 0
+        while q and q[0] < now - self.window:
+            q.popleft()
+        return len(q)
+
+    def begin(self, ip: str) -> bool:
+        """Before verifying a login: False (answer 454) when locked, or when the failures in the window
+        plus the attempts already being verified use up the budget. Pair a True with `end`."""
+        if self.locked(ip):
+            return False
+        if self._recent(ip, self._clock()) + self._inflight.get(ip, 0) >= self.failures:
+            return False
+        self._inflight[ip] = self._inflight.get(ip, 0) + 1
+        return True
+
+    def end(self, ip: str) -> None:
+        n = self._inflight.get(ip, 0) - 1
+        if n <= 0:
+            self._inflight.pop(ip, None)
+        else:
+            self._inflight[ip] = n
+
     def failure(self, ip: str) -> bool:
         """Record a failure; True when this one triggers a lockout."""
         now = self._clock()
@@ -76,16 +108,11 @@ class AuthThrottle:
                 self._prune(now)
             q = self._fails[ip] = deque()
         q.append(now)
-        while q and q[0] < now - self.window:
-            q.popleft()
-        if len(q) >= self.failures:
+        if self._recent(ip, now) >= self.failures:
             self._locked[ip] = now + self.lockout
             del self._fails[ip]
             return True
         return False
-
-    def success(self, ip: str) -> None:
-        self._fails.pop(ip, None)
 
     def _prune(self, now: float) -> None:
         for ip in [ip for ip, q in self._fails.items() if not q or q[-1] < now - self.window]:

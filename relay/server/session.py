@@ -26,7 +26,7 @@ from ..logs import event
 from ..queue_store import NewMessage, NewRecipient, QueueStore, StorageFull, StoreUnavailable, new_queue_id
 from ..replies import Reply
 from ..tls import describe
-from .auth import AuthThrottle, b64, decode_plain
+from .auth import MAX_RESPONSE, AuthThrottle, b64, decode_plain
 
 log = logging.getLogger("relay.smtp")
 
@@ -59,6 +59,8 @@ class ServerState:
     draining: bool = False
     # Optional hook: (domain) -> awaitable bool, True when the domain has verified its DNS.
     domain_verified: Any = None
+    # Optional DKIM signer: async (domain, message) -> (message, selector or None).
+    signer: Any = None
 
     def trusted_principal(self, ip: str) -> Principal | None:
         try:
@@ -84,6 +86,11 @@ class _NoHandler:
 
 
 class Session(SMTP):
+    # aiosmtpd sizes the StreamReader from this (default 1001). RFC 4954 4 lets an AUTH line or
+    # response run to 12288 octets, so the reader must hold that much; other commands are
+    # held to MAX_LINE in the command loop, DATA lines to 998 octets by policy.DataState.
+    line_length_limit = MAX_RESPONSE + 2
+
     def __init__(self, state: ServerState, listener_name: str, implicit_tls: bool):
         s = state.settings
         super().__init__(_NoHandler(), data_size_limit=None, enable_SMTPUTF8=True, decode_data=False,
@@ -105,6 +112,7 @@ class Session(SMTP):
         self._registered = False
         self._session_timer: asyncio.TimerHandle | None = None
         self._in_data = False
+        self._tls_up = False  # set when a STARTTLS handshake completes
 
     # ---------------------------------------------------------------- connection
 
@@ -113,6 +121,7 @@ class Session(SMTP):
         super().connection_made(transport)
         if not first:
             # STARTTLS finished: RFC 3207 4.2, forget everything learnt in clear text.
+            self._tls_up = True
             self.principal = None
             self.txn = None
             self.helo = None
@@ -171,6 +180,15 @@ class Session(SMTP):
             super().connection_lost(error)
         else:
             self.transport = None
+
+    def eof_received(self) -> bool:
+        # aiosmtpd cancels the command loop here and, on plain TCP, keeps the half-closed socket
+        # open, so connection_lost never ran: every client that hung up without QUIT leaked its
+        # per-IP slot and session count until the caps refused everyone. Instead the loop reads
+        # what came before EOF (a pipelined "... QUIT" then shutdown), gets EOF, and closes.
+        self._reader.feed_eof()
+        # True keeps a plain socket writable for the last replies; TLS cannot half-close.
+        return not self.tls_active
 
     def _close_with(self, reply: Reply) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -234,10 +252,10 @@ class Session(SMTP):
                     self._close_with(replies.TOO_MANY_COMMANDS)
                     break
                 line = line.rstrip(b"\r\n")
-                if len(line) > MAX_LINE:
+                verb_b, _, arg_b = line.partition(b" ")
+                if len(line) > (MAX_RESPONSE if verb_b.upper() == b"AUTH" else MAX_LINE):
                     await self.reply(replies.LINE_TOO_LONG)
                     continue
-                verb_b, _, arg_b = line.partition(b" ")
                 try:
                     verb = verb_b.decode("ascii").upper()
                 except UnicodeDecodeError:
@@ -370,13 +388,19 @@ class Session(SMTP):
         self._tls_protocol.connection_made(self._original_transport)
         try:
             await waiter
+            if not self._tls_up:
+                # SSLProtocol resolves the waiter with no error when the connection is closed or
+                # aborted mid-handshake (our idle timeout, a client reset): that is a failure too.
+                raise ConnectionResetError("connection closed during the TLS handshake")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a failed handshake ends the session, nothing more
             metrics.TLS_HANDSHAKES.labels("starttls", "failed").inc()
             event(log, "tls_failed", client=self.client_ip, error=type(exc).__name__)
-            if self.transport is not None:
-                self.transport.close()
+            # asyncio never calls connection_lost on a protocol whose TLS handshake failed, so
+            # without this the session kept its per-IP slot and count forever: a handful of
+            # broken handshakes locked an address out, a stream of them filled the global cap.
+            self.connection_lost(exc)
             raise ConnectionError("TLS handshake failed") from None
 
     # ---------------------------------------------------------------- AUTH (RFC 4954)
@@ -415,27 +439,36 @@ class Session(SMTP):
         if creds is None:  # aborted or malformed: reply already sent
             metrics.AUTH_ATTEMPTS.labels(mech, "aborted").inc()
             return
-        if isinstance(creds, Reply):
-            principal, login = None, b""
-        else:
-            login, password = creds
-            principal = await self.state.credentials.verify(login, password)
+        throttle = self.state.throttle
+        if not throttle.begin(self.client_ip):  # locked meanwhile, or parallel attempts use the budget
+            metrics.AUTH_ATTEMPTS.labels(mech, "locked").inc()
+            event(log, "auth", client=self.client_ip, mechanism=mech, result="locked")
+            await self.reply(replies.AUTH_LOCKED)
+            return
+        try:
+            if isinstance(creds, Reply):
+                principal, login = None, b""
+            else:
+                login, password = creds
+                principal = await self.state.credentials.verify(login, password)
+            if principal is None:
+                # Counted before the delay, so attempts on other connections see it at once.
+                locked = throttle.failure(self.client_ip)
+        finally:
+            throttle.end(self.client_ip)
         username = login.decode("utf-8", "replace")[:320]
         if principal is None:
             metrics.AUTH_ATTEMPTS.labels(mech, "failure").inc()
-            # Same delay and reply for unknown user, wrong password and malformed credentials.
-            await asyncio.sleep(self.state.settings.limits.auth_failure_delay)
-            locked = self.state.throttle.failure(self.client_ip)
             # Stable line for fail2ban: event=auth result=failure client=IP
             event(log, "auth", logging.WARNING, client=self.client_ip, mechanism=mech, result="failure",
                   user=username)
             if locked:
                 metrics.AUTH_LOCKOUTS.inc()
-                event(log, "auth_lockout", logging.WARNING, client=self.client_ip,
-                      seconds=self.state.throttle.lockout)
+                event(log, "auth_lockout", logging.WARNING, client=self.client_ip, seconds=throttle.lockout)
+            # Same delay and reply for unknown user, wrong password and malformed credentials.
+            await asyncio.sleep(self.state.settings.limits.auth_failure_delay)
             await self.reply(replies.AUTH_INVALID)
             return
-        self.state.throttle.success(self.client_ip)
         self.principal = principal
         metrics.AUTH_ATTEMPTS.labels(mech, "success").inc()
         event(log, "auth", client=self.client_ip, mechanism=mech, result="success", user=principal.username)
@@ -602,6 +635,7 @@ class Session(SMTP):
         # Past this much a client is not uploading a message but streaming at us: hang up.
         hard_cap = 2 * limits.message_size + 1_048_576
         at_line_start = True
+        split_cr = False
         self._in_data = True
         try:
             while True:
@@ -614,12 +648,16 @@ class Session(SMTP):
                         data.problem = replies.DATA_LINE_TOO_LONG
                         data.lines = []
                     at_line_start = False
+                    # `consumed` stops just before the LF when the separator is already buffered, so
+                    # the CR of this line's CRLF may end the chunk and its LF come alone next.
+                    split_cr = chunk.endswith(b"\r")
                     self._reset_timeout()
                     continue
                 # Only CRLF "." CRLF ends DATA: "\n.\n", "\r.\r" and friends are content.
                 if at_line_start and line == b".\r\n":
                     break
-                at_line_start = line.endswith(b"\r\n")
+                at_line_start = line.endswith(b"\r\n") or (split_cr and line == b"\n")
+                split_cr = False
                 data.feed(line)
                 # Progress-based idle timeout: a slow but moving upload is not cut off.
                 self._reset_timeout()
@@ -652,6 +690,14 @@ class Session(SMTP):
             queue_id=qid, tls=self.tls_info,
             recipient=str(txn.recipients[0][0]) if len(txn.recipients) == 1 else None)
         message = headers.prepare(content, received=received, hostname=hostname, queue_id=qid)
+        selector = None
+        if self.state.signer is not None:
+            # Signed once, here, after our own headers: retries never re-sign, and the
+            # Received/Message-ID/Date we added are covered or harmless to the signature.
+            sign_domain = next((d for d in txn.principal.domains if policy.domain_allowed(txn.sender.ascii_domain, (d,))),
+                               None)
+            if sign_domain is not None:
+                message, selector = await self.state.signer(sign_domain, message)
         new = NewMessage(
             sender=str(txn.sender),
             recipients=tuple(NewRecipient(str(a), a.ascii_domain, p.notify, p.orcpt) for a, p in txn.recipients),
@@ -661,5 +707,5 @@ class Session(SMTP):
         metrics.MESSAGE_SIZE.observe(len(message))
         metrics.ACCEPT_LATENCY.observe(time.perf_counter() - t0)
         event(log, "queued", qid=qid, client=self.client_ip, user=txn.principal.username, sender=str(txn.sender),
-              rcpts=len(txn.recipients), size=len(message))
+              rcpts=len(txn.recipients), size=len(message), dkim=selector)
         await self.reply(replies.QUEUED.with_text(f"{replies.QUEUED.text} {qid}"))
