@@ -10,6 +10,8 @@ import asyncio
 from concurrent.futures import Executor
 
 import dkim
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from .dkim_keys import DKIMKey, DKIMStore
 from .headers import field_name, split
@@ -18,8 +20,37 @@ SIGNED_HEADERS = ("from", "to", "cc", "subject", "date", "message-id", "mime-ver
                   "reply-to", "in-reply-to", "references")
 
 
+# dkimpy does the DKIM work (canonicalization, header hash, the signature field) but computes
+# RSA in pure Python: 5 ms a signature, under the GIL. The RSA primitive is swapped for
+# OpenSSL's (0.2 ms, GIL released) for keys we hold; PKCS#1 v1.5 is deterministic, so the
+# bytes are identical (tests compare both). Unknown keys still take dkimpy's own path.
+_PURE_RSA_SIGN = dkim.RSASSA_PKCS1_v1_5_sign
+_OPENSSL_KEYS: dict[int, rsa.RSAPrivateKey] = {}
+_REGISTERED: set[str] = set()
+
+
+def _rsa_sign(hash_obj, private_key):
+    key = _OPENSSL_KEYS.get(private_key.get("modulus")) if isinstance(private_key, dict) else None
+    if key is None or hash_obj.name != "sha256":
+        return _PURE_RSA_SIGN(hash_obj, private_key)
+    return key.sign(hash_obj.digest(), padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+
+
+dkim.RSASSA_PKCS1_v1_5_sign = _rsa_sign
+
+
+def _register(key: DKIMKey) -> None:
+    if key.algorithm != "rsa" or key.private_key in _REGISTERED or len(_REGISTERED) >= 10_000:
+        return
+    _REGISTERED.add(key.private_key)
+    loaded = serialization.load_pem_private_key(key.private_key.encode(), None)
+    if isinstance(loaded, rsa.RSAPrivateKey):
+        _OPENSSL_KEYS.setdefault(loaded.private_numbers().public_numbers.n, loaded)
+
+
 def sign(message: bytes, key: DKIMKey) -> bytes:
     """The message with a DKIM-Signature field prepended."""
+    _register(key)
     present = {field_name(f) for f in split(message).fields}
     include = [h.encode() for h in SIGNED_HEADERS if h in present] + [b"from"]
     sig = dkim.sign(message, key.selector.encode(), key.domain.encode(),

@@ -78,3 +78,23 @@ def test_txt_chunks_split_at_255():
     chunks = txt_chunks(value)
     parts = [p.strip('"') for p in chunks.split(" ")]
     assert "".join(parts) == value and max(len(p) for p in parts) == 255
+
+
+def test_openssl_rsa_primitive_is_byte_identical_to_dkimpys():
+    import hashlib
+
+    import dkim.crypto
+
+    from relay import signing
+    private, public = generate("rsa", 2048)
+    parsed = dkim.crypto.parse_pem_private_key(private.encode())
+    signing._register(DKIMKey("mg.example.com", "s", "rsa", private, public, 0.0, True))
+    assert parsed["modulus"] in signing._OPENSSL_KEYS
+    fast = signing._rsa_sign(hashlib.sha256(b"header hash input"), parsed)
+    pure = signing._PURE_RSA_SIGN(hashlib.sha256(b"header hash input"), parsed)
+    assert fast == pure
+    # A key we never registered still signs, through dkimpy's own code.
+    other, _ = generate("rsa", 1024)
+    other_parsed = dkim.crypto.parse_pem_private_key(other.encode())
+    assert signing._rsa_sign(hashlib.sha256(b"x"), other_parsed) == \
+        signing._PURE_RSA_SIGN(hashlib.sha256(b"x"), other_parsed)
