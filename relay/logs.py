@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -16,13 +17,18 @@ _EXTRA_KEY = "relay_fields"
 
 def _clean(value: Any) -> str:
     text = value if isinstance(value, str) else str(value)
+    if text.isprintable():  # the common case, in C
+        return text
     # Control characters could fake extra log lines or terminal escapes.
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
+_NEEDS_QUOTES = re.compile(r'[ ="\\]')
+
+
 def _logfmt_value(value: Any) -> str:
     text = _clean(value)
-    if text == "" or any(c in text for c in ' ="\\'):
+    if text == "" or _NEEDS_QUOTES.search(text):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text
 

@@ -7,6 +7,7 @@ it runs in the thread pool so other sessions keep their latency.
 from __future__ import annotations
 
 import asyncio
+import functools
 from concurrent.futures import Executor
 
 import dkim
@@ -37,6 +38,9 @@ def _rsa_sign(hash_obj, private_key):
 
 
 dkim.RSASSA_PKCS1_v1_5_sign = _rsa_sign
+# dkimpy parses the PEM (pure-Python ASN.1) on every signature; the result depends only on the
+# key text, so remember it for the keys in use.
+dkim.parse_pem_private_key = functools.lru_cache(maxsize=256)(dkim.parse_pem_private_key)
 
 
 def _register(key: DKIMKey) -> None:
