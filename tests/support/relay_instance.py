@@ -6,6 +6,7 @@ an operator would: nothing in the relay is monkeypatched.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -253,13 +254,13 @@ class RelayInstance:
         return conn
 
     def queued(self) -> list[dict]:
-        with self.db() as conn:
+        with contextlib.closing(self.db()) as conn:
             return [dict(r) for r in conn.execute(
                 "SELECT m.id, m.sender, r.rcpt, r.state, r.attempts, r.last_error FROM messages m "
                 "JOIN recipients r ON r.msg_id = m.id ORDER BY m.created_at, r.id")]
 
     def body(self, qid: str) -> bytes | None:
-        with self.db() as conn:
+        with contextlib.closing(self.db()) as conn:
             row = conn.execute("SELECT data FROM bodies WHERE id = ?", (qid,)).fetchone()
             return bytes(row["data"]) if row else None
 
