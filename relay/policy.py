@@ -79,7 +79,9 @@ def parse_path(text: str, *, smtputf8: bool, is_sender: bool) -> tuple[Address |
     """
     bad = replies.BAD_SENDER_ADDRESS if is_sender else replies.BAD_RCPT_ADDRESS
     text = text.strip()
-    if any(c in text for c in "\r\n\x00"):
+    # Lone surrogates are bytes that were not UTF-8 (the command line is decoded with
+    # surrogateescape): never a valid address, with or without SMTPUTF8.
+    if any(c in text for c in "\r\n\x00") or any("\udc80" <= c <= "\udcff" for c in text):
         return bad
     if text.startswith("<"):
         end = _closing_bracket(text)
@@ -190,7 +192,8 @@ def parse_mail_params(text: str, *, size_limit: int) -> MailParams | Reply:
             return replies.PARAM_SYNTAX.with_text(f"Duplicate parameter {key}")
         seen.add(key)
         if key == "SIZE":
-            if value is None or not value.isdigit() or len(value) > 20:
+            # RFC 1870: ASCII digits only ("²" and "١" pass str.isdigit() but not int()).
+            if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
                 return replies.PARAM_SYNTAX.with_text("SIZE needs a decimal number")
             params.size = int(value)
             if params.size > size_limit:
