@@ -177,6 +177,8 @@ def _split_params(text: str) -> list[tuple[str, str | None]] | Reply:
         key, eq, value = item.partition("=")
         if not key or not all(c.isalnum() or c == "-" for c in key) or (eq and not value):
             return replies.PARAM_SYNTAX
+        if any(k == key.upper() for k, _ in out):
+            return replies.PARAM_SYNTAX.with_text(f"Duplicate parameter {key.upper()}")
         out.append((key.upper(), value if eq else None))
     return out
 
@@ -186,11 +188,7 @@ def parse_mail_params(text: str, *, size_limit: int) -> MailParams | Reply:
     items = _split_params(text)
     if isinstance(items, Reply):
         return items
-    seen = set()
     for key, value in items:
-        if key in seen:
-            return replies.PARAM_SYNTAX.with_text(f"Duplicate parameter {key}")
-        seen.add(key)
         if key == "SIZE":
             # RFC 1870: ASCII digits only ("²" and "١" pass str.isdigit() but not int()).
             if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
@@ -230,11 +228,7 @@ def parse_rcpt_params(text: str) -> RcptParams | Reply:
     items = _split_params(text)
     if isinstance(items, Reply):
         return items
-    seen = set()
     for key, value in items:
-        if key in seen:
-            return replies.PARAM_SYNTAX.with_text(f"Duplicate parameter {key}")
-        seen.add(key)
         if key == "NOTIFY":
             values = (value or "").upper().split(",")
             if not value or not set(values) <= _DSN_NOTIFY or ("NEVER" in values and len(values) > 1):
