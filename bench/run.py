@@ -213,8 +213,10 @@ async def submit_load(port: int, *, clients: int, messages: int, per_session: in
                 latencies.append(time.perf_counter() - t0)
             w.write(b"QUIT\r\n")
             await _reply(r)
-        except (OSError, RuntimeError, ConnectionError, ssl.SSLError):
+        except (OSError, RuntimeError, ConnectionError, ssl.SSLError) as exc:
             errors += 1
+            if errors <= 3:
+                print(f"  client error: {type(exc).__name__}: {exc}", file=sys.stderr)
         finally:
             w.close()
 
@@ -439,8 +441,10 @@ def fsyncs_per_message(workdir: Path, sink: Sink, messages: int) -> float | None
     relay = start_relay(workdir, sink)
     try:
         out = workdir / "strace.txt"
-        tracer = subprocess.Popen(["strace", "-f", "-c", "-e", "trace=fsync,fdatasync", "-o", str(out),
-                                   "-p", str(relay.proc.pid)], stderr=subprocess.DEVNULL)
+        # -p for every existing thread: SQLite commits run on aiosqlite's threads, started long ago.
+        tids = [a for t in os.listdir(f"/proc/{relay.proc.pid}/task") for a in ("-p", t)]
+        tracer = subprocess.Popen(["strace", "-f", "-c", "-e", "trace=fsync,fdatasync", "-o", str(out), *tids],
+                                  stderr=subprocess.DEVNULL)
         time.sleep(1)
         res = asyncio.run(submit_load(relay.port, clients=20, messages=messages, per_session=10, size=10240,
                                       time_limit=120))

@@ -4,6 +4,7 @@ Decoding is pure; the lockout is a small in-memory table per client address with
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import time
@@ -61,6 +62,7 @@ class AuthThrottle:
         self._fails: dict[str, deque[float]] = {}
         self._locked: dict[str, float] = {}
         self._inflight: dict[str, int] = {}
+        self._waiters: dict[str, asyncio.Event] = {}
 
     def configure(self, failures: int, window: float, lockout: float) -> None:
         self.failures, self.window, self.lockout = failures, window, lockout
@@ -92,12 +94,31 @@ class AuthThrottle:
         self._inflight[ip] = self._inflight.get(ip, 0) + 1
         return True
 
+    async def acquire(self, ip: str, timeout: float = 30.0) -> bool:
+        """Like `begin`, but when only attempts in flight use the budget, wait for one to finish
+        instead of refusing: twenty pooled connections of one app logging in at once are not an
+        attack, and each waits just for a verification, while guesses still cannot outrun a lockout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.begin(ip):
+                return True
+            if self.locked(ip) or not self._inflight.get(ip) or time.monotonic() >= deadline:
+                return False
+            waiter = self._waiters.setdefault(ip, asyncio.Event())
+            try:
+                await asyncio.wait_for(waiter.wait(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return False
+
     def end(self, ip: str) -> None:
         n = self._inflight.get(ip, 0) - 1
         if n <= 0:
             self._inflight.pop(ip, None)
         else:
             self._inflight[ip] = n
+        waiter = self._waiters.pop(ip, None)
+        if waiter is not None:
+            waiter.set()
 
     def failure(self, ip: str) -> bool:
         """Record a failure; True when this one triggers a lockout."""

@@ -490,7 +490,7 @@ class Session(SMTP):
             metrics.AUTH_ATTEMPTS.labels(mech, "aborted").inc()
             return
         throttle = self.state.throttle
-        if not throttle.begin(self.client_ip):  # locked meanwhile, or parallel attempts use the budget
+        if not await throttle.acquire(self.client_ip):  # locked meanwhile, or the budget stays used up
             metrics.AUTH_ATTEMPTS.labels(mech, "locked").inc()
             event(log, "auth", client=self.client_ip, mechanism=mech, result="locked")
             await self.reply(replies.AUTH_LOCKED)

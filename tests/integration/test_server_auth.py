@@ -533,3 +533,21 @@ def test_trusted_client_may_still_authenticate_and_then_auth_rules_apply(trusted
         assert c.cmd("RSET").code == 250
         assert c.auth_plain().is_(replies.AUTH_OK)
         assert c.cmd("MAIL FROM:<app@mg.example.com>").is_(replies.SENDER_OK)
+
+
+def test_parallel_correct_logins_from_one_address_all_succeed(make_relay):
+    """An app's connection pool logging in at once is not an attack: more parallel logins than
+    limits.auth_failures must all get 235, none 454."""
+    inst = make_relay(start=False, config={"limits": {"auth_failures": 3, "connections_per_ip": 20},
+                                           "credentials": {"verify_cache_ttl": 1}})
+    inst.add_user(USER, PASSWORD)
+    inst.start()
+    conns = [connect(inst, source="127.0.0.8").secure() for _ in range(10)]
+    try:
+        for c in conns:
+            c.send("AUTH PLAIN " + b64(f"\0{USER}\0{PASSWORD}") + "\r\n")
+        got = [c.read() for c in conns]
+    finally:
+        for c in conns:
+            c.close()
+    assert all(r.is_(replies.AUTH_OK) for r in got), [str(r) for r in got]

@@ -137,3 +137,19 @@ def test_table_is_bounded():
     th.failure("victim")
     th.failure("victim")
     assert th.failure("victim") and th.locked("victim")
+
+
+async def test_acquire_waits_for_attempts_in_flight_instead_of_refusing():
+    import asyncio
+    th = AuthThrottle(failures=2, window=60, lockout=600)
+    assert await th.acquire("ip") and await th.acquire("ip")
+    third = asyncio.create_task(th.acquire("ip"))
+    await asyncio.sleep(0.05)
+    assert not third.done()          # budget used by attempts in flight: wait, do not refuse
+    th.end("ip")                     # a success finishes
+    assert await asyncio.wait_for(third, 1)
+    th.failure("ip")
+    th.end("ip")
+    th.failure("ip")                 # second failure in the window: locked
+    th.end("ip")
+    assert not await th.acquire("ip")
