@@ -22,22 +22,25 @@ class Split:
 
 def split(data: bytes) -> Split:
     """Split into header fields and the rest. A first line that is not a field means no header section."""
-    fields: list[bytes] = []
+    spans: list[list[int]] = []   # [start, end) of each field in data, continuation lines included
     pos = 0
     n = len(data)
     while pos < n:
         end = data.find(b"\r\n", pos)
         line_end = n if end < 0 else end + 2
-        line = data[pos:line_end]
-        if line in (b"\r\n", b""):
+        first = data[pos:pos + 1]
+        if line_end - pos <= 2 and data[pos:line_end] in (b"\r\n", b""):
             break
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += line
-        elif _FIELD.match(line):
-            fields.append(line if line.endswith(b"\r\n") else line + b"\r\n")
+        if first in (b" ", b"\t") and spans:
+            spans[-1][1] = line_end   # a continuation extends the field: O(1), sliced once below
+        elif _FIELD.match(data[pos:line_end]):
+            spans.append([pos, line_end])
         else:
             break
         pos = line_end
+    fields = [data[a:b] for a, b in spans]
+    if fields and not fields[-1].endswith(b"\r\n"):
+        fields[-1] += b"\r\n"
     return Split(fields, data[pos:])
 
 

@@ -268,7 +268,10 @@ class DataState:
     size_limit: int
     size: int = 0
     problem: Reply | None = None
-    lines: list[bytes] = field(default_factory=list)
+    buf: bytearray = field(default_factory=bytearray)   # the content so far, transparency dots removed
+
+    def discard(self) -> None:
+        self.buf = bytearray()
 
     def feed(self, line: bytes) -> None:
         """`line` is one line as read, including its line ending (the final dot line is not fed)."""
@@ -277,7 +280,7 @@ class DataState:
             return
         if self.size > self.size_limit:
             self.problem = replies.SIZE_EXCEEDED
-            self.lines = []
+            self.discard()
             return
         if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
             # A bare CR or LF could end DATA for the next hop where it did not for us (smuggling).
@@ -287,13 +290,14 @@ class DataState:
         elif len(line) > 1001 or (len(line) == 1001 and not line.startswith(b".")):
             self.problem = replies.DATA_LINE_TOO_LONG
         if self.problem is not None:
-            self.lines = []
+            self.discard()
             return
-        # RFC 5321 4.5.2: remove the transparency dot.
-        self.lines.append(line[1:] if line.startswith(b".") else line)
+        # RFC 5321 4.5.2: remove the transparency dot. One growing buffer: a list of line objects
+        # cost ~65x the message size for short lines.
+        self.buf += memoryview(line)[1:] if line.startswith(b".") else line
 
     def content(self) -> bytes:
-        return b"".join(self.lines)
+        return bytes(self.buf)
 
 
 def check_received_count(count: int, limit: int) -> Reply | None:

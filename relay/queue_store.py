@@ -167,6 +167,14 @@ class QueueStore:
                 await conn.execute(f"RELEASE op{i}")
                 results.append((fut, value, None))
             except Exception as exc:  # noqa: BLE001
+                if not conn.in_transaction:
+                    # SQLite rolled the whole transaction back (SQLITE_FULL, IOERR, NOMEM may): the
+                    # earlier operations' work is gone too, and nothing after may run outside it.
+                    err = classify_error(exc)
+                    for f in [f for f, _, _ in results] + [f for _, f in batch[i:]]:
+                        if not f.done():
+                            f.set_exception(err)
+                    return
                 try:
                     await conn.execute(f"ROLLBACK TO op{i}")
                     await conn.execute(f"RELEASE op{i}")

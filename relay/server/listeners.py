@@ -47,6 +47,8 @@ async def start(state: ServerState, listeners: tuple[Listener, ...], tls_context
     try:
         for lst in listeners:
             implicit = lst.tls == "implicit"
+            # A client that never sends its ClientHello is idle like any other (bound at bind time).
+            handshake = min(30, state.settings.limits.idle_timeout) if implicit else None
             name = str(lst.port)
             if lst.port == 0:  # ephemeral (tests): label by the port we get
                 sock = socket.create_server((lst.address, 0), reuse_port=False)
@@ -60,11 +62,11 @@ async def start(state: ServerState, listeners: tuple[Listener, ...], tls_context
             try:
                 if sock is not None:
                     server = await loop.create_server(factory, sock=sock, ssl=tls_context if implicit else None,
-                                                      backlog=1024, ssl_handshake_timeout=30 if implicit else None)
+                                                      backlog=1024, ssl_handshake_timeout=handshake)
                 else:
                     server = await loop.create_server(
                         factory, host=lst.address, port=lst.port, ssl=tls_context if implicit else None,
-                        reuse_address=True, backlog=1024, ssl_handshake_timeout=30 if implicit else None)
+                        reuse_address=True, backlog=1024, ssl_handshake_timeout=handshake)
             except OSError as exc:
                 raise bind_error("SMTP listener", lst.address, lst.port, exc) from None
             port = server.sockets[0].getsockname()[1]

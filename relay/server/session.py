@@ -139,6 +139,7 @@ class Session(SMTP):
         self._registered = False
         self._session_timer: asyncio.TimerHandle | None = None
         self._in_data = False
+        self._busy = False  # a command is running (DATA may be committing): the drain waits for it
         self._tls_up = False  # set when a STARTTLS handshake completes
 
     _METHOD_NAMES: tuple[str, ...] | None = None
@@ -258,7 +259,7 @@ class Session(SMTP):
 
     def drain_close(self, force: bool) -> bool:
         """Shutdown: close now if between transactions (or forced). True when closed."""
-        if force or (self.txn is None and not self._in_data):
+        if force or (self.txn is None and not self._in_data and not self._busy):
             self._close_with(replies.SHUTTING_DOWN)
             return True
         return False
@@ -322,7 +323,11 @@ class Session(SMTP):
                     continue
                 arg = arg_b.strip().decode("utf-8", "surrogateescape") or None
                 self._reset_timeout()
-                await method(arg)
+                self._busy = True
+                try:
+                    await method(arg)
+                finally:
+                    self._busy = False
                 if self.state.draining and self.txn is None and self.transport is not None:
                     self._close_with(replies.SHUTTING_DOWN)
                     break
@@ -696,7 +701,7 @@ class Session(SMTP):
                     data.size += len(chunk)
                     if data.problem is None:
                         data.problem = replies.DATA_LINE_TOO_LONG
-                        data.lines = []
+                        data.discard()
                     at_line_start = False
                     # `consumed` stops just before the LF when the separator is already buffered, so
                     # the CR of this line's CRLF may end the chunk and its LF come alone next.
@@ -725,7 +730,7 @@ class Session(SMTP):
             return
         t0 = time.perf_counter()
         content = data.content()
-        data.lines = []
+        data.discard()
         if policy.check_received_count(headers.count_received(content), limits.max_received_headers):
             await self.reply(self._reject("loop", replies.LOOP_DETECTED))
             return

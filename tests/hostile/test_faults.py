@@ -374,11 +374,6 @@ def test_disk_full_during_data_is_transient_and_recovers(make_relay, tmp_path):
         _umount(fs)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG relay/queue_store.py QueueStore._run_batch: when one operation of a group commit hits SQLITE_FULL "
-    "and SQLite rolls back the whole transaction, the operations before it in the batch are still reported "
-    "committed (conn.commit() is a no-op with no transaction open): their clients get 250 for mail that "
-    "is not stored"))
 def test_disk_full_in_a_group_commit_never_acks_a_lost_message(make_relay, tmp_path):
     """Three messages meet in the writer while another process holds the write lock: a small one
     (blocked in its own batch), then a small one and one too large for the disk, which the writer
@@ -657,21 +652,11 @@ def test_sigterm_during_traffic_drains_with_421_and_loses_nothing(make_relay, dn
         counts = delivered_subjects(sink)
         for subject, (outcome, detail) in books.items():
             if outcome in ("refused", "unsent"):
-                # KNOWN BUG (test_sigterm_never_answers_421_for_a_committed_message): the drain may
-                # answer 421 to a final dot whose message is being committed. Drop this exemption
-                # once that test passes.
-                if outcome == "refused" and detail.startswith("421 4.3.2"):
-                    continue
                 assert counts.get(subject, 0) == 0, (subject, outcome, detail)
         assert all(n == 1 for n in counts.values()), counts  # a clean stop never duplicates
         no_traceback(relay)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG relay/server/session.py Session.drain_close: on SIGTERM the drain closes every session with "
-    "txn None and not _in_data, which includes one whose final dot is being committed (smtp_DATA clears "
-    "txn and _in_data before the enqueue): the client reads 421 4.3.2 for a message that is then "
-    "committed and delivered, and sends it again"))
 def test_sigterm_never_answers_421_for_a_committed_message(make_relay):
     """Hold the store's write lock so a message sits in its commit, SIGTERM, then let it commit:
     whatever the client was told must match what the queue holds."""

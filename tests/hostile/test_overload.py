@@ -174,10 +174,6 @@ def test_thousand_idle_connections(make_relay):
     assert not any("Traceback" in line for line in relay.raw_log)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG relay/daemon.py (composition root): asyncio gives every TLS connection a zero-filled 256 KiB read "
-    "buffer (asyncio.sslproto.SSLProtocol.max_size), ~280 KB RSS per idle TLS session: 1,000 idle TLS "
-    "sessions take ~330 MB, the default limits.connections (2000) ~600 MB"))
 def test_thousand_idle_tls_sessions_stay_under_200_mb(make_relay):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -404,10 +400,6 @@ def _send_message(port: int, content: bytes, timeout: float = 120) -> tuple[floa
     return took, reply
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG relay/policy.py DataState keeps every DATA line as its own bytes object and content() joins them, and "
-    "relay/signing.py sign() hands the whole message to dkimpy, whose parser does the same: a message of short "
-    "lines costs ~65x its size in memory (4 MB of empty lines -> ~270 MB peak RSS)"))
 def test_many_short_lines_do_not_multiply_memory(make_relay):
     size = 4_000_000
     relay = start(make_relay, message_size=size + 100_000)
@@ -421,10 +413,6 @@ def test_many_short_lines_do_not_multiply_memory(make_relay):
     assert peak - base < 16 * size / 1e6, f"peak RSS grew by {peak - base:.0f} MB for a {size / 1e6:.0f} MB message"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG relay/headers.py split(): `fields[-1] += line` rebuilds a folded field per continuation line, "
-    "O(n^2) on the event loop: one authenticated 1 MB message of continuation lines freezes every "
-    "session for seconds (25 MB: tens of minutes)"))
 def test_a_long_folded_header_does_not_freeze_the_relay(make_relay):
     relay = start(make_relay)
     port = relay.ports["starttls"]
@@ -451,10 +439,6 @@ def test_a_long_folded_header_does_not_freeze_the_relay(make_relay):
     assert took < 5
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG relay/server/listeners.py start(): implicit-TLS listeners use ssl_handshake_timeout=30 whatever "
-    "limits.idle_timeout says, and a connection counts against limits.connections / connections_per_ip only "
-    "after its handshake: a client that never sends a ClientHello holds a socket 30 s, uncounted"))
 def test_implicit_tls_client_that_never_handshakes_is_dropped_at_idle_timeout(make_relay):
     idle_timeout = 2
     relay = start(make_relay, idle_timeout=idle_timeout)

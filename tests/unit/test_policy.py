@@ -281,9 +281,9 @@ def test_data_state_size_counted_while_reading():
     d.feed(b"0123456789\r\n")
     assert d.problem is None
     d.feed(b"0123456789\r\n")
-    assert d.problem == replies.SIZE_EXCEEDED and d.lines == []
+    assert d.problem == replies.SIZE_EXCEEDED and d.content() == b""
     d.feed(b"more\r\n")
-    assert d.size == 30 and d.lines == []
+    assert d.size == 30 and d.content() == b""
 
 
 def test_data_state_first_problem_wins():
