@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -170,6 +171,15 @@ class Session(SMTP):
             return
         peer = transport.get_extra_info("peername") or ("unknown", 0)
         self.client_ip = str(peer[0])
+        # asyncio sets TCP_NODELAY only when the listening socket says IPPROTO_TCP, which a socket
+        # bound by hand (port 0) does not: then Nagle held the 2nd reply of every pipelined group
+        # until the client's delayed ACK, 40 ms each.
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
         if self.implicit_tls:
             self.tls_info = describe(transport.get_extra_info("ssl_object"))
             metrics.TLS_HANDSHAKES.labels("implicit", "ok").inc()
