@@ -73,9 +73,10 @@ def received_line(*, helo: str, client_ip: str, hostname: str, protocol: str, qu
 
 def prepare(data: bytes, *, received: bytes, hostname: str, queue_id: str,
             now: datetime | None = None) -> bytes:
-    """Our Received on top, Bcc removed (RFC 5322 3.6.3), Message-ID and Date added when missing (RFC 6409 8)."""
+    """Our Received on top, Bcc and Resent-Bcc removed (RFC 5322 3.6.3, 3.6.6), Message-ID and Date added when missing (RFC 6409 8)."""
     parts = split(data)
-    fields = [f for f in parts.fields if field_name(f) != "bcc"]
+    # Resent-Bcc too (RFC 5322 3.6.6): blind recipients of a resend are as private.
+    fields = [f for f in parts.fields if field_name(f) not in ("bcc", "resent-bcc")]
     extra: list[bytes] = []
     if not has_field(fields, "date"):
         extra.append(f"Date: {format_datetime(now or datetime.now(timezone.utc))}\r\n".encode("ascii"))

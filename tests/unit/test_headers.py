@@ -149,7 +149,7 @@ def test_prepare_never_changes_the_body(data):
 @settings(max_examples=400, deadline=None)
 @given(_message)
 def test_prepare_keeps_other_fields_in_order(data):
-    before = [f for f in headers.split(data).fields if headers.field_name(f) != "bcc"]
+    before = [f for f in headers.split(data).fields if headers.field_name(f) not in ("bcc", "resent-bcc")]
     after = headers.split(prepare(data)).fields
     assert after[0] == RECEIVED
     assert after[1:1 + len(before)] == [f if f.endswith(b"\r\n") else f + b"\r\n" for f in before]
@@ -163,3 +163,10 @@ def test_split_and_count_never_raise(data):
     parts = headers.split(data)
     assert b"".join(parts.fields).replace(b"\r\n", b"") == data[:len(data) - len(parts.body)].replace(b"\r\n", b"")
     assert headers.count_received(data) >= 0
+
+
+def test_resent_bcc_is_removed_like_bcc():
+    from relay import headers as h
+    out = h.prepare(b"Subject: x\r\nResent-Bcc: hidden@example.org\r\nResent-To: a@example.net\r\n\r\nbody\r\n",
+                    received=b"Received: x\r\n", hostname="relay.test", queue_id="Q")
+    assert b"hidden@example.org" not in out and b"Resent-To: a@example.net\r\n" in out
