@@ -13,7 +13,7 @@ import pytest
 
 from relay import headers
 from tests.conftest import PASSWORD, USER
-from tests.integration.test_server_support import message_fields, start_relay
+from tests.support.raw_smtp import message_fields, start_relay
 from tests.support.relay_instance import client_tls_context
 
 

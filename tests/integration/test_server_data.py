@@ -8,7 +8,7 @@ import pytest
 
 from relay import headers, replies
 from tests.conftest import USER
-from tests.integration.test_server_support import RawSMTP, authed, message_fields, start_relay
+from tests.support.raw_smtp import RawSMTP, authed, message_fields, start_relay
 
 SIZE = 100_000
 MAX_RECEIVED = 5
@@ -69,7 +69,7 @@ def test_queued_reply_means_committed(relay):
 
 
 def test_message_survives_kill_after_250(make_relay):
-    from tests.integration.test_server_support import hold_queue
+    from tests.support.raw_smtp import hold_queue
     inst = make_relay(start=False, config=hold_queue())
     inst.add_user(USER, "correct horse battery staple")
     inst.start()
@@ -90,7 +90,7 @@ def test_another_process_reading_the_queue_does_not_lose_mail(make_relay):
     POSIX locks the relay holds; if the relay process drops those locks (closing any fd on the
     file does), the relay keeps committing into an unlinked WAL and every "250 queued" is lost.
     """
-    from tests.integration.test_server_support import hold_queue
+    from tests.support.raw_smtp import hold_queue
     inst = make_relay(start=False, config=hold_queue())
     inst.add_user(USER, "correct horse battery staple")
     inst.start()

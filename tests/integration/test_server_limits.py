@@ -7,7 +7,7 @@ import pytest
 
 from relay import replies
 from tests.conftest import USER
-from tests.integration.test_server_support import RawSMTP, authed, connect, metric, start_relay
+from tests.support.raw_smtp import RawSMTP, authed, connect, metric, start_relay
 
 
 def wait_sessions_closed(relay, timeout: float = 5) -> None:

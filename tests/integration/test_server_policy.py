@@ -9,7 +9,7 @@ import pytest
 
 from relay import replies
 from tests.conftest import PASSWORD, USER
-from tests.integration.test_server_support import (RawSMTP, authed, connect, free_port, metric, start_relay)
+from tests.support.raw_smtp import (RawSMTP, authed, connect, free_port, metric, start_relay)
 from tests.support.relay_instance import client_tls_context
 
 SIZE = 100_000
