@@ -12,7 +12,6 @@ Subject, and each attempt ends as one of
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import random
@@ -32,22 +31,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PASSWORD, USER
-from tests.support.mx_sink import MXSink, make_test_tls_context, shared_cert_files
+from tests.support.relay_instance import wait_until
+from tests.support.mx_sink import MXSink, make_test_tls_context, shared_cert_files, SlowSink
 
 SENDER_DOMAIN = USER.rpartition("@")[2]
 SUBJECT = re.compile(rb"^Subject: (.*?)\r$", re.M)
 
 
 # ---------------------------------------------------------------- helpers
-
-def wait_until(predicate, timeout: float = 15, what: str = "condition", interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def subject_of(data: bytes) -> str | None:
@@ -132,29 +123,6 @@ class Client:
                 self.s.close()
             except OSError:
                 pass
-
-
-class SlowSink(MXSink):
-    """Records each message at the final dot, then waits `data_delay` before its 250: a relay killed in
-    that window has handed the message over without hearing so (the one allowed duplicate)."""
-
-    def __init__(self, data_delay: float, **kw):
-        super().__init__(**kw)
-        self.data_delay = data_delay
-
-    def _make_protocol(self):
-        proto = super()._make_protocol()
-        hooks = getattr(proto, "_handle_hooks", None)
-        if hooks and "DATA" in hooks:
-            original = hooks["DATA"]
-
-            async def slow_data(server, session, envelope):
-                status = await original(server, session, envelope)
-                await asyncio.sleep(self.data_delay)
-                return status
-
-            hooks["DATA"] = slow_data
-        return proto
 
 
 # ---------------------------------------------------------------- SIGKILL under load

@@ -22,22 +22,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PASSWORD, USER
-from tests.support.relay_instance import client_tls_context
+from tests.support.relay_instance import client_tls_context, wait_until
 
 pytestmark = pytest.mark.slow
 
 PLAIN_OK = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
 PLAIN_BAD = base64.b64encode(f"\0{USER}\0not the password at all".encode()).decode()
-
-
-def wait_until(predicate, timeout: float = 15, what: str = "condition", interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def rss_mb(pid: int) -> float:

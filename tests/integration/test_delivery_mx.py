@@ -16,21 +16,13 @@ import time
 import pytest
 
 from tests.conftest import PASSWORD, USER
+from tests.support.relay_instance import wait_until
 from tests.support.mx_sink import MXSink, make_test_tls_context, shared_cert_files
 
 SENDER_DOMAIN = USER.rpartition("@")[2]
 
 
 # ------------------------------------------------------------------ helpers
-
-def wait_until(predicate, timeout: float = 15, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def start_relay(make_relay, dns_server, sink, *, name="relay", env=None, **delivery):

@@ -6,7 +6,6 @@ is gone.
 """
 from __future__ import annotations
 
-import asyncio
 import email
 import email.policy
 import json
@@ -18,45 +17,10 @@ import time
 import pytest
 
 from tests.conftest import PASSWORD, USER
-from tests.support.mx_sink import MXSink
+from tests.support.relay_instance import wait_until
+from tests.support.mx_sink import MXSink, SlowSink
 
 SENDER_DOMAIN = USER.rpartition("@")[2]
-
-
-def wait_until(predicate, timeout: float = 15, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-class SlowSink(MXSink):
-    """Records each message at the final dot, then waits `data_delay` seconds before its 250.
-
-    A relay killed during that wait has handed the message over without hearing so: exactly the
-    in-flight case where RFC 5321 6.1 accepts a duplicate rather than a loss.
-    """
-
-    def __init__(self, data_delay: float, **kw):
-        super().__init__(**kw)
-        self.data_delay = data_delay
-
-    def _make_protocol(self):
-        proto = super()._make_protocol()
-        hooks = getattr(proto, "_handle_hooks", None)  # aiosmtpd's handler hook table
-        if hooks and "DATA" in hooks:
-            original = hooks["DATA"]
-
-            async def slow_data(server, session, envelope):
-                status = await original(server, session, envelope)
-                await asyncio.sleep(self.data_delay)
-                return status
-
-            hooks["DATA"] = slow_data
-        return proto
 
 
 def start_relay(make_relay, dns_server, sink, *, server=None, **delivery):

@@ -545,3 +545,29 @@ def shared_cert_files(hostname: str = "mx.test") -> tuple[str, str]:
 def make_test_tls_context(hostname: str = "mx.test") -> ssl.SSLContext:
     """Fresh server-side SSLContext over this process's throwaway cert for ``hostname``."""
     return load_server_tls_context(*shared_cert_files(hostname))
+
+
+class SlowSink(MXSink):
+    """Records each message at the final dot, then waits `data_delay` seconds before its 250.
+
+    A relay killed during that wait has handed the message over without hearing so: exactly the
+    in-flight case where RFC 5321 6.1 accepts a duplicate rather than a loss.
+    """
+
+    def __init__(self, data_delay: float, **kw):
+        super().__init__(**kw)
+        self.data_delay = data_delay
+
+    def _make_protocol(self):
+        proto = super()._make_protocol()
+        hooks = getattr(proto, "_handle_hooks", None)  # aiosmtpd's handler hook table
+        if hooks and "DATA" in hooks:
+            original = hooks["DATA"]
+
+            async def slow_data(server, session, envelope):
+                status = await original(server, session, envelope)
+                await asyncio.sleep(self.data_delay)
+                return status
+
+            hooks["DATA"] = slow_data
+        return proto

@@ -268,3 +268,14 @@ class RelayInstance:
         import urllib.request
         with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['metrics']}/metrics", timeout=5) as r:
             return r.read().decode()
+
+
+def wait_until(predicate, timeout: float = 15, what: str = "condition", interval: float = 0.02):
+    """Poll `predicate` until it is truthy (and return its value), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
