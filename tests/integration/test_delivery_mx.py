@@ -183,6 +183,7 @@ def test_nxdomain_fails_at_once(make_relay, dns_server, sink):
     _, _, [r] = parse_dsn(dsn.data)
     assert r["Action"] == "failed" and r["Status"] == "5.1.2"
     assert "NXDOMAIN" in r["Diagnostic-Code"]
+    assert relay.wait_event("delivery", qid=qid)
     assert [e["result"] for e in relay.events_named("delivery", qid=qid)] == ["failed"]
 
 

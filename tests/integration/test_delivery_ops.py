@@ -168,7 +168,7 @@ def test_sigterm_lets_a_delivery_in_flight_finish(make_relay, dns_server):
         relay.signal(signal.SIGTERM)
         assert relay.proc.wait(15) == 0
         assert time.monotonic() - t0 < 5
-        assert relay.events_named("delivery", qid=qid, result="delivered")
+        assert relay.wait_event("delivery", qid=qid, result="delivered")
         assert relay.queued() == []  # settled before exit: nothing left to deliver twice
 
         relay.start()

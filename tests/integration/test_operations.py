@@ -183,7 +183,7 @@ def test_sigterm_during_traffic_loses_nothing_acknowledged(make_relay, dns_serve
     # DNS fails temporarily in this test: every acknowledged message must still be queued.
     queued = {r["id"] for r in relay.queued()}
     assert set(acked) <= queued
-    assert relay.events_named("stopped")
+    assert relay.wait_event("stopped")
 
 
 def test_log_lines_tell_a_message_story_by_queue_id(make_relay, dns_server, mx_sink):

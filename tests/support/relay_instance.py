@@ -144,7 +144,8 @@ class RelayInstance:
         self.ports = {}
         self.proc = subprocess.Popen(relay_executable() + ["-c", str(self.config_path), "serve"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env)
-        threading.Thread(target=self._read_log, args=(self.proc,), daemon=True).start()
+        self._reader = threading.Thread(target=self._read_log, args=(self.proc,), daemon=True)
+        self._reader.start()
         if not self.wait_event("ready", timeout=timeout):
             self.kill()
             raise RuntimeError("relay did not become ready:\n" + "\n".join(self.raw_log[-30:]))
@@ -185,19 +186,29 @@ class RelayInstance:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 30) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._drain_log()
+        return self.proc.returncode
+
+    def _drain_log(self) -> None:
+        """After exit, let the reader thread take the last lines, so events_named sees all of them."""
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.join(5)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+            self._drain_log()
 
     def restart(self) -> "RelayInstance":
         self.kill()
