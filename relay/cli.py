@@ -130,12 +130,15 @@ def cmd_domain(args: argparse.Namespace, cfg: Config) -> int:
         dm = cfg.domains
         if args.action == "add":
             d = await creds.add_domain(args.domain)
-            key = await dkim.create(d, algorithm=args.dkim_algorithm or dm.dkim_algorithm,
-                                    rsa_bits=dm.dkim_rsa_bits, selector=args.selector or dm.dkim_selector)
-            emit(args, {"domain": d, "display": display_domain(d), "dkim_selector": key.selector,
-                        "dkim_algorithm": key.algorithm},
+            # --no-dkim: for mail signed further on (a smarthost that signs) or not at all.
+            key = None if args.no_dkim else await dkim.create(
+                d, algorithm=args.dkim_algorithm or dm.dkim_algorithm, rsa_bits=dm.dkim_rsa_bits,
+                selector=args.selector or dm.dkim_selector)
+            emit(args, {"domain": d, "display": display_domain(d), "dkim_selector": key.selector if key else None,
+                        "dkim_algorithm": key.algorithm if key else None},
                  f"added domain {display_domain(d)}" + (f" ({d})" if display_domain(d) != d else "")
-                 + f" with DKIM key {key.selector} ({key.algorithm})"
+                 + (f" with DKIM key {key.selector} ({key.algorithm})" if key
+                    else " without a DKIM key (add one later: relay domain dkim rotate " + d + ")")
                  + f"\nnext: publish the records `relay domain dns {d}` prints, then `relay domain verify {d}`,"
                  + f"\n      and create a credential: relay user add app@{d}")
         elif args.action == "list":
@@ -387,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("domain")
     a.add_argument("--dkim-algorithm", choices=("rsa", "ed25519"), help="default: domains.dkim_algorithm")
     a.add_argument("--selector", help="DKIM selector (default: domains.dkim_selector or date-based)")
+    a.add_argument("--no-dkim", action="store_true", help="add no DKIM key (mail is signed elsewhere, or unsigned)")
     dsub.add_parser("list", parents=[common], help="list sending domains")
     r = dsub.add_parser("remove", parents=[common], help="remove a sending domain")
     r.add_argument("domain")

@@ -106,6 +106,8 @@ class DeliveryConfig:
     delay_warning_after: int = 0
     # How long a claimed recipient stays invisible to other workers (crash recovery bound).
     lease_seconds: int = 600
+    # Deliver from a second process, so acceptance and delivery each get a core.
+    separate_process: bool = True
     smarthost: SmarthostConfig = field(default_factory=SmarthostConfig)
 
 

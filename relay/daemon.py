@@ -21,6 +21,7 @@ from . import __version__, config as config_mod, db, metrics, tls
 from .config import Config, ConfigError
 from .credentials import CredentialStore
 from .delivery import Router
+from .delivery_process import DeliveryProcess, MergedRegistry
 from .dkim_keys import DKIMStore
 from .logs import event
 from .queue_runner import QueueRunner
@@ -95,18 +96,24 @@ class Daemon:
         raise_fd_limit()
         self.queue_conn = self.cred_conn = None
         self.queue = None
+        self.writer_lock = None
         try:
             self.queue_conn = await db.open_async(cfg.storage.path)
             self.cred_conn = await db.open_async(cfg.storage.path)
             self.credentials = CredentialStore(self.cred_conn, cfg.credentials, self.executor)
             self.dkim = DKIMStore(self.cred_conn)
             self.runner: QueueRunner | None = None
+            self.delivery: DeliveryProcess | None = None
+            # Two processes write the queue: they take turns (see db.WriterLock).
+            self.writer_lock = db.WriterLock(cfg.storage.path) if cfg.delivery.separate_process else None
             self.queue = QueueStore(self.queue_conn, lease_seconds=cfg.delivery.lease_seconds,
-                                    on_enqueue=lambda: self.runner.wake() if self.runner else None)
-            recovered = await self.queue.recover()
-            if recovered:
-                event(log, "queue_recovered", recipients=recovered)
-            self.runner = QueueRunner(self.queue, Router(cfg), cfg)
+                                    on_enqueue=self._wake_delivery, writer_lock=self.writer_lock)
+            await self._recover()
+            if cfg.delivery.separate_process:
+                self.delivery = DeliveryProcess(self.config_path, on_exit=self._recover)
+                await self.delivery.start()
+            else:
+                self.runner = QueueRunner(self.queue, Router(cfg), cfg)
             self.state = ServerState(settings=settings_from(cfg), credentials=self.credentials, queue=self.queue,
                                      tls_context=tls_context,
                                      throttle=AuthThrottle(cfg.limits.auth_failures, cfg.limits.auth_failure_window,
@@ -117,6 +124,8 @@ class Daemon:
             self.refusal_servers = await refusal.start(cfg.refusal, tls_context)
             self._start_metrics()
         except BaseException:
+            if self.delivery is not None:
+                await self.delivery.stop(timeout=0)
             for b in self.bound:
                 b.server.close()
             for srv in self.refusal_servers:
@@ -127,7 +136,8 @@ class Daemon:
         for sig, handler in ((signal.SIGHUP, self.reload), (signal.SIGTERM, self.stop_event.set),
                              (signal.SIGINT, self.stop_event.set)):
             loop.add_signal_handler(sig, handler)
-        runner_task = asyncio.create_task(self.runner.run(), name="queue-runner")
+        runner_task = asyncio.create_task(self.runner.run() if self.runner else self.stop_event.wait(),
+                                          name="queue-runner")
         gauges_task = asyncio.create_task(self._queue_gauges(), name="queue-gauges")
         event(log, "ready", version=__version__, hostname=cfg.server.hostname, pid=os.getpid(),
               listeners=",".join(f"{b.address}:{b.port}/{b.tls}" for b in self.bound))
@@ -139,12 +149,26 @@ class Daemon:
         event(log, "stopped")
         return 0
 
+    def _wake_delivery(self) -> None:
+        if self.runner is not None:
+            self.runner.wake()
+        elif self.delivery is not None:
+            self.delivery.wake()
+
+    async def _recover(self) -> None:
+        """No runner holds a lease now (startup, or the delivery process died): all are due again."""
+        recovered = await self.queue.recover()
+        if recovered:
+            event(log, "queue_recovered", recipients=recovered)
+
     def _start_metrics(self) -> None:
         from prometheus_client import start_http_server
         host, port = config_mod.parse_hostport(self.cfg.metrics.listen, 9469)
         try:
             # Its own thread: scrapes never wait on the SMTP event loop, nor it on them.
-            server, _thread = start_http_server(port, addr=host, registry=metrics.REGISTRY)
+            registry = metrics.REGISTRY if self.delivery is None else MergedRegistry(metrics.REGISTRY,
+                                                                                     self.delivery.metrics_text)
+            server, _thread = start_http_server(port, addr=host, registry=registry)
         except OSError as exc:
             raise listeners.bind_error("metrics endpoint", host, port, exc) from None
         self.metrics_server = server
@@ -174,7 +198,10 @@ class Daemon:
         self.state.settings = settings_from(new)
         self.state.throttle.configure(new.limits.auth_failures, new.limits.auth_failure_window, new.limits.auth_lockout)
         self.credentials.configure(new.credentials)
-        self.runner.configure(new)
+        if self.runner is not None:
+            self.runner.configure(new)
+        if self.delivery is not None:
+            self.delivery.signal(signal.SIGHUP)
         self.cfg = new
         event(log, "reloaded", cert=new.tls.cert)
 
@@ -192,7 +219,11 @@ class Daemon:
                 break
             await asyncio.sleep(0.05)
         # One grace period in all: what the sessions used is not given to the runner again.
-        await self.runner.stop(timeout=max(1.0, deadline + 1 - time.monotonic()))
+        remaining = max(1.0, deadline + 1 - time.monotonic())
+        if self.runner is not None:
+            await self.runner.stop(timeout=remaining)
+        if self.delivery is not None:
+            await self.delivery.stop(timeout=remaining)
         runner_task.cancel()
         gauges_task.cancel()
         await asyncio.gather(runner_task, gauges_task, return_exceptions=True)
@@ -208,6 +239,8 @@ class Daemon:
         for conn in (self.queue_conn, self.cred_conn):
             if conn is not None:
                 await conn.close()
+        if self.writer_lock is not None:
+            self.writer_lock.close()
 
 
 def serve(cfg: Config, config_path: str | None) -> int:

@@ -247,3 +247,35 @@ def _restrict_mode(path: str) -> None:
             os.chmod(p, 0o600)
         except OSError:
             pass
+
+
+class WriterLock:
+    """Turn-taking for queue writers in different processes (acceptance and delivery).
+
+    SQLite's busy handler sleeps 1, 2, 5 ... 100 ms between tries: a writer that commits
+    back to back (group commit under load) starves the other process for seconds. A blocking
+    flock() wakes the waiter the moment the holder lets go, so the two alternate instead.
+    """
+
+    def __init__(self, db_path: str):
+        self.path = db_path + ".writer-lock"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    async def acquire(self) -> None:
+        # Always through a thread, even when free: a writer that re-took the lock in the same
+        # instant it let go (LOCK_NB) would win every time, before the waiter is even scheduled.
+        import fcntl
+        fut = asyncio.get_running_loop().run_in_executor(None, fcntl.flock, self._fd, fcntl.LOCK_EX)
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # The thread still takes the lock: hand it back when it does, or both writers stop.
+            fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self.release())
+            raise
+
+    def release(self) -> None:
+        import fcntl
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)

@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable
 import aiosqlite
 
 from . import metrics
+from .db import WriterLock
 
 ACTIVE = ("pending", "deferred")
 FINAL = ("delivered", "failed")
@@ -114,8 +115,9 @@ def classify_error(exc: BaseException) -> StoreUnavailable:
 class QueueStore:
     def __init__(self, conn: aiosqlite.Connection, *, clock: Callable[[], float] = time.time,
                  lease_seconds: float = 600, on_enqueue: Callable[[], None] | None = None,
-                 crash_point: str | None = None):
+                 crash_point: str | None = None, writer_lock: WriterLock | None = None):
         self._conn = conn
+        self._lock = writer_lock
         self._clock = clock
         self.lease_seconds = lease_seconds
         self._on_enqueue = on_enqueue
@@ -147,7 +149,14 @@ class QueueStore:
                     return
                 continue
             batch, self._pending = self._pending, []
-            await self._run_batch(batch)
+            if self._lock is None:
+                await self._run_batch(batch)
+                continue
+            await self._lock.acquire()
+            try:
+                await self._run_batch(batch)
+            finally:
+                self._lock.release()
 
     async def _run_batch(self, batch: list[tuple[_Op, asyncio.Future]]) -> None:
         conn = self._conn

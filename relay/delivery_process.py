@@ -1,0 +1,295 @@
+"""Delivery in a process of its own, so acceptance and delivery each get a core.
+
+The daemon (the parent) keeps everything that is per connection or per client address:
+listeners, sessions, limits, AUTH throttling. This child runs only the queue runner over the
+same SQLite queue (WAL: one writer at a time, readers never wait). Nothing but the database
+is shared; two small channels join the processes:
+
+- the wake pipe, parent -> child: one byte after each committed enqueue, so delivery starts at
+  once instead of at the next poll. End of file means the parent is gone: the child stops.
+- the control socket, both ways: the parent's metrics endpoint asks for the child's metrics
+  (b"M"), the child answers with a length-prefixed exposition, merged into one scrape.
+
+The parent restarts a child that dies, after handing its leases back (`QueueStore.recover`:
+no other runner exists at that moment), and stops it last on shutdown so in-flight
+deliveries finish within the grace period.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+from typing import Callable
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from . import config as config_mod, db, metrics
+from .config import Config
+from .logs import event
+
+log = logging.getLogger("relay.delivery")
+
+_LEN = struct.Struct("!I")
+
+
+# ---------------------------------------------------------------- parent side
+
+class DeliveryProcess:
+    """The parent's handle on the delivery child: start, wake, metrics, restart, stop."""
+
+    RESTART_DELAY = 1.0
+
+    def __init__(self, config_path: str | None, on_exit: Callable[[], "asyncio.Future | None"]):
+        self.config_path = config_path
+        self._on_exit = on_exit  # coroutine function run before a restart (lease recovery)
+        self.proc: asyncio.subprocess.Process | None = None
+        self._wake_w: int | None = None
+        self._ctl: socket.socket | None = None
+        self._ctl_lock = threading.Lock()
+        self._stopping = False
+        self._supervisor: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._supervisor = asyncio.create_task(self._supervise(), name="delivery-supervisor")
+
+    async def _spawn(self) -> None:
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        parent_ctl, child_ctl = socket.socketpair()
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # systemd hears the parent only
+        args = [sys.executable, "-m", "relay.delivery_process", "--wake-fd", str(wake_r),
+                "--ctl-fd", str(child_ctl.fileno())]
+        if self.config_path:
+            args += ["--config", self.config_path]
+        try:
+            self.proc = await asyncio.create_subprocess_exec(*args, pass_fds=(wake_r, child_ctl.fileno()), env=env,
+                                                             stdin=asyncio.subprocess.DEVNULL)
+        finally:
+            os.close(wake_r)
+            child_ctl.close()
+        old_w, old_ctl = self._wake_w, self._ctl
+        self._wake_w, self._ctl = wake_w, parent_ctl
+        parent_ctl.settimeout(5)
+        for fd in (old_w,):
+            if fd is not None:
+                os.close(fd)
+        if old_ctl is not None:
+            old_ctl.close()
+        event(log, "delivery_process_started", pid=self.proc.pid)
+
+    async def _supervise(self) -> None:
+        while True:
+            assert self.proc is not None
+            code = await self.proc.wait()
+            if self._stopping:
+                return
+            event(log, "delivery_process_exited", logging.ERROR, pid=self.proc.pid, code=code,
+                  action=f"restarting in {self.RESTART_DELAY:g}s")
+            await asyncio.sleep(self.RESTART_DELAY)
+            if self._stopping:
+                return
+            try:
+                await self._on_exit()
+                await self._spawn()
+            except Exception:  # noqa: BLE001 - keep trying: the queue waits on disk meanwhile
+                log.exception("could not restart the delivery process")
+
+    def wake(self) -> None:
+        if self._wake_w is None:
+            return
+        try:
+            os.write(self._wake_w, b"w")
+        except (BlockingIOError, BrokenPipeError, OSError):
+            pass  # full: a wake is already pending; broken: the supervisor restarts the child
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+
+    def metrics_text(self) -> str:
+        """The child's exposition (called from the metrics thread); empty if it does not answer."""
+        with self._ctl_lock:
+            ctl = self._ctl
+            if ctl is None:
+                return ""
+            try:
+                ctl.sendall(b"M")
+                head = _recv_exact(ctl, _LEN.size)
+                return _recv_exact(ctl, _LEN.unpack(head)[0]).decode()
+            except (OSError, ValueError):
+                return ""
+
+    async def stop(self, timeout: float) -> None:
+        self._stopping = True
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout + 5)
+            except asyncio.TimeoutError:
+                event(log, "delivery_process_killed", logging.ERROR, pid=self.proc.pid)
+                self.proc.kill()
+                await self.proc.wait()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+        if self._wake_w is not None:
+            os.close(self._wake_w)
+            self._wake_w = None
+        with self._ctl_lock:
+            if self._ctl is not None:
+                self._ctl.close()
+                self._ctl = None
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ValueError("control channel closed")
+        buf += chunk
+    return bytes(buf)
+
+
+class MergedRegistry:
+    """What the metrics endpoint serves: this process's metrics plus the delivery child's, summed.
+
+    Each metric is moved by one process only (the other holds zeros), so a sum is exact for
+    counters, gauges and histograms alike; `_created` samples are dropped rather than summed.
+    """
+
+    PARENT_ONLY = frozenset({"relay_build_info"})  # set in the parent; the child's copy is empty
+
+    def __init__(self, registry, remote: Callable[[], str]):
+        self._registry = registry
+        self._remote = remote
+
+    def collect(self):
+        local = text_string_to_metric_families(generate_latest(self._registry).decode())
+        remote_text = self._remote()
+        remote = {f.name: f for f in text_string_to_metric_families(remote_text)} if remote_text else {}
+        for fam in local:
+            other = None if fam.name in self.PARENT_ONLY else remote.get(fam.name)
+            values: dict[tuple, float] = {}
+            order: list[tuple] = []
+            proto: dict[tuple, object] = {}
+            for s in list(fam.samples) + (list(other.samples) if other is not None and fam.type != "info" else []):
+                if s.name.endswith("_created"):
+                    continue
+                key = (s.name, tuple(sorted(s.labels.items())))
+                if key not in values:
+                    order.append(key)
+                    proto[key] = s
+                    values[key] = 0.0
+                values[key] += s.value
+            fam.samples = [proto[k]._replace(value=values[k]) for k in order]
+            yield fam
+
+    def restricted_registry(self, names):  # prometheus_client's `?name[]=` filter: serve everything
+        return self
+
+
+# ---------------------------------------------------------------- child side
+
+class _Child:
+    def __init__(self, cfg: Config, config_path: str | None, wake_fd: int, ctl_fd: int):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.wake_fd = wake_fd
+        self.ctl = socket.socket(fileno=ctl_fd)
+        self.stop_event = asyncio.Event()
+
+    async def run(self) -> int:
+        from .delivery import Router
+        from .queue_runner import QueueRunner
+        from .queue_store import QueueStore
+
+        loop = asyncio.get_running_loop()
+        conn = await db.open_async(self.cfg.storage.path)
+        runner: QueueRunner | None = None
+        lock = db.WriterLock(self.cfg.storage.path)
+        queue = QueueStore(conn, lease_seconds=self.cfg.delivery.lease_seconds, writer_lock=lock,
+                           on_enqueue=lambda: runner.wake() if runner else None)  # our own bounces
+        runner = QueueRunner(queue, Router(self.cfg), self.cfg)
+        self.runner = runner
+        os.set_blocking(self.wake_fd, False)
+        loop.add_reader(self.wake_fd, self._on_wake)
+        loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        # Ctrl-C in a terminal reaches the whole process group: the parent decides when we stop.
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
+        ctl_task = asyncio.create_task(self._serve_ctl(), name="delivery-ctl")
+        run_task = asyncio.create_task(runner.run(), name="queue-runner")
+        event(log, "delivery_ready", pid=os.getpid())
+        await self.stop_event.wait()
+        loop.remove_reader(self.wake_fd)
+        await runner.stop(timeout=self.cfg.server.shutdown_grace)
+        for t in (run_task, ctl_task):
+            t.cancel()
+        await asyncio.gather(run_task, ctl_task, return_exceptions=True)
+        await queue.close()
+        await conn.close()
+        lock.close()
+        event(log, "delivery_stopped", pid=os.getpid())
+        return 0
+
+    def _on_wake(self) -> None:
+        try:
+            data = os.read(self.wake_fd, 4096)
+        except BlockingIOError:
+            return
+        if not data:  # the parent is gone (even SIGKILLed): stop, leases go back by recovery
+            self.stop_event.set()
+            return
+        self.runner.wake()
+
+    def _reload(self) -> None:
+        try:
+            new = config_mod.load(self.config_path)
+        except config_mod.ConfigError as exc:
+            event(log, "reload_failed", logging.ERROR, error=str(exc))
+            return
+        self.runner.configure(new)
+        self.cfg = new
+
+    async def _serve_ctl(self) -> None:
+        reader, writer = await asyncio.open_connection(sock=self.ctl)
+        while True:
+            op = await reader.read(1)
+            if not op:
+                return
+            if op == b"M":
+                data = generate_latest(metrics.REGISTRY)
+                writer.write(_LEN.pack(len(data)) + data)
+                await writer.drain()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="relay-delivery", description="relay's delivery process (started by `relay serve`)")
+    p.add_argument("--config")
+    p.add_argument("--wake-fd", type=int, required=True)
+    p.add_argument("--ctl-fd", type=int, required=True)
+    args = p.parse_args(argv)
+    from . import logs
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"relay delivery: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(cfg.logging.format, cfg.logging.level)
+    try:
+        return asyncio.run(_Child(cfg, args.config, args.wake_fd, args.ctl_fd).run())
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
