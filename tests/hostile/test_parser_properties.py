@@ -227,6 +227,28 @@ def test_data_state_never_keeps_a_bare_line_ending(data, limit):
     assert content == b"".join(line[1:] if line.startswith(b".") else line for line in lines)
 
 
+data_with_dots_and_long_lines = st.one_of(data_bytes, st.lists(st.sampled_from(
+    [b"\r\n", b".", b"..", b"x", b"y" * 998, b"z" * 997, b".\r\n", b"\r", b"\n"]), max_size=40).map(b"".join))
+
+
+@BUDGET
+@given(data=data_with_dots_and_long_lines, limit=st.integers(min_value=0, max_value=5000),
+       cuts=st.lists(st.integers(min_value=0, max_value=60), max_size=4))
+def test_data_state_blocks_judge_exactly_like_lines(data, limit, cuts):
+    """The session hands DataState runs of lines; the verdict, size and content must not depend on that."""
+    lines = _as_read(data)
+    by_line = policy.DataState(limit)
+    for line in lines:
+        by_line.feed(line)
+    by_block = policy.DataState(limit)
+    bounds = sorted({0, len(lines), *(c for c in cuts if c < len(lines))})
+    for a, b in zip(bounds, bounds[1:]):
+        by_block.feed_block(b"".join(lines[a:b]))
+    assert (by_block.size, by_block.problem) == (by_line.size, by_line.problem)
+    if by_line.problem is None:
+        assert by_block.content() == by_line.content()
+
+
 # ---------------------------------------------------------------- headers.prepare
 
 FIELD_NAMES = ["Subject", "From", "To", "Bcc", "bcc", "BCC", "Received", "received", "Date", "Message-ID",
