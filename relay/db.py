@@ -261,17 +261,10 @@ class WriterLock:
         self.path = db_path + ".writer-lock"
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
-    async def acquire(self) -> None:
-        # Always through a thread, even when free: a writer that re-took the lock in the same
-        # instant it let go (LOCK_NB) would win every time, before the waiter is even scheduled.
+    def acquire_blocking(self) -> None:
+        """From the queue's writer thread (never the event loop): wait for our turn."""
         import fcntl
-        fut = asyncio.get_running_loop().run_in_executor(None, fcntl.flock, self._fd, fcntl.LOCK_EX)
-        try:
-            await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            # The thread still takes the lock: hand it back when it does, or both writers stop.
-            fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self.release())
-            raise
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
 
     def release(self) -> None:
         import fcntl

@@ -66,7 +66,7 @@ class DeliveryProcess:
         parent_ctl, child_ctl = socket.socketpair()
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # systemd hears the parent only
         args = [sys.executable, "-m", "relay.delivery_process", "--wake-fd", str(wake_r),
-                "--ctl-fd", str(child_ctl.fileno())]
+                "--ctl-fd", str(child_ctl.fileno()), "--parent-pid", str(os.getpid())]
         if self.config_path:
             args += ["--config", self.config_path]
         try:
@@ -272,12 +272,28 @@ class _Child:
                 await writer.drain()
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """If `relay serve` dies (even by SIGKILL), die with it, as one process would have: otherwise
+    a restarted relay recovers the leases of deliveries this orphan is still making."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the wake pipe's end of file still stops us
+    if os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="relay-delivery", description="relay's delivery process (started by `relay serve`)")
     p.add_argument("--config")
     p.add_argument("--wake-fd", type=int, required=True)
     p.add_argument("--ctl-fd", type=int, required=True)
+    p.add_argument("--parent-pid", type=int)
     args = p.parse_args(argv)
+    if args.parent_pid:
+        _die_with_parent(args.parent_pid)
     from . import logs
     try:
         cfg = config_mod.load(args.config)

@@ -13,12 +13,13 @@ import os
 import secrets
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import aiosqlite
 
-from . import metrics
+from . import db, metrics
 from .db import WriterLock
 
 ACTIVE = ("pending", "deferred")
@@ -98,7 +99,7 @@ class RecipientUpdate:
     remote_mta: str | None = None
 
 
-_Op = Callable[[aiosqlite.Connection], Awaitable[Any]]
+_Op = Callable[[sqlite3.Connection], Any]  # runs in the writer thread, inside the batch's transaction
 
 
 def classify_error(exc: BaseException) -> StoreUnavailable:
@@ -116,8 +117,11 @@ class QueueStore:
     def __init__(self, conn: aiosqlite.Connection, *, clock: Callable[[], float] = time.time,
                  lease_seconds: float = 600, on_enqueue: Callable[[], None] | None = None,
                  crash_point: str | None = None, writer_lock: WriterLock | None = None):
-        self._conn = conn
+        self._conn = conn          # reads (aiosqlite's thread)
         self._lock = writer_lock
+        # Writes: a connection of their own, used only from this one thread.
+        self._wexec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-writer")
+        self._wconn: sqlite3.Connection | None = None
         self._clock = clock
         self.lease_seconds = lease_seconds
         self._on_enqueue = on_enqueue
@@ -149,61 +153,28 @@ class QueueStore:
                     return
                 continue
             batch, self._pending = self._pending, []
-            if self._lock is None:
-                await self._run_batch(batch)
-                continue
-            await self._lock.acquire()
-            try:
-                await self._run_batch(batch)
-            finally:
-                self._lock.release()
+            await self._run_batch(batch)
 
     async def _run_batch(self, batch: list[tuple[_Op, asyncio.Future]]) -> None:
-        conn = self._conn
-        results: list[tuple[asyncio.Future, Any, BaseException | None]] = []
+        loop = asyncio.get_running_loop()
         try:
-            await conn.execute("BEGIN IMMEDIATE")
+            if self._wconn is None:
+                rows = await self._conn.execute_fetchall("PRAGMA database_list")
+                path = next(r["file"] for r in rows if r["name"] == "main")
+                self._wconn = await loop.run_in_executor(self._wexec, db.open_sync, path)
+            # The whole batch is one hop to the writer thread: no await per statement while
+            # the write lock is held (the other process is waiting for it).
+            failed, results = await loop.run_in_executor(self._wexec, self._run_batch_sync, [op for op, _ in batch])
         except Exception as exc:  # noqa: BLE001 - every failure becomes a transient reply
-            err = classify_error(exc)
+            failed, results = exc, []
+        if failed is not None:
+            err = classify_error(failed)
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(err)
             return
-        for i, (op, fut) in enumerate(batch):
-            try:
-                await conn.execute(f"SAVEPOINT op{i}")
-                value = await op(conn)
-                await conn.execute(f"RELEASE op{i}")
-                results.append((fut, value, None))
-            except Exception as exc:  # noqa: BLE001
-                if not conn.in_transaction:
-                    # SQLite rolled the whole transaction back (SQLITE_FULL, IOERR, NOMEM may): the
-                    # earlier operations' work is gone too, and nothing after may run outside it.
-                    err = classify_error(exc)
-                    for f in [f for f, _, _ in results] + [f for _, f in batch[i:]]:
-                        if not f.done():
-                            f.set_exception(err)
-                    return
-                try:
-                    await conn.execute(f"ROLLBACK TO op{i}")
-                    await conn.execute(f"RELEASE op{i}")
-                except Exception:  # noqa: BLE001
-                    pass
-                results.append((fut, None, exc))
-        try:
-            await conn.commit()
-            metrics.STORE_COMMITS.inc()
-        except Exception as exc:  # noqa: BLE001
-            try:
-                await conn.rollback()
-            except Exception:  # noqa: BLE001
-                pass
-            err = classify_error(exc)
-            for fut, _, _ in results:
-                if not fut.done():
-                    fut.set_exception(err)
-            return
-        for fut, value, exc in results:
+        metrics.STORE_COMMITS.inc()
+        for (_, fut), (value, exc) in zip(batch, results):
             if fut.done():
                 continue
             if exc is None:
@@ -213,11 +184,60 @@ class QueueStore:
             else:
                 fut.set_exception(classify_error(exc))
 
+    def _run_batch_sync(self, ops: list[_Op]) -> tuple[BaseException | None, list[tuple[Any, BaseException | None]]]:
+        """In the writer thread: (error that sank the whole batch, or None; per-op (value, error))."""
+        if self._lock is not None:
+            self._lock.acquire_blocking()
+        try:
+            return self._transaction(ops)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _transaction(self, ops: list[_Op]) -> tuple[BaseException | None, list[tuple[Any, BaseException | None]]]:
+        conn = self._wconn
+        assert conn is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except Exception as exc:  # noqa: BLE001
+            return exc, []
+        results: list[tuple[Any, BaseException | None]] = []
+        for i, op in enumerate(ops):
+            try:
+                conn.execute(f"SAVEPOINT op{i}")
+                value = op(conn)
+                conn.execute(f"RELEASE op{i}")
+                results.append((value, None))
+            except Exception as exc:  # noqa: BLE001
+                if not conn.in_transaction:
+                    # SQLite rolled the whole transaction back (SQLITE_FULL, IOERR, NOMEM may): the
+                    # earlier operations' work is gone too, and nothing after may run outside it.
+                    return exc, []
+                try:
+                    conn.execute(f"ROLLBACK TO op{i}")
+                    conn.execute(f"RELEASE op{i}")
+                except Exception:  # noqa: BLE001
+                    pass
+                results.append((None, exc))
+        try:
+            conn.execute("COMMIT")
+        except Exception as exc:  # noqa: BLE001
+            try:
+                conn.execute("ROLLBACK")
+            except Exception:  # noqa: BLE001
+                pass
+            return exc, []
+        return None, results
+
     async def close(self) -> None:
         self._closing = True
         self._wake.set()
         if self._writer is not None:
             await self._writer
+        if self._wconn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._wexec, self._wconn.close)
+            self._wconn = None
+        self._wexec.shutdown(wait=False)
 
     # ------------------------------------------------------------ enqueue
 
@@ -226,8 +246,8 @@ class QueueStore:
         qid = msg.queue_id or new_queue_id()
         now = self._clock()
 
-        async def op(conn: aiosqlite.Connection) -> str:
-            await self._insert(conn, qid, msg, now)
+        def op(conn: sqlite3.Connection) -> str:
+            self._insert(conn, qid, msg, now)
             return qid
 
         result = await self._write(op)
@@ -238,17 +258,17 @@ class QueueStore:
             self._on_enqueue()
         return result
 
-    async def _insert(self, conn: aiosqlite.Connection, qid: str, msg: NewMessage, now: float) -> None:
-        await conn.execute(
+    def _insert(self, conn: sqlite3.Connection, qid: str, msg: NewMessage, now: float) -> None:
+        conn.execute(
             "INSERT INTO messages(id, sender, created_at, size, auth_user, client_ip, ret, envid, smtputf8) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (qid, msg.sender, now, len(msg.data), msg.auth_user, msg.client_ip, msg.ret, msg.envid, int(msg.smtputf8)))
-        await conn.execute("INSERT INTO bodies(id, data) VALUES (?, ?)", (qid, msg.data))
-        await conn.executemany(
+        conn.execute("INSERT INTO bodies(id, data) VALUES (?, ?)", (qid, msg.data))
+        conn.executemany(
             "INSERT INTO recipients(msg_id, rcpt, route, state, next_attempt_at, notify, orcpt, updated_at) "
             "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
             [(qid, r.address, r.route, now, r.notify, r.orcpt, now) for r in msg.recipients])
-        await conn.execute("INSERT INTO history(msg_id, ts, event, detail) VALUES (?, ?, 'queued', ?)",
+        conn.execute("INSERT INTO history(msg_id, ts, event, detail) VALUES (?, ?, 'queued', ?)",
                            (qid, now, f"from=<{msg.sender}> rcpts={len(msg.recipients)} size={len(msg.data)}"))
 
     # ------------------------------------------------------------ claim / settle
@@ -268,13 +288,13 @@ class QueueStore:
                 (t,)):
             return []
 
-        async def op(conn: aiosqlite.Connection) -> list[Job]:
-            rows = await conn.execute_fetchall(
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(
                 "SELECT r.id, r.msg_id, r.rcpt, r.route, r.attempts, r.notify, r.orcpt, "
                 "m.sender, m.created_at, m.size, m.ret, m.envid, m.smtputf8, m.warned "
                 "FROM recipients r JOIN messages m ON m.id = r.msg_id "
                 "WHERE r.state IN ('pending', 'deferred') AND r.next_attempt_at <= ? "
-                "ORDER BY r.next_attempt_at LIMIT ?", (t, limit))
+                "ORDER BY r.next_attempt_at LIMIT ?", (t, limit)).fetchall()
             jobs: dict[tuple[str, str], Job] = {}
             updates = []
             for r in rows:
@@ -287,7 +307,7 @@ class QueueStore:
                 job.recipients.append(ClaimedRecipient(r["id"], r["rcpt"], r["attempts"] + 1, r["notify"], r["orcpt"]))
                 # The lease is the due time: a crashed worker's rows come due again by themselves.
                 updates.append((t + self.lease_seconds, job.token, r["id"]))
-            await conn.executemany(
+            conn.executemany(
                 "UPDATE recipients SET next_attempt_at = ?, attempts = attempts + 1, lease_token = ? WHERE id = ?",
                 updates)
             return list(jobs.values())
@@ -302,8 +322,8 @@ class QueueStore:
         """
         until = self._clock() + self.lease_seconds
 
-        async def op(conn: aiosqlite.Connection) -> None:
-            cur = await conn.execute(
+        def op(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
                 "UPDATE recipients SET next_attempt_at = ? WHERE lease_token = ? AND state IN ('pending', 'deferred')",
                 (until, job.token))
             if cur.rowcount != len(job.recipients):
@@ -330,22 +350,22 @@ class QueueStore:
         now = self._clock()
         bounce_ids = [b.queue_id or new_queue_id() for b in bounces]
 
-        async def op(conn: aiosqlite.Connection) -> list[str]:
+        def op(conn: sqlite3.Connection) -> list[str]:
             for u in updates:
-                cur = await conn.execute(
+                cur = conn.execute(
                     "UPDATE recipients SET state = ?, next_attempt_at = ?, lease_token = NULL, last_error = ?, "
                     "remote_mta = ?, updated_at = ? WHERE id = ? AND lease_token = ?",
                     (u.state, u.next_attempt_at, u.error, u.remote_mta, now, u.id, job.token))
                 if cur.rowcount != 1:
                     raise LeaseLost(job.msg_id)
             if history:
-                await conn.executemany("INSERT INTO history(msg_id, ts, rcpt, event, detail) VALUES (?, ?, ?, ?, ?)",
+                conn.executemany("INSERT INTO history(msg_id, ts, rcpt, event, detail) VALUES (?, ?, ?, ?, ?)",
                                        [(job.msg_id, now, rcpt, ev, detail) for rcpt, ev, detail in history])
             if mark_warned:
-                await conn.execute("UPDATE messages SET warned = 1 WHERE id = ?", (job.msg_id,))
+                conn.execute("UPDATE messages SET warned = 1 WHERE id = ?", (job.msg_id,))
             for qid, b in zip(bounce_ids, bounces):
-                await self._insert(conn, qid, b, now)
-            await self._remove_if_final(conn, job.msg_id)
+                self._insert(conn, qid, b, now)
+            self._remove_if_final(conn, job.msg_id)
             return bounce_ids
 
         result = await self._write(op)
@@ -353,22 +373,22 @@ class QueueStore:
             self._on_enqueue()
         return result
 
-    async def _remove_if_final(self, conn: aiosqlite.Connection, msg_id: str) -> bool:
-        rows = await conn.execute_fetchall(
-            "SELECT COUNT(*) AS n FROM recipients WHERE msg_id = ? AND state NOT IN ('delivered', 'failed')", (msg_id,))
+    def _remove_if_final(self, conn: sqlite3.Connection, msg_id: str) -> bool:
+        rows = conn.execute(
+            "SELECT COUNT(*) AS n FROM recipients WHERE msg_id = ? AND state NOT IN ('delivered', 'failed')", (msg_id,)).fetchall()
         if rows[0]["n"]:
             return False
         # Every recipient is final: the message leaves the queue (its story stays in the log).
         for table, col in (("history", "msg_id"), ("recipients", "msg_id"), ("bodies", "id"), ("messages", "id")):
-            await conn.execute(f"DELETE FROM {table} WHERE {col} = ?", (msg_id,))
+            conn.execute(f"DELETE FROM {table} WHERE {col} = ?", (msg_id,))
         return True
 
     async def release(self, job: Job) -> None:
         """Give a lease back unattempted (shutdown): due now, attempt not counted."""
         now = self._clock()
 
-        async def op(conn: aiosqlite.Connection) -> None:
-            await conn.execute(
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "UPDATE recipients SET next_attempt_at = ?, lease_token = NULL, attempts = MAX(attempts - 1, 0) "
                 "WHERE lease_token = ?", (now, job.token))
 
@@ -378,8 +398,8 @@ class QueueStore:
         """At startup this node holds no leases: anything left in flight by a crash is due now."""
         now = self._clock()
 
-        async def op(conn: aiosqlite.Connection) -> int:
-            cur = await conn.execute(
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
                 "UPDATE recipients SET next_attempt_at = ?, lease_token = NULL "
                 "WHERE lease_token IS NOT NULL AND state IN ('pending', 'deferred')", (now,))
             return cur.rowcount
@@ -438,12 +458,12 @@ class QueueStore:
         """Make active recipients (of one message, or all) due now. Returns how many."""
         now = self._clock()
 
-        async def op(conn: aiosqlite.Connection) -> int:
+        def op(conn: sqlite3.Connection) -> int:
             if msg_id is None:
-                cur = await conn.execute("UPDATE recipients SET next_attempt_at = ? "
+                cur = conn.execute("UPDATE recipients SET next_attempt_at = ? "
                                          "WHERE state IN ('pending', 'deferred') AND lease_token IS NULL", (now,))
             else:
-                cur = await conn.execute("UPDATE recipients SET next_attempt_at = ? WHERE msg_id = ? "
+                cur = conn.execute("UPDATE recipients SET next_attempt_at = ? WHERE msg_id = ? "
                                          "AND state IN ('pending', 'deferred') AND lease_token IS NULL", (now, msg_id))
             return cur.rowcount
 
@@ -455,16 +475,16 @@ class QueueStore:
     async def delete(self, msg_id: str, *, bounce: NewMessage | None = None) -> bool:
         now = self._clock()
 
-        async def op(conn: aiosqlite.Connection) -> bool:
-            rows = await conn.execute_fetchall("SELECT 1 FROM messages WHERE id = ?", (msg_id,))
+        def op(conn: sqlite3.Connection) -> bool:
+            rows = conn.execute("SELECT 1 FROM messages WHERE id = ?", (msg_id,)).fetchall()
             if not rows:
                 return False
-            await conn.execute("UPDATE recipients SET state = 'failed', lease_token = NULL, "
+            conn.execute("UPDATE recipients SET state = 'failed', lease_token = NULL, "
                                "last_error = 'deleted by the administrator' WHERE msg_id = ? "
                                "AND state IN ('pending', 'deferred')", (msg_id,))
             if bounce is not None:
-                await self._insert(conn, bounce.queue_id or new_queue_id(), bounce, now)
-            await self._remove_if_final(conn, msg_id)
+                self._insert(conn, bounce.queue_id or new_queue_id(), bounce, now)
+            self._remove_if_final(conn, msg_id)
             return True
 
         return await self._write(op)

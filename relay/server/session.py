@@ -247,9 +247,9 @@ class Session(SMTP):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self._in_data:
-            # Progress-based idle timeout in DATA: any bytes count, not only complete reads
-            # (a slow upload of short lines reaches the reader only at each ".\r\n").
+        if self._in_data and b"\n" in data:
+            # Progress-based idle timeout in DATA, counted in completed lines as they arrive (the
+            # reader sees them only at each ".\r\n"); a byte-a-second drip completes none.
             self._reset_timeout()
         super().data_received(data)
 
