@@ -216,7 +216,10 @@ class _Child:
         conn = await db.open_async(self.cfg.storage.path)
         runner: QueueRunner | None = None
         lock = db.WriterLock(self.cfg.storage.path)
-        queue = QueueStore(conn, lease_seconds=self.cfg.delivery.lease_seconds, writer_lock=lock,
+        # Delivery bookkeeping commits without its own fsync: what power loss could take back is
+        # a settle, and a settle lost means a retry (at worst a duplicate, as SMTP allows), never
+        # a lost message. Acceptance, whose 250 promises the disk, keeps synchronous=FULL.
+        queue = QueueStore(conn, lease_seconds=self.cfg.delivery.lease_seconds, writer_lock=lock, sync_commits=False,
                            on_enqueue=lambda: runner.wake() if runner else None)  # our own bounces
         runner = QueueRunner(queue, Router(self.cfg), self.cfg)
         self.runner = runner

@@ -181,7 +181,7 @@ class Session:
                 await self._rset()
                 return result
             try:
-                resp = await c.data(env.data)
+                resp = await _data(c, env.data)
                 code, message = resp.code, resp.message
             except aiosmtplib.SMTPResponseException as exc:
                 code, message = exc.code, exc.message
@@ -215,3 +215,21 @@ class Session:
                 pass
         self.client.close()
         self.alive = False
+
+
+async def _data(c: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
+    """DATA for a message as we store it: CRLF lines only, so dot-stuffing (RFC 5321 4.5.2) is
+    all that is left to do, in one replace. aiosmtplib's data() runs two regular expressions
+    over every message (a fifth of the delivery process's CPU); anything unusual still goes there."""
+    if not data.endswith(b"\r\n") or not data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n"):
+        return await c.data(data)
+    start = await c.execute_command(b"DATA")
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    stuffed = (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    assert c.protocol is not None
+    c.protocol.write(stuffed)  # the reply cannot arrive before read_response arms itself: no await between
+    resp = await c.protocol.read_response(timeout=c.timeout)
+    if resp.code != 250:
+        raise aiosmtplib.SMTPDataError(resp.code, resp.message)
+    return resp

@@ -341,6 +341,15 @@ def test_connection_reuse_carries_several_messages(make_relay, dns_server, sink)
     assert sorted(m.rcpt_tos[0] for m in sink.messages) == [f"user{i}@example.net" for i in range(5)]
 
 
+def test_lines_starting_with_dots_arrive_exactly_as_submitted(make_relay, dns_server, sink):
+    """Transparency both ways (RFC 5321 4.5.2): unstuffed on receipt, stuffed again on delivery."""
+    relay = start_relay(make_relay, dns_server, sink)
+    body = ".\r\n..\r\n.leading\r\n...three\r\nmiddle . dot\r\n.\r\nend.\r\n"
+    send(relay, ["bob@example.net"], "dots", body=body)
+    assert sink.wait_for(1)
+    assert sink.messages[0].data.endswith(b"\r\n\r\n" + body.encode())
+
+
 def test_per_destination_connection_limit(make_relay, dns_server, sink):
     sink.mode = "stall_data"  # every session hangs at DATA: count concurrent connections
     relay = start_relay(make_relay, dns_server, sink, max_connections_per_destination=2, command_timeout=30)
