@@ -75,6 +75,21 @@ class DeliveryProcess:
         finally:
             os.close(wake_r)
             child_ctl.close()
+        # Ready means ready: wait for the child to have its queue open and its signal handlers
+        # set (a SIGTERM before that would kill it outright).
+        parent_ctl.settimeout(60)
+        try:
+            hello = await asyncio.get_running_loop().run_in_executor(None, parent_ctl.recv, 1)
+        except OSError:
+            hello = b""
+        if hello != b"R":
+            parent_ctl.close()
+            os.close(wake_w)
+            if self.proc.returncode is None:
+                self.proc.kill()
+            await self.proc.wait()
+            raise RuntimeError(f"the delivery process did not start (exit code {self.proc.returncode}); "
+                               "its error is in the lines above")
         old_w, old_ctl = self._wake_w, self._ctl
         self._wake_w, self._ctl = wake_w, parent_ctl
         parent_ctl.settimeout(5)
@@ -99,8 +114,8 @@ class DeliveryProcess:
             try:
                 await self._on_exit()
                 await self._spawn()
-            except Exception:  # noqa: BLE001 - keep trying: the queue waits on disk meanwhile
-                log.exception("could not restart the delivery process")
+            except Exception as exc:  # noqa: BLE001 - keep trying: the queue waits on disk meanwhile
+                event(log, "delivery_process_restart_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
 
     def wake(self) -> None:
         if self._wake_w is None:
@@ -163,7 +178,7 @@ class MergedRegistry:
     """What the metrics endpoint serves: this process's metrics plus the delivery child's, summed.
 
     Each metric is moved by one process only (the other holds zeros), so a sum is exact for
-    counters, gauges and histograms alike; `_created` samples are dropped rather than summed.
+    counters, gauges and histograms alike (metrics.py turns `_created` series off).
     """
 
     PARENT_ONLY = frozenset({"relay_build_info"})  # set in the parent; the child's copy is empty
@@ -182,8 +197,6 @@ class MergedRegistry:
             order: list[tuple] = []
             proto: dict[tuple, object] = {}
             for s in list(fam.samples) + (list(other.samples) if other is not None and fam.type != "info" else []):
-                if s.name.endswith("_created"):
-                    continue
                 key = (s.name, tuple(sorted(s.labels.items())))
                 if key not in values:
                     order.append(key)
@@ -229,6 +242,7 @@ class _Child:
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         # Ctrl-C in a terminal reaches the whole process group: the parent decides when we stop.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
+        self.ctl.sendall(b"R")  # see DeliveryProcess._spawn
         ctl_task = asyncio.create_task(self._serve_ctl(), name="delivery-ctl")
         run_task = asyncio.create_task(runner.run(), name="queue-runner")
         event(log, "delivery_ready", pid=os.getpid())

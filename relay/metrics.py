@@ -5,7 +5,11 @@ Never an address or a username.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+
+# No `*_created` series: they double the exposition, and the delivery process's metrics are
+# summed into the daemon's scrape, where a summed timestamp would mean nothing.
+disable_created_metrics()
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
