@@ -25,9 +25,9 @@ log = logging.getLogger("relay.queue")
 
 CLAIM_BATCH = 200
 MAX_BACKLOG = 2000  # claimed-but-not-started recipients held in memory
-# Longest sleep between looks at the queue. Enqueues in this process wake the runner at once;
-# this bounds how late it notices changes made elsewhere (`relay queue retry` runs in another
-# process, later other nodes): one indexed MIN() every 2 s costs nothing.
+# Longest sleep between looks at the queue. Enqueues by `relay serve` wake the runner at once
+# (in-process, or down the delivery process's wake pipe); this bounds how late it notices
+# changes made elsewhere (`relay queue retry`, later other nodes): one indexed MIN() every 2 s.
 IDLE_POLL = 2.0
 # An idle outbound connection waits this long for the next message to its destination
 # (Postfix's smtp_connection_cache_time_limit), so a burst of submissions shares one session.
