@@ -11,6 +11,7 @@ import functools
 from concurrent.futures import Executor
 
 import dkim
+import dkim.canonicalization
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
@@ -41,6 +42,22 @@ dkim.RSASSA_PKCS1_v1_5_sign = _rsa_sign
 # dkimpy parses the PEM (pure-Python ASN.1) on every signature; the result depends only on the
 # key text, so remember it for the keys in use.
 dkim.parse_pem_private_key = functools.lru_cache(maxsize=256)(dkim.parse_pem_private_key)
+
+
+# Relaxed body canonicalization (RFC 6376 3.4.4) runs two regular expressions over the whole
+# body: a fifth of the acceptance process's CPU at 10 KB. A body with no tab, no run of spaces
+# and no space before a line end has no whitespace to change, which is most mail: only the
+# trailing empty lines are left to handle. Anything else takes dkimpy's own code.
+_RELAXED_BODY = dkim.canonicalization.Relaxed.canonicalize_body
+
+
+def _relaxed_body(body: bytes) -> bytes:
+    if b"\t" in body or b"  " in body or b" \r\n" in body:
+        return _RELAXED_BODY(body)
+    return dkim.canonicalization.correct_empty_body(dkim.canonicalization.strip_trailing_lines(body))
+
+
+dkim.canonicalization.Relaxed.canonicalize_body = staticmethod(_relaxed_body)
 
 
 def _register(key: DKIMKey) -> None:

@@ -5,6 +5,7 @@ import base64
 
 import dkim
 import dns.rdatatype
+from hypothesis import given, settings, strategies as st
 import dns.zone
 import pytest
 
@@ -98,3 +99,11 @@ def test_openssl_rsa_primitive_is_byte_identical_to_dkimpys():
     other_parsed = dkim.crypto.parse_pem_private_key(other.encode())
     assert signing._rsa_sign(hashlib.sha256(b"x"), other_parsed) == \
         signing._PURE_RSA_SIGN(hashlib.sha256(b"x"), other_parsed)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"b c", b" ", b"  ", b"\t", b"\r\n", b"\r\n\r\n", b".", b" \r\n",
+                                 b"\t\r\n", b"x" * 50]), max_size=40).map(b"".join))
+def test_relaxed_body_fast_path_matches_dkimpy(body):
+    from relay import signing
+    assert signing._relaxed_body(body) == signing._RELAXED_BODY(body)
