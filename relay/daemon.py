@@ -113,13 +113,13 @@ class Daemon:
                 self.delivery = DeliveryProcess(self.config_path, on_exit=self._recover)
                 await self.delivery.start()
             else:
-                self.runner = QueueRunner(self.queue, Router(cfg), cfg)
+                self.runner = QueueRunner(self.queue, Router(cfg), cfg, signer=Signer(self.dkim, self.executor))
             self.state = ServerState(settings=settings_from(cfg), credentials=self.credentials, queue=self.queue,
                                      tls_context=tls_context,
                                      throttle=AuthThrottle(cfg.limits.auth_failures, cfg.limits.auth_failure_window,
                                                            cfg.limits.auth_lockout),
                                      domain_verified=self.dkim.is_verified,
-                                     signer=Signer(self.dkim, self.executor))
+                                     dkim_signing=True)
             self.bound = await listeners.start(self.state, cfg.listeners, tls_context)
             self.refusal_servers = await refusal.start(cfg.refusal, tls_context)
             self._start_metrics()

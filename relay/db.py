@@ -85,6 +85,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (domain, selector)
     );
     """,
+    # 3: DKIM signing moves from acceptance to the delivery process: the domain to sign for,
+    # until the signed copy is stored (then NULL)
+    """
+    ALTER TABLE messages ADD COLUMN dkim_domain TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -222,7 +222,9 @@ class _Child:
 
     async def run(self) -> int:
         from .delivery import Router
+        from .dkim_keys import DKIMStore
         from .queue_runner import QueueRunner
+        from .signing import Signer
         from .queue_store import QueueStore
 
         loop = asyncio.get_running_loop()
@@ -234,7 +236,7 @@ class _Child:
         # a lost message. Acceptance, whose 250 promises the disk, keeps synchronous=FULL.
         queue = QueueStore(conn, lease_seconds=self.cfg.delivery.lease_seconds, writer_lock=lock, sync_commits=False,
                            on_enqueue=lambda: runner.wake() if runner else None)  # our own bounces
-        runner = QueueRunner(queue, Router(self.cfg), self.cfg)
+        runner = QueueRunner(queue, Router(self.cfg), self.cfg, signer=Signer(DKIMStore(conn)))
         self.runner = runner
         os.set_blocking(self.wake_fd, False)
         loop.add_reader(self.wake_fd, self._on_wake)

@@ -71,6 +71,12 @@ def event(log: logging.Logger, name: str, level: int = logging.INFO, **fields: A
 
 
 def setup(fmt: str = "logfmt", level: str = "info") -> None:
+    # The logging HOWTO's "Optimization" switches: our lines carry no caller, thread or process
+    # fields, and finding the caller walks the stack for every line (several per message).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else LogfmtFormatter())
     root = logging.getLogger()

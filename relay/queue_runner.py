@@ -13,7 +13,7 @@ import re
 import time
 from collections import deque
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Awaitable, Callable
 
 from . import bounce, metrics
 from .config import Config
@@ -72,8 +72,10 @@ class _Destination:
 
 
 class QueueRunner:
-    def __init__(self, queue: QueueStore, router: Router, cfg: Config, clock: Callable[[], float] = time.time):
+    def __init__(self, queue: QueueStore, router: Router, cfg: Config, clock: Callable[[], float] = time.time,
+                 signer: Callable[[str, bytes], Awaitable[tuple[bytes, str | None]]] | None = None):
         self.queue = queue
+        self.signer = signer
         self.router = router
         self.clock = clock
         self._wake = asyncio.Event()
@@ -243,6 +245,8 @@ class QueueRunner:
         body = await self.queue.body(job.msg_id)
         if body is None:  # deleted by the administrator meanwhile
             return
+        if job.dkim_domain is not None and self.signer is not None:
+            body = await self._sign(job, body)
         env = Envelope(job.sender, tuple(OutRecipient(r.address, r.notify, r.orcpt) for r in job.recipients),
                        body, job.smtputf8, job.ret, job.envid)
         try:
@@ -256,6 +260,21 @@ class QueueRunner:
         t = asyncio.create_task(self._settle(job, outcomes, body))
         self._settling.add(t)
         t.add_done_callback(self._settling.discard)
+
+    async def _sign(self, job: Job, body: bytes) -> bytes:
+        """DKIM-sign before the first attempt and store the signed copy (retries send it as is).
+        Signing trouble is logged and the message goes unsigned rather than stuck."""
+        assert self.signer is not None and job.dkim_domain is not None
+        try:
+            signed, selector = await self.signer(job.dkim_domain, body)
+            await self.queue.store_signed(job.msg_id, signed)
+        except Exception as exc:  # noqa: BLE001
+            event(log, "dkim_sign_failed", logging.ERROR, qid=job.msg_id, domain=job.dkim_domain,
+                  error=f"{type(exc).__name__}: {exc}")
+            return body
+        if selector is not None:
+            event(log, "dkim_signed", qid=job.msg_id, domain=job.dkim_domain, selector=selector)
+        return signed
 
     # ------------------------------------------------------------ settle
 

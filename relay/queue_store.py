@@ -62,6 +62,7 @@ class NewMessage:
     envid: str | None = None
     smtputf8: bool = False
     queue_id: str | None = None    # preassigned so the Received header can carry it
+    dkim_domain: str | None = None  # sign for this domain before the first delivery attempt
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Job:
     warned: bool
     leased_until: float = 0.0      # the lease's expiry (= the rows' next_attempt_at while leased)
     recipients: list[ClaimedRecipient] = field(default_factory=list)
+    dkim_domain: str | None = None # not signed yet: sign for this domain first
 
 
 @dataclass(frozen=True)
@@ -270,9 +272,10 @@ class QueueStore:
 
     def _insert(self, conn: sqlite3.Connection, qid: str, msg: NewMessage, now: float) -> None:
         conn.execute(
-            "INSERT INTO messages(id, sender, created_at, size, auth_user, client_ip, ret, envid, smtputf8) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (qid, msg.sender, now, len(msg.data), msg.auth_user, msg.client_ip, msg.ret, msg.envid, int(msg.smtputf8)))
+            "INSERT INTO messages(id, sender, created_at, size, auth_user, client_ip, ret, envid, smtputf8, "
+            "dkim_domain) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (qid, msg.sender, now, len(msg.data), msg.auth_user, msg.client_ip, msg.ret, msg.envid, int(msg.smtputf8),
+             msg.dkim_domain))
         conn.execute("INSERT INTO bodies(id, data) VALUES (?, ?)", (qid, msg.data))
         conn.executemany(
             "INSERT INTO recipients(msg_id, rcpt, route, state, next_attempt_at, notify, orcpt, updated_at) "
@@ -301,7 +304,7 @@ class QueueStore:
         def op(conn: sqlite3.Connection) -> list[Job]:
             rows = conn.execute(
                 "SELECT r.id, r.msg_id, r.rcpt, r.route, r.attempts, r.notify, r.orcpt, "
-                "m.sender, m.created_at, m.size, m.ret, m.envid, m.smtputf8, m.warned "
+                "m.sender, m.created_at, m.size, m.ret, m.envid, m.smtputf8, m.warned, m.dkim_domain "
                 "FROM recipients r JOIN messages m ON m.id = r.msg_id "
                 "WHERE r.state IN ('pending', 'deferred') AND r.next_attempt_at <= ? "
                 "ORDER BY r.next_attempt_at LIMIT ?", (t, limit)).fetchall()
@@ -313,7 +316,7 @@ class QueueStore:
                 if job is None:
                     job = jobs[key] = Job(r["msg_id"], key[1], secrets.token_hex(8), r["sender"], r["created_at"],
                                           r["size"], r["ret"], r["envid"], bool(r["smtputf8"]), bool(r["warned"]),
-                                          t + self.lease_seconds)
+                                          t + self.lease_seconds, dkim_domain=r["dkim_domain"])
                 job.recipients.append(ClaimedRecipient(r["id"], r["rcpt"], r["attempts"] + 1, r["notify"], r["orcpt"]))
                 # The lease is the due time: a crashed worker's rows come due again by themselves.
                 updates.append((t + self.lease_seconds, job.token, r["id"]))
@@ -341,6 +344,17 @@ class QueueStore:
 
         await self._write(op)
         job.leased_until = until
+
+    async def store_signed(self, msg_id: str, data: bytes) -> None:
+        """Keep the signed copy (`data`; unchanged when there was no key), so retries send the
+        same bytes; the first job of a message to get here wins, a later one changes nothing."""
+        def op(conn: sqlite3.Connection) -> None:
+            cur = conn.execute("UPDATE messages SET dkim_domain = NULL, size = ? WHERE id = ? "
+                               "AND dkim_domain IS NOT NULL", (len(data), msg_id))
+            if cur.rowcount:
+                conn.execute("UPDATE bodies SET data = ? WHERE id = ?", (data, msg_id))
+
+        await self._write(op)
 
     async def next_due(self) -> float | None:
         rows = await self._conn.execute_fetchall(

@@ -60,8 +60,8 @@ class ServerState:
     draining: bool = False
     # Optional hook: (domain) -> awaitable bool, True when the domain has verified its DNS.
     domain_verified: Any = None
-    # Optional DKIM signer: async (domain, message) -> (message, selector or None).
-    signer: Any = None
+    # Mark accepted mail for DKIM signing (done by the queue runner before the first attempt).
+    dkim_signing: bool = True
 
     def trusted_principal(self, ip: str) -> Principal | None:
         try:
@@ -776,22 +776,20 @@ class Session(SMTP):
             queue_id=qid, tls=self.tls_info,
             recipient=str(txn.recipients[0][0]) if len(txn.recipients) == 1 else None)
         message = headers.prepare(content, received=received, hostname=hostname, queue_id=qid)
-        selector = None
-        if self.state.signer is not None:
-            # Signed once, here, after our own headers: retries never re-sign, and the
-            # Received/Message-ID/Date we added are covered or harmless to the signature.
-            sign_domain = next((d for d in txn.principal.domains if policy.domain_allowed(txn.sender.ascii_domain, (d,))),
-                               None)
-            if sign_domain is not None:
-                message, selector = await self.state.signer(sign_domain, message)
+        # DKIM: signed by the delivery process before the first attempt (CPU the acceptance
+        # side does not spend while clients wait for 250), for the credential's domain the
+        # sender belongs to; the signed copy is stored, so retries send the same bytes.
+        sign_domain = next((d for d in txn.principal.domains if policy.domain_allowed(txn.sender.ascii_domain, (d,))),
+                           None) if self.state.dkim_signing else None
         new = NewMessage(
             sender=str(txn.sender),
             recipients=tuple(NewRecipient(str(a), a.ascii_domain, p.notify, p.orcpt) for a, p in txn.recipients),
             data=message, auth_user=txn.principal.username, client_ip=self.client_ip,
-            ret=txn.params.ret, envid=txn.params.envid, smtputf8=txn.params.smtputf8, queue_id=qid)
+            ret=txn.params.ret, envid=txn.params.envid, smtputf8=txn.params.smtputf8, queue_id=qid,
+            dkim_domain=sign_domain)
         await self.state.queue.enqueue(new)
         metrics.MESSAGE_SIZE.observe(len(message))
         metrics.ACCEPT_LATENCY.observe(time.perf_counter() - t0)
         event(log, "queued", qid=qid, client=self.client_ip, user=txn.principal.username, sender=str(txn.sender),
-              rcpts=len(txn.recipients), size=len(message), dkim=selector)
+              rcpts=len(txn.recipients), size=len(message))
         await self.reply(replies.QUEUED.with_text(f"{replies.QUEUED.text} {qid}"))

@@ -264,6 +264,10 @@ def test_4xx_is_retried_until_success_and_never_delivered_twice(make_relay, dns_
     assert sink.wait_for(2)
     assert [m.rcpt_tos for m in sink.messages] == [["dave@example.net"], ["bob@example.net"]]
     assert relay.events_named("delivery", qid=qid, result="delivered", rcpt="bob@example.net")[0]["attempt"] == 2
+    # Signed once, before the first attempt, and stored: the retry sends the very same bytes.
+    assert sink.messages[0].data.startswith(b"DKIM-Signature:")
+    assert sink.messages[0].data == sink.messages[1].data
+    assert len(relay.events_named("dkim_signed", qid=qid)) == 1
     assert not bounces(sink)  # no delay warning either: delay_warning_after defaults to 0 (off)
     assert_queue_empty(relay)
     time.sleep(1.5)  # past the next retry step: nothing is delivered again
