@@ -89,6 +89,19 @@ def family_rss_kb(pids: list[int], key: str = "VmRSS") -> int:
     return total
 
 
+def family_pss_kb(pids: list[int]) -> int:
+    """Proportional set size summed: shared pages (the interpreter, libraries) counted once."""
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
 def proc_rss_kb(pid: int, key: str = "VmRSS") -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -446,6 +459,7 @@ async def _idle(port: int, n: int, pid: int) -> dict:
         conns.append(w)
     await asyncio.sleep(0.5)
     rss = family_rss_kb(pids)
+    pss = family_pss_kb(pids)
     lat = []
     for _ in range(20):
         t0 = time.perf_counter()
@@ -456,7 +470,7 @@ async def _idle(port: int, n: int, pid: int) -> dict:
         w.close()
     for w in conns:
         w.close()
-    return {"idle_connections": n, "rss_mb": rss / 1024, "rss_before_mb": rss0 / 1024,
+    return {"idle_connections": n, "rss_mb": rss / 1024, "rss_before_mb": rss0 / 1024, "pss_mb": pss / 1024,
             "banner_p50_ms": pct(lat, 50) * 1000, "banner_max_ms": max(lat) * 1000}
 
 

@@ -16,20 +16,21 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__, config as config_mod, db, metrics, tls
 from .config import Config, ConfigError
 from .credentials import CredentialStore
-from .delivery import Router
 from .delivery_process import DeliveryProcess, MergedRegistry
 from .dkim_keys import DKIMStore
 from .logs import event
-from .queue_runner import QueueRunner
 from .queue_store import QueueStore
 from .server import listeners, refusal
 from .server.auth import AuthThrottle
 from .server.session import ServerState, Settings
-from .signing import Signer
+
+if TYPE_CHECKING:
+    from .queue_runner import QueueRunner
 
 log = logging.getLogger("relay.daemon")
 
@@ -113,6 +114,11 @@ class Daemon:
                 self.delivery = DeliveryProcess(self.config_path, on_exit=self._recover)
                 await self.delivery.start()
             else:
+                # Imported here only: with a delivery process, this one never loads dnspython,
+                # aiosmtplib or dkimpy (~25 MB of RSS).
+                from .delivery import Router
+                from .queue_runner import QueueRunner
+                from .signing import Signer
                 self.runner = QueueRunner(self.queue, Router(cfg), cfg, signer=Signer(self.dkim, self.executor))
             self.state = ServerState(settings=settings_from(cfg), credentials=self.credentials, queue=self.queue,
                                      tls_context=tls_context,

@@ -37,6 +37,7 @@ from .logs import event
 log = logging.getLogger("relay.delivery")
 
 _LEN = struct.Struct("!I")
+_MAX_REPLY = 1 << 20  # the exposition is ~15 KB; a SEQPACKET message must be read whole
 
 
 # ---------------------------------------------------------------- parent side
@@ -53,6 +54,7 @@ class DeliveryProcess:
         self._wake_w: int | None = None
         self._ctl: socket.socket | None = None
         self._ctl_lock = threading.Lock()
+        self._seq = 0
         self._stopping = False
         self._supervisor: asyncio.Task | None = None
 
@@ -63,7 +65,9 @@ class DeliveryProcess:
     async def _spawn(self) -> None:
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
-        parent_ctl, child_ctl = socket.socketpair()
+        # SEQPACKET keeps message boundaries: a reply that arrives after its scrape timed out is
+        # recognised by its sequence number and dropped, never read as part of the next one.
+        parent_ctl, child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # systemd hears the parent only
         args = [sys.executable, "-m", "relay.delivery_process", "--wake-fd", str(wake_r),
                 "--ctl-fd", str(child_ctl.fileno()), "--parent-pid", str(os.getpid())]
@@ -135,11 +139,17 @@ class DeliveryProcess:
             ctl = self._ctl
             if ctl is None:
                 return ""
+            self._seq = (self._seq + 1) % 2**32
+            tag = _LEN.pack(self._seq)
             try:
-                ctl.sendall(b"M")
-                head = _recv_exact(ctl, _LEN.size)
-                return _recv_exact(ctl, _LEN.unpack(head)[0]).decode()
-            except (OSError, ValueError):
+                ctl.send(b"M" + tag)
+                while True:
+                    reply = ctl.recv(_MAX_REPLY)
+                    if not reply:
+                        return ""
+                    if reply[:_LEN.size] == tag:
+                        return reply[_LEN.size:].decode()
+            except OSError:  # timed out (5 s) or the child is gone
                 return ""
 
     async def stop(self, timeout: float) -> None:
@@ -164,14 +174,6 @@ class DeliveryProcess:
                 self._ctl = None
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ValueError("control channel closed")
-        buf += chunk
-    return bytes(buf)
 
 
 class MergedRegistry:
@@ -244,16 +246,17 @@ class _Child:
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         # Ctrl-C in a terminal reaches the whole process group: the parent decides when we stop.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
-        self.ctl.sendall(b"R")  # see DeliveryProcess._spawn
-        ctl_task = asyncio.create_task(self._serve_ctl(), name="delivery-ctl")
+        self.ctl.send(b"R")  # see DeliveryProcess._spawn
+        self.ctl.setblocking(False)
+        loop.add_reader(self.ctl.fileno(), self._on_ctl)
         run_task = asyncio.create_task(runner.run(), name="queue-runner")
         event(log, "delivery_ready", pid=os.getpid())
         await self.stop_event.wait()
         loop.remove_reader(self.wake_fd)
         await runner.stop(timeout=self.cfg.server.shutdown_grace)
-        for t in (run_task, ctl_task):
-            t.cancel()
-        await asyncio.gather(run_task, ctl_task, return_exceptions=True)
+        loop.remove_reader(self.ctl.fileno())
+        run_task.cancel()
+        await asyncio.gather(run_task, return_exceptions=True)
         await queue.close()
         await conn.close()
         lock.close()
@@ -279,16 +282,21 @@ class _Child:
         self.runner.configure(new)
         self.cfg = new
 
-    async def _serve_ctl(self) -> None:
-        reader, writer = await asyncio.open_connection(sock=self.ctl)
-        while True:
-            op = await reader.read(1)
-            if not op:
-                return
-            if op == b"M":
-                data = generate_latest(metrics.REGISTRY)
-                writer.write(_LEN.pack(len(data)) + data)
-                await writer.drain()
+    def _on_ctl(self) -> None:
+        try:
+            request = self.ctl.recv(64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            request = b""
+        if not request:  # the parent closed its end
+            asyncio.get_running_loop().remove_reader(self.ctl.fileno())
+            return
+        if request[:1] == b"M":  # metrics, tagged with the request's sequence number
+            try:
+                self.ctl.send(request[1:1 + _LEN.size] + generate_latest(metrics.REGISTRY))
+            except OSError:
+                pass  # buffer full or parent gone: that scrape times out, the next one works
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -10,12 +10,13 @@ import asyncio
 import base64
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from datetime import datetime, timezone
 
 import aiosqlite
-import dns.asyncresolver
-import dns.exception
-import dns.resolver
+
+if TYPE_CHECKING:
+    import dns.asyncresolver
 
 from .credentials import NotFound, StoreError, normalize_domain
 
@@ -215,7 +216,10 @@ def _matches(rec: Record, found: str) -> bool:
     return found.rstrip(".").lower() == rec.value.rstrip(".").lower()
 
 
-async def verify(resolver: dns.asyncresolver.Resolver, recs: list[Record]) -> list[Check]:
+async def verify(resolver: "dns.asyncresolver.Resolver", recs: list[Record]) -> list[Check]:
+    # dnspython here only: the accepting process imports this module and never resolves (~13 MB).
+    import dns.exception
+    import dns.resolver
     checks = []
     for rec in recs:
         try:
