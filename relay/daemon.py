@@ -111,7 +111,7 @@ class Daemon:
                                     on_enqueue=self._wake_delivery, writer_lock=self.writer_lock)
             await self._recover()
             if cfg.delivery.separate_process:
-                self.delivery = DeliveryProcess(self.config_path, on_exit=self._recover)
+                self.delivery = DeliveryProcess(self.config_path, cfg.storage.path, on_exit=self._recover)
                 await self.delivery.start()
             else:
                 # Imported here only: with a delivery process, this one never loads dnspython,
@@ -218,6 +218,9 @@ class Daemon:
             s.close()
         self.state.draining = True
         deadline = time.monotonic() + self.cfg.server.shutdown_grace
+        if self.delivery is not None:
+            # In parallel with the sessions: in-flight deliveries get the whole grace period too.
+            await self.delivery.begin_stop()
         while True:
             for sess in list(self.state.sessions):
                 sess.drain_close(force=time.monotonic() >= deadline)

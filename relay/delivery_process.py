@@ -47,8 +47,12 @@ class DeliveryProcess:
 
     RESTART_DELAY = 1.0
 
-    def __init__(self, config_path: str | None, on_exit: Callable[[], "asyncio.Future | None"]):
+    def __init__(self, config_path: str | None, storage_path: str, on_exit: Callable[[], "asyncio.Future | None"]):
         self.config_path = config_path
+        # The child reads the config file itself: a restart after the file was edited (without a
+        # reload) must not leave it delivering from another database than the one we fill.
+        self.storage_path = os.path.realpath(storage_path)
+        self._last_metrics = ""
         self._on_exit = on_exit  # coroutine function run before a restart (lease recovery)
         self.proc: asyncio.subprocess.Process | None = None
         self._wake_w: int | None = None
@@ -80,46 +84,59 @@ class DeliveryProcess:
             os.close(wake_r)
             child_ctl.close()
         # Ready means ready: wait for the child to have its queue open and its signal handlers
-        # set (a SIGTERM before that would kill it outright).
-        parent_ctl.settimeout(60)
+        # set (a SIGTERM before that would kill it outright). It names the database it opened.
+        parent_ctl.setblocking(False)
         try:
-            hello = await asyncio.get_running_loop().run_in_executor(None, parent_ctl.recv, 1)
-        except OSError:
+            hello = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(parent_ctl, 4096), 60)
+        except (OSError, asyncio.TimeoutError):
             hello = b""
-        if hello != b"R":
+        except asyncio.CancelledError:
+            parent_ctl.close()
+            os.close(wake_w)
+            raise
+        problem = None
+        if not hello.startswith(b"R"):
+            problem = "the delivery process did not start"
+        elif os.fsdecode(hello[1:]) != self.storage_path:
+            problem = (f"the delivery process opened {os.fsdecode(hello[1:])}, not {self.storage_path} "
+                       "(storage.path changed in the config file without a restart?)")
+        if problem is not None:
             parent_ctl.close()
             os.close(wake_w)
             if self.proc.returncode is None:
                 self.proc.kill()
             await self.proc.wait()
-            raise RuntimeError(f"the delivery process did not start (exit code {self.proc.returncode}); "
-                               "its error is in the lines above")
-        old_w, old_ctl = self._wake_w, self._ctl
-        self._wake_w, self._ctl = wake_w, parent_ctl
-        parent_ctl.settimeout(5)
-        for fd in (old_w,):
-            if fd is not None:
-                os.close(fd)
+            raise RuntimeError(f"{problem} (exit code {self.proc.returncode}); details in the lines above")
+        parent_ctl.setblocking(True)
+        parent_ctl.settimeout(5)  # the metrics thread's requests
+        with self._ctl_lock:
+            old_w, old_ctl = self._wake_w, self._ctl
+            self._wake_w, self._ctl = wake_w, parent_ctl
+        if old_w is not None:
+            os.close(old_w)
         if old_ctl is not None:
             old_ctl.close()
         event(log, "delivery_process_started", pid=self.proc.pid)
 
     async def _supervise(self) -> None:
+        delay = self.RESTART_DELAY
         while True:
             assert self.proc is not None
             code = await self.proc.wait()
             if self._stopping:
                 return
             event(log, "delivery_process_exited", logging.ERROR, pid=self.proc.pid, code=code,
-                  action=f"restarting in {self.RESTART_DELAY:g}s")
-            await asyncio.sleep(self.RESTART_DELAY)
+                  action=f"restarting in {delay:g}s")
+            await asyncio.sleep(delay)
             if self._stopping:
                 return
             try:
                 await self._on_exit()
                 await self._spawn()
+                delay = self.RESTART_DELAY
             except Exception as exc:  # noqa: BLE001 - keep trying: the queue waits on disk meanwhile
                 event(log, "delivery_process_restart_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+                delay = min(delay * 2, 30.0)  # a broken config file: do not spin
 
     def wake(self) -> None:
         if self._wake_w is None:
@@ -134,37 +151,50 @@ class DeliveryProcess:
             self.proc.send_signal(sig)
 
     def metrics_text(self) -> str:
-        """The child's exposition (called from the metrics thread); empty if it does not answer."""
+        """The child's exposition (called from the metrics thread). If it does not answer, the
+        last one it gave: counters that dip for one scrape would read as resets."""
         with self._ctl_lock:
-            ctl = self._ctl
-            if ctl is None:
-                return ""
-            self._seq = (self._seq + 1) % 2**32
-            tag = _LEN.pack(self._seq)
-            try:
-                ctl.send(b"M" + tag)
-                while True:
-                    reply = ctl.recv(_MAX_REPLY)
-                    if not reply:
-                        return ""
-                    if reply[:_LEN.size] == tag:
-                        return reply[_LEN.size:].decode()
-            except OSError:  # timed out (5 s) or the child is gone
-                return ""
+            text = self._fetch_metrics()
+            if text:
+                self._last_metrics = text
+            return self._last_metrics
+
+    def _fetch_metrics(self) -> str:
+        ctl = self._ctl
+        if ctl is None:
+            return ""
+        self._seq = (self._seq + 1) % 2**32
+        tag = _LEN.pack(self._seq)
+        try:
+            ctl.send(b"M" + tag)
+            while True:
+                reply = ctl.recv(_MAX_REPLY)
+                if not reply:
+                    return ""
+                if reply[:_LEN.size] == tag:
+                    return reply[_LEN.size:].decode()
+        except OSError:  # timed out (5 s) or the child is gone
+            return ""
+
+    async def begin_stop(self) -> None:
+        """Shutdown starts: no more restarts, and the child starts its own drain (in-flight
+        deliveries finish within its grace period) while the sessions drain here."""
+        self._stopping = True
+        if self._supervisor is not None:  # also ends a restart in progress (its child is signalled below)
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+            self._supervisor = None
+        self.signal(signal.SIGTERM)
 
     async def stop(self, timeout: float) -> None:
-        self._stopping = True
+        await self.begin_stop()
         if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.proc.wait(), timeout + 5)
             except asyncio.TimeoutError:
                 event(log, "delivery_process_killed", logging.ERROR, pid=self.proc.pid)
                 self.proc.kill()
                 await self.proc.wait()
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            await asyncio.gather(self._supervisor, return_exceptions=True)
         if self._wake_w is not None:
             os.close(self._wake_w)
             self._wake_w = None
@@ -221,6 +251,7 @@ class _Child:
         self.wake_fd = wake_fd
         self.ctl = socket.socket(fileno=ctl_fd)
         self.stop_event = asyncio.Event()
+        self.exit_code = 0
 
     async def run(self) -> int:
         from .delivery import Router
@@ -246,10 +277,11 @@ class _Child:
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         # Ctrl-C in a terminal reaches the whole process group: the parent decides when we stop.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
-        self.ctl.send(b"R")  # see DeliveryProcess._spawn
+        self.ctl.send(b"R" + os.fsencode(os.path.realpath(self.cfg.storage.path)))  # see DeliveryProcess._spawn
         self.ctl.setblocking(False)
         loop.add_reader(self.ctl.fileno(), self._on_ctl)
         run_task = asyncio.create_task(runner.run(), name="queue-runner")
+        run_task.add_done_callback(self._runner_ended)
         event(log, "delivery_ready", pid=os.getpid())
         await self.stop_event.wait()
         loop.remove_reader(self.wake_fd)
@@ -261,7 +293,15 @@ class _Child:
         await conn.close()
         lock.close()
         event(log, "delivery_stopped", pid=os.getpid())
-        return 0
+        return self.exit_code
+
+    def _runner_ended(self, task: asyncio.Task) -> None:
+        if task.cancelled() or self.stop_event.is_set():
+            return
+        # A bug ended the runner: exit, so the parent recovers the leases and starts a fresh one.
+        event(log, "queue_runner_crashed", logging.ERROR, error=repr(task.exception()))
+        self.exit_code = 1
+        self.stop_event.set()
 
     def _on_wake(self) -> None:
         try:

@@ -242,11 +242,18 @@ class QueueRunner:
             except LeaseLost:
                 event(log, "lease_lost", logging.WARNING, qid=job.msg_id)
                 return
-        body = await self.queue.body(job.msg_id)
+        body, dkim_domain = await self.queue.body_to_send(job.msg_id)
         if body is None:  # deleted by the administrator meanwhile
             return
-        if job.dkim_domain is not None and self.signer is not None:
-            body = await self._sign(job, body)
+        if dkim_domain is not None and self.signer is not None:
+            signed = await self._sign(job, dkim_domain, body)
+            if signed is None:  # not sent unsigned (DMARC could reject it): try again later
+                outcome = RcptOutcome(TRANSIENT, "DKIM signing failed; see the relay's log", "4.3.0")
+                t = asyncio.create_task(self._settle(job, {r.address: outcome for r in job.recipients}, body))
+                self._settling.add(t)
+                t.add_done_callback(self._settling.discard)
+                return
+            body = signed
         env = Envelope(job.sender, tuple(OutRecipient(r.address, r.notify, r.orcpt) for r in job.recipients),
                        body, job.smtputf8, job.ret, job.envid)
         try:
@@ -261,19 +268,22 @@ class QueueRunner:
         self._settling.add(t)
         t.add_done_callback(self._settling.discard)
 
-    async def _sign(self, job: Job, body: bytes) -> bytes:
+    async def _sign(self, job: Job, domain: str, body: bytes) -> bytes | None:
         """DKIM-sign before the first attempt and store the signed copy (retries send it as is).
-        Signing trouble is logged and the message goes unsigned rather than stuck."""
-        assert self.signer is not None and job.dkim_domain is not None
+        None when signing failed: the attempt is deferred rather than made unsigned."""
+        assert self.signer is not None
         try:
-            signed, selector = await self.signer(job.dkim_domain, body)
-            await self.queue.store_signed(job.msg_id, signed)
-        except Exception as exc:  # noqa: BLE001
-            event(log, "dkim_sign_failed", logging.ERROR, qid=job.msg_id, domain=job.dkim_domain,
+            signed, selector = await self.signer(domain, body)
+        except Exception as exc:  # noqa: BLE001 - key lookup or signing: transient, logged
+            event(log, "dkim_sign_failed", logging.ERROR, qid=job.msg_id, domain=domain,
                   error=f"{type(exc).__name__}: {exc}")
-            return body
+            return None
+        try:
+            await self.queue.store_signed(job.msg_id, signed)
+        except Exception as exc:  # noqa: BLE001 - send what we signed; the next attempt signs again
+            event(log, "dkim_store_failed", logging.WARNING, qid=job.msg_id, error=f"{type(exc).__name__}: {exc}")
         if selector is not None:
-            event(log, "dkim_signed", qid=job.msg_id, domain=job.dkim_domain, selector=selector)
+            event(log, "dkim_signed", qid=job.msg_id, domain=domain, selector=selector)
         return signed
 
     # ------------------------------------------------------------ settle

@@ -12,6 +12,7 @@ import asyncio
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -89,7 +90,6 @@ class Job:
     warned: bool
     leased_until: float = 0.0      # the lease's expiry (= the rows' next_attempt_at while leased)
     recipients: list[ClaimedRecipient] = field(default_factory=list)
-    dkim_domain: str | None = None # not signed yet: sign for this domain first
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,29 @@ def classify_error(exc: BaseException) -> StoreUnavailable:
         return StorageFull(str(exc))
     metrics.STORE_ERRORS.labels("unavailable").inc()
     return StoreUnavailable(f"{type(exc).__name__}: {exc}")
+
+
+class _Turn:
+    """A batch's hand-over between the event loop and the writer thread: exactly one of
+    `start` (thread, about to begin the transaction) and `give_up` (loop, tired of waiting) wins."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "waiting"
+
+    def start(self) -> bool:
+        with self._lock:
+            if self._state == "abandoned":
+                return False
+            self._state = "started"
+            return True
+
+    def give_up(self) -> bool:
+        with self._lock:
+            if self._state == "started":
+                return False
+            self._state = "abandoned"
+            return True
 
 
 class QueueStore:
@@ -168,7 +191,21 @@ class QueueStore:
                 self._wconn = await loop.run_in_executor(self._wexec, self._open_writer, path)
             # The whole batch is one hop to the writer thread: no await per statement while
             # the write lock is held (the other process is waiting for it).
-            failed, results = await loop.run_in_executor(self._wexec, self._run_batch_sync, [op for op, _ in batch])
+            turn = _Turn()
+            work = loop.run_in_executor(self._wexec, self._run_batch_sync, [op for op, _ in batch], turn)
+            try:
+                # Only the cross-process turn can wait without bound; SQLite's busy_timeout bounds the rest.
+                failed, results = await asyncio.wait_for(asyncio.shield(work),
+                                                         db.BUSY_TIMEOUT if self._lock is not None else None)
+            except asyncio.TimeoutError:
+                if turn.give_up():
+                    # Still waiting for the other process's turn (stopped, frozen): answer 4xx now;
+                    # the writer thread drops this batch when its turn comes, so nothing commits
+                    # behind the clients' backs.
+                    failed, results = StoreUnavailable("queue busy: no write turn within "
+                                                       f"{db.BUSY_TIMEOUT:g}s"), []
+                else:
+                    failed, results = await work  # committing now: its outcome is the answer
         except Exception as exc:  # noqa: BLE001 - every failure becomes a transient reply
             failed, results = exc, []
         if failed is not None:
@@ -196,11 +233,14 @@ class QueueStore:
             conn.execute("PRAGMA synchronous=NORMAL")
         return conn
 
-    def _run_batch_sync(self, ops: list[_Op]) -> tuple[BaseException | None, list[tuple[Any, BaseException | None]]]:
+    def _run_batch_sync(self, ops: list[_Op], turn: "_Turn") -> tuple[BaseException | None,
+                                                                     list[tuple[Any, BaseException | None]]]:
         """In the writer thread: (error that sank the whole batch, or None; per-op (value, error))."""
         if self._lock is not None:
             self._lock.acquire_blocking()
         try:
+            if not turn.start():
+                return StoreUnavailable("abandoned"), []  # its callers were answered already
             return self._transaction(ops)
         finally:
             if self._lock is not None:
@@ -304,7 +344,7 @@ class QueueStore:
         def op(conn: sqlite3.Connection) -> list[Job]:
             rows = conn.execute(
                 "SELECT r.id, r.msg_id, r.rcpt, r.route, r.attempts, r.notify, r.orcpt, "
-                "m.sender, m.created_at, m.size, m.ret, m.envid, m.smtputf8, m.warned, m.dkim_domain "
+                "m.sender, m.created_at, m.size, m.ret, m.envid, m.smtputf8, m.warned "
                 "FROM recipients r JOIN messages m ON m.id = r.msg_id "
                 "WHERE r.state IN ('pending', 'deferred') AND r.next_attempt_at <= ? "
                 "ORDER BY r.next_attempt_at LIMIT ?", (t, limit)).fetchall()
@@ -316,7 +356,7 @@ class QueueStore:
                 if job is None:
                     job = jobs[key] = Job(r["msg_id"], key[1], secrets.token_hex(8), r["sender"], r["created_at"],
                                           r["size"], r["ret"], r["envid"], bool(r["smtputf8"]), bool(r["warned"]),
-                                          t + self.lease_seconds, dkim_domain=r["dkim_domain"])
+                                          t + self.lease_seconds)
                 job.recipients.append(ClaimedRecipient(r["id"], r["rcpt"], r["attempts"] + 1, r["notify"], r["orcpt"]))
                 # The lease is the due time: a crashed worker's rows come due again by themselves.
                 updates.append((t + self.lease_seconds, job.token, r["id"]))
@@ -364,6 +404,13 @@ class QueueStore:
     async def body(self, msg_id: str) -> bytes | None:
         rows = await self._conn.execute_fetchall("SELECT data FROM bodies WHERE id = ?", (msg_id,))
         return bytes(rows[0]["data"]) if rows else None
+
+    async def body_to_send(self, msg_id: str) -> tuple[bytes | None, str | None]:
+        """(body, domain to DKIM-sign for if it is still unsigned), read together: a job of the same
+        message for another destination may have stored the signed copy since this job's claim."""
+        rows = await self._conn.execute_fetchall(
+            "SELECT b.data, m.dkim_domain FROM bodies b JOIN messages m ON m.id = b.id WHERE b.id = ?", (msg_id,))
+        return (bytes(rows[0]["data"]), rows[0]["dkim_domain"]) if rows else (None, None)
 
     async def settle(self, job: Job, updates: list[RecipientUpdate], *, bounces: tuple[NewMessage, ...] = (),
                      history: list[tuple[str | None, str, str]] = (), mark_warned: bool = False) -> list[str]:

@@ -90,3 +90,26 @@ def test_single_process_mode_still_delivers(make_relay, dns_server, mx_sink):
     qid = submit(relay, "inline")
     assert relay.wait_event("delivery", qid=qid, result="delivered")
     assert not relay.events_named("delivery_process_started")
+
+
+def test_a_restart_refuses_a_database_other_than_the_parents(make_relay, dns_server, mx_sink):
+    """storage.path edited in the file without a restart: a restarted delivery process would read
+    another queue than the one the sessions fill. The parent refuses it and says why."""
+    relay = start(make_relay, dns_server, mx_sink)
+    text = relay.config_path.read_text()
+    relay.config_path.write_text(text.replace(relay.config["storage"]["path"], str(relay.dir / "other.db")))
+    os.kill(child_pid(relay), signal.SIGKILL)
+    assert relay.wait_event("delivery_process_restart_failed")
+    assert "storage.path" in relay.events_named("delivery_process_restart_failed")[0]["error"]
+
+
+def test_a_message_that_cannot_be_signed_is_deferred_not_sent_unsigned(make_relay, dns_server, mx_sink):
+    import sqlite3
+    relay = start(make_relay, dns_server, mx_sink)
+    with sqlite3.connect(relay.config["storage"]["path"]) as db:
+        db.execute("UPDATE dkim_keys SET private_key = 'not a key'")
+    qid = submit(relay, "unsignable")
+    assert relay.wait_event("dkim_sign_failed", qid=qid)
+    assert relay.wait_event("delivery", qid=qid, result="deferred")
+    assert "DKIM signing failed" in relay.events_named("delivery", qid=qid)[0]["reply"]
+    assert not mx_sink.messages

@@ -274,3 +274,32 @@ async def test_a_failing_operation_does_not_sink_its_batch(store, conn):
     assert isinstance(results[2], Exception)
     assert len(await rows(conn, "SELECT id FROM messages")) == 2
     assert sorted(r["rcpt"] for r in await rows(conn)) == ["bob@example.net", "carol@example.net"]
+
+
+async def test_a_writer_denied_its_turn_answers_unavailable_and_commits_nothing_later(tmp_path, monkeypatch):
+    """The other process holds the writer lock (stopped, frozen): the caller hears 'unavailable' in
+    bounded time, and the batch is dropped, not committed once the lock comes free."""
+    import fcntl
+    import os
+
+    from relay.queue_store import StoreUnavailable
+    monkeypatch.setattr(db, "BUSY_TIMEOUT", 0.5)
+    path = str(tmp_path / "queue.db")
+    conn = await db.open_async(path)
+    lock = db.WriterLock(path)
+    store = QueueStore(conn, writer_lock=lock)
+    other = os.open(lock.path, os.O_RDWR)
+    fcntl.flock(other, fcntl.LOCK_EX)  # the other process's turn, and it does not end
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.enqueue(message("bob@example.net"))
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+    qid = await store.enqueue(message("carol@example.net"))  # the store works again
+    rows = await conn.execute_fetchall("SELECT r.rcpt FROM recipients r")
+    assert [r["rcpt"] for r in rows] == ["carol@example.net"], "the abandoned batch was committed"
+    assert qid
+    await store.close()
+    await conn.close()
+    lock.close()
