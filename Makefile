@@ -27,6 +27,7 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Benchmark (see README "Benchmark"); Postfix's smtp-source/smtp-sink are used when installed.
+BENCH_ARGS ?= --compare-postfix
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
