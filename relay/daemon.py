@@ -124,8 +124,7 @@ class Daemon:
                                      tls_context=tls_context,
                                      throttle=AuthThrottle(cfg.limits.auth_failures, cfg.limits.auth_failure_window,
                                                            cfg.limits.auth_lockout),
-                                     domain_verified=self.dkim.is_verified,
-                                     dkim_signing=True)
+                                     domain_verified=self.dkim.is_verified)
             self.bound = await listeners.start(self.state, cfg.listeners, tls_context)
             self.refusal_servers = await refusal.start(cfg.refusal, tls_context)
             self._start_metrics()
@@ -142,8 +141,7 @@ class Daemon:
         for sig, handler in ((signal.SIGHUP, self.reload), (signal.SIGTERM, self.stop_event.set),
                              (signal.SIGINT, self.stop_event.set)):
             loop.add_signal_handler(sig, handler)
-        runner_task = asyncio.create_task(self.runner.run() if self.runner else self.stop_event.wait(),
-                                          name="queue-runner")
+        runner_task = asyncio.create_task(self.runner.run(), name="queue-runner") if self.runner else None
         gauges_task = asyncio.create_task(self._queue_gauges(), name="queue-gauges")
         event(log, "ready", version=__version__, hostname=cfg.server.hostname, pid=os.getpid(),
               listeners=",".join(f"{b.address}:{b.port}/{b.tls}" for b in self.bound))
@@ -211,7 +209,7 @@ class Daemon:
         self.cfg = new
         event(log, "reloaded", cert=new.tls.cert)
 
-    async def _shutdown(self, runner_task: asyncio.Task, gauges_task: asyncio.Task) -> None:
+    async def _shutdown(self, runner_task: asyncio.Task | None, gauges_task: asyncio.Task) -> None:
         for b in self.bound:
             b.server.close()
         for s in self.refusal_servers:
@@ -233,9 +231,10 @@ class Daemon:
             await self.runner.stop(timeout=remaining)
         if self.delivery is not None:
             await self.delivery.stop(timeout=remaining)
-        runner_task.cancel()
-        gauges_task.cancel()
-        await asyncio.gather(runner_task, gauges_task, return_exceptions=True)
+        tasks = [t for t in (runner_task, gauges_task) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         await self._close_stores()

@@ -6,6 +6,7 @@ recorded in `PRAGMA user_version`, so an old database is upgraded by simply star
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import sqlite3
 import time
@@ -268,11 +269,9 @@ class WriterLock:
 
     def acquire_blocking(self) -> None:
         """From the queue's writer thread (never the event loop): wait for our turn."""
-        import fcntl
         fcntl.flock(self._fd, fcntl.LOCK_EX)
 
     def release(self) -> None:
-        import fcntl
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ import socket
 import struct
 import sys
 import threading
-from typing import Callable
+from typing import Awaitable, Callable
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -47,13 +47,13 @@ class DeliveryProcess:
 
     RESTART_DELAY = 1.0
 
-    def __init__(self, config_path: str | None, storage_path: str, on_exit: Callable[[], "asyncio.Future | None"]):
+    def __init__(self, config_path: str | None, storage_path: str, on_exit: Callable[[], Awaitable[None]]):
         self.config_path = config_path
         # The child reads the config file itself: a restart after the file was edited (without a
         # reload) must not leave it delivering from another database than the one we fill.
         self.storage_path = os.path.realpath(storage_path)
         self._last_metrics = ""
-        self._on_exit = on_exit  # coroutine function run before a restart (lease recovery)
+        self._on_exit = on_exit  # run before a restart (lease recovery)
         self.proc: asyncio.subprocess.Process | None = None
         self._wake_w: int | None = None
         self._ctl: socket.socket | None = None

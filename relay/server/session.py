@@ -60,8 +60,6 @@ class ServerState:
     draining: bool = False
     # Optional hook: (domain) -> awaitable bool, True when the domain has verified its DNS.
     domain_verified: Any = None
-    # Mark accepted mail for DKIM signing (done by the queue runner before the first attempt).
-    dkim_signing: bool = True
 
     def trusted_principal(self, ip: str) -> Principal | None:
         try:
@@ -780,7 +778,7 @@ class Session(SMTP):
         # side does not spend while clients wait for 250), for the credential's domain the
         # sender belongs to; the signed copy is stored, so retries send the same bytes.
         sign_domain = next((d for d in txn.principal.domains if policy.domain_allowed(txn.sender.ascii_domain, (d,))),
-                           None) if self.state.dkim_signing else None
+                           None)
         new = NewMessage(
             sender=str(txn.sender),
             recipients=tuple(NewRecipient(str(a), a.ascii_domain, p.notify, p.orcpt) for a, p in txn.recipients),
