@@ -249,6 +249,23 @@ def _umount(path: Path) -> None:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+@contextlib.contextmanager
+def _relay_on_tmpfs(make_relay, tmp_path: Path, size: str):
+    """A relay (delivery held back) whose files live on a tmpfs of `size`; unmounted afterwards."""
+    fs = tmp_path / "fs"
+    _mount_tmpfs(fs, size)
+    relay = None
+    try:
+        relay = make_relay(start=False, name="fs/relay", config=_hold_queue(_closed_port()))
+        relay.add_user(USER, PASSWORD)
+        relay.start()
+        yield relay, fs
+    finally:
+        if relay is not None:
+            relay.kill()
+        _umount(fs)
+
+
 def _hold_queue(port: int) -> dict:
     return {"delivery": {"mode": "smarthost", "smarthost": {"host": "127.0.0.1", "port": port, "tls": "none"},
                          "retry_schedule": [3600]}}
@@ -304,13 +321,7 @@ def _queued_subjects(relay) -> list[str]:
 
 
 def test_disk_full_during_data_is_transient_and_recovers(make_relay, tmp_path):
-    fs = tmp_path / "fs"
-    _mount_tmpfs(fs, "16m")
-    relay = None
-    try:
-        relay = make_relay(start=False, name="fs/relay", config=_hold_queue(_closed_port()))
-        relay.add_user(USER, PASSWORD)
-        relay.start()
+    with _relay_on_tmpfs(make_relay, tmp_path, "16m") as (relay, fs):
         clients = [Client(relay) for _ in range(2)]  # logged in before the disk fills (AUTH writes last_login)
         outcome, _ = clients[0].send("before-full")
         assert outcome == "acked"
@@ -336,23 +347,13 @@ def test_disk_full_during_data_is_transient_and_recovers(make_relay, tmp_path):
         m = re.search(r'^relay_store_errors_total\{kind="(full|unavailable)"\} (\S+)$', relay.metrics_text(), re.M)
         assert m and float(m.group(2)) >= 2, "store errors are counted for the operator"
         no_traceback(relay)
-    finally:
-        if relay is not None:
-            relay.kill()
-        _umount(fs)
 
 
 def test_disk_full_in_a_group_commit_never_acks_a_lost_message(make_relay, tmp_path):
     """Three messages meet in the writer while another process holds the write lock: a small one
     (blocked in its own batch), then a small one and one too large for the disk, which the writer
     folds into one transaction once the lock goes. Whatever gets 250 must be in the queue."""
-    fs = tmp_path / "fs"
-    _mount_tmpfs(fs, "6m")
-    relay = None
-    try:
-        relay = make_relay(start=False, name="fs/relay", config=_hold_queue(_closed_port()))
-        relay.add_user(USER, PASSWORD)
-        relay.start()
+    with _relay_on_tmpfs(make_relay, tmp_path, "6m") as (relay, fs):
         a, b, c = (Client(relay, timeout=30) for _ in range(3))
         for cl in (a, b, c):
             assert cl.s.mail(USER)[0] == 250 and cl.s.rcpt("bob@example.net")[0] == 250
@@ -395,10 +396,6 @@ def test_disk_full_in_a_group_commit_never_acks_a_lost_message(make_relay, tmp_p
                 assert name in stored, f"{name} got 250 but is not in the queue (stored: {stored})"
             else:
                 assert code in (451, 452, 0), (name, code, text)
-    finally:
-        if relay is not None:
-            relay.kill()
-        _umount(fs)
 
 
 @pytest.mark.slow

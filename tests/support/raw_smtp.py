@@ -10,24 +10,15 @@ import base64
 import re
 import socket
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import PASSWORD, USER
+from tests.support.dialog import Reply
 from tests.support.relay_instance import RelayInstance, _merge, client_tls_context
 
 
-@dataclass
-class Resp:
-    code: int
-    lines: list[str]   # text after "ddd-" / "ddd "
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.text}"
+class Resp(Reply):
+    """A reply as the dialog runner parses it, plus a comparison with our reply constants."""
 
     def is_(self, reply) -> bool:
         """Same code, enhanced status and text as a `replies.Reply` constant (text may be extended)."""
