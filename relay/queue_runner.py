@@ -439,13 +439,13 @@ class QueueRunner:
                 return
             body = signed
         env = Envelope(job.sender, tuple(OutRecipient(r.address, r.notify, r.orcpt) for r in job.recipients),
-                       body, job.smtputf8, job.ret, job.envid)
+                       body, job.smtputf8, job.ret, job.envid, job.msg_id)
         loop = asyncio.get_running_loop()
         attempt_deadline = loop.time() + self.cfg.delivery.attempt_timeout
+        deadline = asyncio.timeout_at(min(attempt_deadline, self._lease_deadline(job, self.clock(), loop.time())))
         try:
-            async with asyncio.timeout_at(min(attempt_deadline,
-                                              self._lease_deadline(job, self.clock(), loop.time()))) as cm:
-                self._inflight[job.token] = (cm, attempt_deadline)
+            async with deadline:
+                self._inflight[job.token] = (deadline, attempt_deadline)
                 try:
                     outcomes = await route.send(env, fence=lambda: self._fence(job))
                 finally:
@@ -453,16 +453,21 @@ class QueueRunner:
         except Fenced:
             self._lost(job, "fence")
             return
-        except TimeoutError:
-            if job.lost:
+        except TimeoutError as exc:
+            if not deadline.expired():  # not our deadline: some other timeout escaped, a bug
+                log.exception("delivery of %s failed unexpectedly", job.msg_id)
+                outcomes = {r.address: RcptOutcome(TRANSIENT, f"internal error: {type(exc).__name__}", "4.3.0")
+                            for r in job.recipients}
+            elif job.lost:
                 self._lost(job, "deadline")
                 return
-            lease = loop.time() < attempt_deadline
-            why = ("its lease could not be renewed" if lease
-                   else f"it took longer than attempt_timeout ({self.cfg.delivery.attempt_timeout}s)")
-            event(log, "attempt_cut", logging.WARNING, qid=job.msg_id, destination=dest, reason=why)
-            outcomes = {r.address: RcptOutcome(TRANSIENT, f"attempt ended because {why}", "4.4.2",
-                                               connection_failed=True) for r in job.recipients}
+            else:
+                lease = loop.time() < attempt_deadline
+                why = ("its lease could not be renewed" if lease
+                       else f"it took longer than attempt_timeout ({self.cfg.delivery.attempt_timeout}s)")
+                event(log, "attempt_cut", logging.WARNING, qid=job.msg_id, destination=dest, reason=why)
+                outcomes = {r.address: RcptOutcome(TRANSIENT, f"attempt ended because {why}", "4.4.2",
+                                                   connection_failed=True) for r in job.recipients}
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug in one delivery must not stall the queue

@@ -44,6 +44,7 @@ class Envelope:
     smtputf8: bool = False
     ret: str | None = None
     envid: str | None = None
+    qid: str | None = None     # for log lines only: delivery never sees the store
 
 
 class Fenced(Exception):

@@ -7,11 +7,13 @@ final dot without a reply we do not know, so we retry and accept a possible dupl
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import re
 import socket
 import ssl
 import struct
+import termios
 from typing import Awaitable, Callable
 
 import aiosmtplib
@@ -229,6 +231,10 @@ class Session:
             except aiosmtplib.SMTPResponseException as exc:
                 # A refusal of DATA itself, or the reply to the dot: the session is in step.
                 code, message = exc.code, exc.message
+                if not transfer.started:
+                    # DATA refused: the transaction is still open at the receiver; end it
+                    # (RFC 5321 4.1.4) or the next MAIL on this connection gets 503.
+                    await self._rset()
             for r in accepted:
                 # Only a recipient whose NOTIFY went along hands its success report over to the remote.
                 result[r.address] = outcome_of(code, message, self.host, self.tls, dsn=dsn and r.notify is not None)
@@ -238,7 +244,7 @@ class Session:
             raise
         except asyncio.CancelledError:
             # The attempt's deadline (or shutdown) cut in: nothing more may reach the receiver.
-            self._note_lost_reply(transfer, "cancelled")
+            self._note_lost_reply(env, transfer, "cancelled")
             if transfer.started and not transfer.dot_sent:
                 metrics.DATA_ABORTED.labels("deadline").inc()
             self.abort()
@@ -247,9 +253,9 @@ class Session:
             self.abort()
             if transfer.started and not transfer.dot_sent:
                 metrics.DATA_ABORTED.labels("stalled" if isinstance(exc, DataStalled) else "error").inc()
-                event(log, "data_aborted", logging.WARNING, host=self.host, error=_describe_exc(exc))
+                event(log, "data_aborted", logging.WARNING, qid=env.qid, host=self.host, error=_describe_exc(exc))
             if transfer.dot_sent:
-                self._note_lost_reply(transfer, _describe_exc(exc))
+                self._note_lost_reply(env, transfer, _describe_exc(exc))
                 text = (f"{self.host}: {_describe_exc(exc)} after the end of the message; "
                         "it may have been delivered (RFC 1047)")
             else:
@@ -258,12 +264,12 @@ class Session:
             # Replies already given (a 550 to one RCPT) stand; only the undecided recipients are retried.
             return {r.address: result.get(r.address, broken) for r in env.recipients}
 
-    def _note_lost_reply(self, transfer: "_Transfer", why: str) -> None:
+    def _note_lost_reply(self, env: Envelope, transfer: "_Transfer", why: str) -> None:
         """The whole message went out but its reply did not come back: the receiver may have
         it, and the retry may be a second copy (RFC 1047). Counted, so it can be watched."""
         if transfer.dot_sent:
             metrics.REPLY_LOST_AFTER_DOT.inc()
-            event(log, "reply_lost_after_dot", logging.WARNING, host=self.host, error=why)
+            event(log, "reply_lost_after_dot", logging.WARNING, qid=env.qid, host=self.host, error=why)
 
     async def _rset(self) -> None:
         try:
@@ -310,15 +316,48 @@ class _Transfer:
 
 
 def _stuffed(data: bytes) -> bytes:
-    """The body as it goes on the wire: dot-stuffed (RFC 5321 4.5.2), ending in CRLF.CRLF."""
-    if data.endswith(b"\r\n") and data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n"):
-        # As we store it: CRLF lines only, so one replace does it. aiosmtplib's regexes cost a
-        # fifth of the delivery process's CPU.
-        return (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
-    data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
+    """The body as it goes on the wire: dot-stuffed (RFC 5321 4.5.2), ending in CRLF.CRLF. As we
+    store it a body has CRLF lines only, so one replace does it (aiosmtplib's two regexes cost a
+    fifth of the delivery process's CPU); anything else has its line ends mended first."""
+    if not (data.endswith(b"\r\n") and data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n")):
+        data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+        if not data.endswith(b"\r\n"):
+            data += b"\r\n"
     return (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+def _unacknowledged(transport: asyncio.BaseTransport) -> int | None:
+    """Bytes the kernel has sent (or holds) that the receiver's TCP has not acknowledged yet
+    (Linux SIOCOUTQ); None where that cannot be known."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return None
+
+
+async def _until_acknowledged(proto, transport: asyncio.BaseTransport, xfer_timeout: float,
+                              transfer: "_Transfer") -> None:
+    """The body is all in the kernel: wait until the receiver has acknowledged it (or replied),
+    still on the progress clock. The kernel's send buffer holds megabytes: counting the dot as
+    sent when it merely reached our kernel would wait out the long done timeout on a receiver
+    that stopped reading, and then count a possible duplicate the receiver never had."""
+    loop = asyncio.get_running_loop()
+    waiter = proto._response_waiter
+    left = _unacknowledged(transport)
+    progress_at = loop.time()
+    while left and waiter is not None and not waiter.done():
+        await asyncio.wait({waiter}, timeout=0.05)
+        now_left = _unacknowledged(transport)
+        if now_left is None:
+            break
+        if now_left < left:
+            left, progress_at = now_left, loop.time()
+        elif loop.time() - progress_at > xfer_timeout:
+            raise DataStalled(f"no progress sending the message for {xfer_timeout:g}s")
+    transfer.dot_sent = True
 
 
 async def _data(c: aiosmtplib.SMTP, data: bytes, *, xfer_timeout: float, done_timeout: float,
@@ -365,8 +404,9 @@ async def _data(c: aiosmtplib.SMTP, data: bytes, *, xfer_timeout: float, done_ti
                 raise _RefusedMidBody(resp.code if resp.code >= 400 else 451, resp.message)
             raise DataStalled(f"no progress sending the message for {xfer_timeout:g}s")
         drain.result()  # raises if the connection was lost meanwhile
-    transfer.dot_sent = True
-    resp = await proto.read_response(timeout=done_timeout)
+    done_by = loop.time() + done_timeout
+    await _until_acknowledged(proto, transport, xfer_timeout, transfer)
+    resp = await proto.read_response(timeout=max(0.0, done_by - loop.time()))
     if resp.code != 250:
         raise aiosmtplib.SMTPDataError(resp.code, resp.message)
     return resp

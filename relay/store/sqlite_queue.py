@@ -151,10 +151,13 @@ class QueueStore:
         def op(conn: sqlite3.Connection) -> list[Job]:
             lost = []
             for job in jobs:
-                cur = conn.execute(
-                    "UPDATE recipients SET next_attempt_at = ? WHERE lease_token = ? AND state IN ('pending', 'deferred')",
-                    (until, job.token))
-                if cur.rowcount != len(job.recipients):
+                # By primary key (no index on the token): a heartbeat over 2,000 held jobs must not
+                # scan the table 2,000 times while it holds the write turn.
+                renewed = sum(conn.execute(
+                    "UPDATE recipients SET next_attempt_at = ? WHERE id = ? AND lease_token = ? "
+                    "AND state IN ('pending', 'deferred')", (until, r.id, job.token)).rowcount
+                    for r in job.recipients)
+                if renewed != len(job.recipients):
                     lost.append(job)
             return lost
 
@@ -257,10 +260,10 @@ class QueueStore:
         now = self._clock()
 
         def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
+            conn.executemany(
                 "UPDATE recipients SET next_attempt_at = ?, lease_token = NULL, lease_owner = NULL, "
-                "attempts = MAX(attempts - 1, 0) "
-                "WHERE lease_token = ?", (now, job.token))
+                "attempts = MAX(attempts - 1, 0) WHERE id = ? AND lease_token = ?",
+                [(now, r.id, job.token) for r in job.recipients])
 
         await self._write(op)
 
@@ -317,15 +320,20 @@ class QueueStore:
             return None
         m = dict(rows[0])
         rcpts = await self._conn.execute_fetchall(
-            "SELECT rcpt, route, state, attempts, next_attempt_at, last_error, remote_mta, notify, orcpt, lease_token "
+            "SELECT rcpt, route, state, attempts, next_attempt_at, last_error, remote_mta, notify, orcpt, lease_token, "
+            "lease_owner "
             "FROM recipients WHERE msg_id = ? ORDER BY id", (msg_id,))
         hist = await self._conn.execute_fetchall(
             "SELECT ts, rcpt, event, detail FROM history WHERE msg_id = ? ORDER BY ts, rowid", (msg_id,))
         body = await self.body(msg_id) or b""
         head = body.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
-        m["recipients"] = [{**dict(r), "in_flight": r["lease_token"] is not None} for r in rcpts]
+        now = self._clock()
+        # In flight: leased, and the lease has not run out (a crashed holder's rows are just due).
+        m["recipients"] = [{**dict(r), "in_flight": r["lease_token"] is not None and r["next_attempt_at"] > now,
+                            "leased_by": r["lease_owner"] if r["lease_token"] is not None else None} for r in rcpts]
         for r in m["recipients"]:
             r.pop("lease_token")
+            r.pop("lease_owner")
         m["history"] = [dict(h) for h in hist]
         m["headers"] = head
         m["state"] = _message_state(rcpts)

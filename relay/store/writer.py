@@ -35,7 +35,7 @@ def classify_error(exc: BaseException) -> StoreUnavailable:
 
 # An operation's own answer ("no such row", "already exists", "lease lost"), passed to its
 # caller as is; anything else is the store failing, and becomes StoreUnavailable.
-_ANSWERS = (LeaseLost, StoreRefusal, KeyError, ValueError, sqlite3.IntegrityError)
+_ANSWERS = (LeaseLost, StoreRefusal, KeyError, ValueError)
 
 
 class _Turn:

@@ -467,8 +467,9 @@ def test_peer_fault_defers_with_backoff_then_delivers_once(make_relay, dns_serve
         if tls:
             extra["require_tls_domains"] = ["example.net"]
             env = {"SSL_CERT_FILE": shared_cert_files("mx.test")[0]}  # the operator's CA for mx.test
+        # data_done_timeout: the wait for the reply to the final dot is a clock of its own now.
         relay = start(make_relay, dns_server, bad.port, env=env, retry_schedule=[1, 2, 30], command_timeout=2,
-                      connect_timeout=2, config={"dns": {"timeout": 2}}, **extra)
+                      connect_timeout=2, data_done_timeout=2, config={"dns": {"timeout": 2}}, **extra)
         if fault == "dns_servfail":
             dns_server.servfail.add("example.net")
         elif fault == "dns_drop":

@@ -135,20 +135,25 @@ async def test_slow_reader_gets_exactly_one_copy(tmp_path, dns_server):
             assert peer.stats.connections == 1
 
 
-async def test_reader_that_stops_never_completes_a_partial_message(tmp_path, dns_server):
+@pytest.mark.parametrize("size", ["fits_the_kernel_buffers", "larger_than_the_kernel_buffers"])
+async def test_reader_that_stops_never_completes_a_partial_message(tmp_path, dns_server, size):
     """No progress for data_xfer_timeout aborts with a reset: the rest of the body, dot
-    included, is discarded, never delivered after we gave up (the receiver resumes reading)."""
+    included, is discarded, never delivered after we gave up (the receiver resumes reading).
+    A body small enough to sit whole in our kernel's send buffer is not "sent" either until
+    the receiver has acknowledged it: a stall there is a stall, not a possible duplicate."""
     wmem = int(open("/proc/sys/net/ipv4/tcp_wmem").read().split()[2])
-    lines = (wmem + 4 * 1024 * 1024) // 80
+    lines = (wmem + 4 * 1024 * 1024) // 80 if size.startswith("larger") else 2_000
     async with ScriptedPeer(Script(pause_body=4)) as peer:
         mx(dns_server, "example.net")
         async with running(tmp_path, dns_server, peer.port, data_xfer_timeout=1,
                            retry_schedule=[3600]) as (store, _, _c):
             before = counter(metrics.DATA_ABORTED.labels("stalled"))
             qid = await store.enqueue(message("bob@example.net", b"Subject: big\r\n\r\n" + (b"z" * 78 + b"\r\n") * lines))
+            lost_replies = counter(metrics.REPLY_LOST_AFTER_DOT)
             r = await settled(store, qid, "deferred", timeout=30)
             assert "no progress" in r["last_error"]
             assert counter(metrics.DATA_ABORTED.labels("stalled")) == before + 1
+            assert counter(metrics.REPLY_LOST_AFTER_DOT) == lost_replies
             # The peer wakes up and reads everything that reaches it: the dot never does.
             await until(lambda: peer.stats.active == 0, 15, "peer connection ended")
             assert peer.stats.completed == []
