@@ -301,7 +301,8 @@ class _Session:
         self._reset()
         if mx.dot_reply_delay:
             await asyncio.sleep(mx.dot_reply_delay)
-        await self.reply((mx.dot_reply or "250 2.0.0 Ok: queued as {n}").format(n=len(mx.messages)), delay=0)
+        # A tarpit's command_delay applies to the dot's reply as well, on top of dot_reply_delay.
+        await self.reply((mx.dot_reply or "250 2.0.0 Ok: queued as {n}").format(n=len(mx.messages)))
 
     def _reset(self) -> None:
         self.mail_from = None
