@@ -22,6 +22,7 @@ from tests.conftest import PASSWORD, USER
 from tests.support.relay_instance import RelayInstance, wait_until
 
 SENDER_DOMAIN = USER.rpartition("@")[2]
+SESSION_MESSAGES = 200
 
 
 def _legacy_filter(delivery: dict) -> dict:
@@ -84,9 +85,13 @@ def submit_many(relay: RelayInstance, rcpt: str, n: int, prefix: str, threads: i
 
     def run(k: int) -> None:
         try:
-            s = relay.smtp(timeout=60)
-            s.login(USER, PASSWORD)
-            for i in range(k, n, threads):
+            s = None
+            for j, i in enumerate(range(k, n, threads)):
+                if j % SESSION_MESSAGES == 0:  # limits.max_commands (1000) counts per session
+                    if s is not None:
+                        s.quit()
+                    s = relay.smtp(timeout=60)
+                    s.login(USER, PASSWORD)
                 code, msg = s.mail(USER)
                 assert code == 250, msg
                 code, msg = s.rcpt(rcpt)
@@ -95,7 +100,8 @@ def submit_many(relay: RelayInstance, rcpt: str, n: int, prefix: str, threads: i
                 assert code == 250, msg
                 with lock:
                     qids.append(msg.decode().rsplit(" ", 1)[-1])
-            s.quit()
+            if s is not None:
+                s.quit()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
             errors.append(exc)
 
