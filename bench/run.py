@@ -411,7 +411,7 @@ def scenario2_postfix(workdir: Path, sink: Sink, messages: int) -> dict:
 
 async def _queue_scale(path: str, total: int) -> dict:
     from relay import db
-    from relay.queue_store import NewMessage, NewRecipient, QueueStore
+    from relay.store.sqlite_queue import NewMessage, NewRecipient, QueueStore
     conn = await db.open_async(path)
     q = QueueStore(conn)
     data = make_message(10240, 0)

@@ -100,17 +100,12 @@ def read_password(args: argparse.Namespace, username: str, min_length: int) -> t
 # ---------------------------------------------------------------- commands
 
 async def _with_stores(cfg: Config, fn):
-    from .queue_store import QueueStore
-    conn = await db.open_async(cfg.storage.path)
+    from .store.factory import open_stores
+    stores = await open_stores(cfg, role="cli")
     try:
-        creds = CredentialStore(conn, cfg.credentials)
-        queue = QueueStore(conn, lease_seconds=cfg.delivery.lease_seconds)
-        try:
-            return await fn(creds, queue)
-        finally:
-            await queue.close()
+        return await fn(stores.credentials, stores.queue)
     finally:
-        await conn.close()
+        await stores.close()
 
 
 def _domain_records(cfg: Config, domain: str, keys) -> list:
@@ -300,7 +295,7 @@ def cmd_queue(args: argparse.Namespace, cfg: Config) -> int:
             if args.bounce and m["sender"] and notified:
                 from . import bounce
                 from .queue_runner import route_of
-                from .queue_store import NewMessage, NewRecipient
+                from .store.sqlite_queue import NewMessage, NewRecipient
                 body = await queue.body(args.id) or b""
                 dsn_data = bounce.build_dsn(
                     reporting_mta=cfg.server.hostname, original_sender=m["sender"], original_message=body,

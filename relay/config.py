@@ -36,6 +36,9 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class ServerConfig:
     hostname: str = "localhost"
+    # This node's name in queue leases ("" = the machine's host name). Recovery after a crash
+    # takes back only this node's leases, so nodes sharing a store never take each other's work.
+    node_id: str = ""
     # Grace period for open sessions on SIGTERM before they get 421.
     shutdown_grace: int = 30
 
@@ -99,6 +102,21 @@ class DeliveryConfig:
     max_messages_per_connection: int = 100
     connect_timeout: int = 30
     command_timeout: int = 120
+    # Sending the body: no progress for this long aborts it (Postfix smtp_data_xfer_timeout).
+    data_xfer_timeout: int = 180
+    # The wait for the reply to the final dot (Postfix smtp_data_done_timeout).
+    data_done_timeout: int = 600
+    # One message's whole attempt (every MX, every command). It is also cut short when the
+    # lease cannot be renewed, before the lease runs out: no attempt ever outlives its lease.
+    attempt_timeout: int = 1200
+    # Per attempt: addresses tried, and sessions that got past the greeting (Postfix
+    # smtp_mx_address_limit, smtp_mx_session_limit).
+    max_mx_addresses: int = 5
+    max_mx_sessions: int = 2
+    # A destination whose connections failed this many times in a row is suspended: its mail is
+    # deferred without a connection for dead_destination_backoff seconds, then one probe goes.
+    dead_destination_failures: int = 5
+    dead_destination_backoff: int = 300
     # Delay before attempt n+1; the last value repeats.
     retry_schedule: tuple[int, ...] = (60, 300, 900, 1800, 3600, 7200)
     max_queue_lifetime: int = 5 * 86400
@@ -374,7 +392,9 @@ def _validate(cfg: Config) -> None:
     for i, s in enumerate(d.retry_schedule):
         _check_positive(f"delivery.retry_schedule[{i}]", s)
     for name in ("max_connections", "max_connections_per_destination", "max_messages_per_connection",
-                 "connect_timeout", "command_timeout", "max_queue_lifetime", "lease_seconds"):
+                 "connect_timeout", "command_timeout", "max_queue_lifetime", "lease_seconds",
+                 "data_xfer_timeout", "data_done_timeout", "attempt_timeout", "max_mx_addresses",
+                 "max_mx_sessions", "dead_destination_failures", "dead_destination_backoff"):
         _check_positive(f"delivery.{name}", getattr(d, name))
     _check_positive("delivery.delay_warning_after", d.delay_warning_after, allow_zero=True)
     for i, ns in enumerate(cfg.dns.nameservers):

@@ -20,11 +20,9 @@ from typing import TYPE_CHECKING
 
 from . import __version__, config as config_mod, db, metrics, tls
 from .config import Config, ConfigError
-from .credentials import CredentialStore
 from .delivery_process import DeliveryProcess, MergedRegistry
-from .dkim_keys import DKIMStore
 from .logs import event
-from .queue_store import QueueStore
+from .store.factory import open_stores
 from .server import listeners, refusal
 from .server.auth import AuthThrottle
 from .server.session import ServerState, Settings
@@ -95,25 +93,17 @@ class Daemon:
         tls_context = tls.server_context(cfg.tls.cert, cfg.tls.key)
         self.tls_context = tls_context
         raise_fd_limit()
-        self.queue_conn = self.cred_conn = None
+        self.stores = None
         self.queue = None
-        self.writer_lock = None
+        self.runner: QueueRunner | None = None
+        self.delivery: DeliveryProcess | None = None
         try:
-            self.queue_conn = await db.open_async(cfg.storage.path)
-            self.cred_conn = await db.open_async(cfg.storage.path)
-            self.credentials = CredentialStore(self.cred_conn, cfg.credentials, self.executor)
-            self.dkim = DKIMStore(self.cred_conn)
-            self.runner: QueueRunner | None = None
-            self.delivery: DeliveryProcess | None = None
-            # Two processes write the queue: they take turns (see db.WriterLock).
-            self.writer_lock = db.WriterLock(cfg.storage.path) if cfg.delivery.separate_process else None
-            self.queue = QueueStore(self.queue_conn, lease_seconds=cfg.delivery.lease_seconds,
-                                    on_enqueue=self._wake_delivery, writer_lock=self.writer_lock)
+            self.stores = await open_stores(cfg, role="serve", executor=self.executor, on_enqueue=self._wake_delivery)
+            self.credentials = self.stores.credentials
+            self.dkim = self.stores.dkim
+            self.queue = self.stores.queue
             await self._recover()
-            if cfg.delivery.separate_process:
-                self.delivery = DeliveryProcess(self.config_path, cfg.storage.path, on_exit=self._recover)
-                await self.delivery.start()
-            else:
+            if not cfg.delivery.separate_process:
                 # Imported here only: with a delivery process, this one never loads dnspython,
                 # aiosmtplib or dkimpy (~25 MB of RSS).
                 from .delivery import Router
@@ -127,6 +117,15 @@ class Daemon:
                                      domain_verified=self.dkim.is_verified)
             self.bound = await listeners.start(self.state, cfg.listeners, tls_context)
             self.refusal_servers = await refusal.start(cfg.refusal, tls_context)
+            # Delivery starts once the listeners are bound: it must know their real addresses
+            # and ports (port 0 included) to recognise an MX that is this relay (a mail loop).
+            own = [(b.address, b.port) for b in self.bound]
+            if self.runner is not None:
+                self.runner.router.set_own_listeners(own)
+            else:
+                self.delivery = DeliveryProcess(self.config_path, cfg.storage.path, on_exit=self._recover,
+                                                own_listeners=own)
+                await self.delivery.start()
             self._start_metrics()
         except BaseException:
             if self.delivery is not None:
@@ -160,7 +159,8 @@ class Daemon:
             self.delivery.wake()
 
     async def _recover(self) -> None:
-        """No runner holds a lease now (startup, or the delivery process died): all are due again."""
+        """No runner of this node holds a lease now (startup, or the delivery process died): this
+        node's leases are due again; other nodes' are theirs (see QueueStore.recover)."""
         recovered = await self.queue.recover()
         if recovered:
             event(log, "queue_recovered", recipients=recovered)
@@ -241,14 +241,8 @@ class Daemon:
         self.executor.shutdown(wait=False)
 
     async def _close_stores(self) -> None:
-        # An open aiosqlite connection keeps its thread, and the process, alive.
-        if self.queue is not None:
-            await self.queue.close()
-        for conn in (self.queue_conn, self.cred_conn):
-            if conn is not None:
-                await conn.close()
-        if self.writer_lock is not None:
-            self.writer_lock.close()
+        if self.stores is not None:
+            await self.stores.close()
 
 
 def serve(cfg: Config, config_path: str | None) -> int:

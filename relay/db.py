@@ -91,6 +91,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE messages ADD COLUMN dkim_domain TEXT;
     """,
+    # 4: leases have an owner ("node/incarnation"): recovery takes back only its own node's
+    """
+    ALTER TABLE recipients ADD COLUMN lease_owner TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -47,8 +47,10 @@ class DeliveryProcess:
 
     RESTART_DELAY = 1.0
 
-    def __init__(self, config_path: str | None, storage_path: str, on_exit: Callable[[], Awaitable[None]]):
+    def __init__(self, config_path: str | None, storage_path: str, on_exit: Callable[[], Awaitable[None]],
+                 own_listeners: list[tuple[str, int]] = ()):
         self.config_path = config_path
+        self.own_listeners = list(own_listeners)  # the parent's bound listeners: an MX there is a loop
         # The child reads the config file itself: a restart after the file was edited (without a
         # reload) must not leave it delivering from another database than the one we fill.
         self.storage_path = os.path.realpath(storage_path)
@@ -77,6 +79,8 @@ class DeliveryProcess:
                 "--ctl-fd", str(child_ctl.fileno()), "--parent-pid", str(os.getpid())]
         if self.config_path:
             args += ["--config", self.config_path]
+        for address, port in self.own_listeners:
+            args += ["--own-listener", f"[{address}]:{port}"]
         try:
             self.proc = await asyncio.create_subprocess_exec(*args, pass_fds=(wake_r, child_ctl.fileno()), env=env,
                                                              stdin=asyncio.subprocess.DEVNULL)
@@ -245,8 +249,10 @@ class MergedRegistry:
 # ---------------------------------------------------------------- child side
 
 class _Child:
-    def __init__(self, cfg: Config, config_path: str | None, wake_fd: int, ctl_fd: int):
+    def __init__(self, cfg: Config, config_path: str | None, wake_fd: int, ctl_fd: int,
+                 own_listeners: list[tuple[str, int]] = ()):
         self.cfg = cfg
+        self.own_listeners = list(own_listeners)
         self.config_path = config_path
         self.wake_fd = wake_fd
         self.ctl = socket.socket(fileno=ctl_fd)
@@ -255,21 +261,18 @@ class _Child:
 
     async def run(self) -> int:
         from .delivery import Router
-        from .dkim_keys import DKIMStore
         from .queue_runner import QueueRunner
         from .signing import Signer
-        from .queue_store import QueueStore
+        from .store.factory import open_stores
 
         loop = asyncio.get_running_loop()
-        conn = await db.open_async(self.cfg.storage.path)
         runner: QueueRunner | None = None
-        lock = db.WriterLock(self.cfg.storage.path)
-        # Delivery bookkeeping commits without its own fsync: what power loss could take back is
-        # a settle, and a settle lost means a retry (at worst a duplicate, as SMTP allows), never
-        # a lost message. Acceptance, whose 250 promises the disk, keeps synchronous=FULL.
-        queue = QueueStore(conn, lease_seconds=self.cfg.delivery.lease_seconds, writer_lock=lock, sync_commits=False,
-                           on_enqueue=lambda: runner.wake() if runner else None)  # our own bounces
-        runner = QueueRunner(queue, Router(self.cfg), self.cfg, signer=Signer(DKIMStore(conn)))
+        stores = await open_stores(self.cfg, role="delivery",
+                                   on_enqueue=lambda: runner.wake() if runner else None)  # our own bounces
+        queue = stores.queue
+        router = Router(self.cfg)
+        router.set_own_listeners(self.own_listeners)
+        runner = QueueRunner(queue, router, self.cfg, signer=Signer(stores.dkim))
         self.runner = runner
         os.set_blocking(self.wake_fd, False)
         loop.add_reader(self.wake_fd, self._on_wake)
@@ -289,9 +292,7 @@ class _Child:
         loop.remove_reader(self.ctl.fileno())
         run_task.cancel()
         await asyncio.gather(run_task, return_exceptions=True)
-        await queue.close()
-        await conn.close()
-        lock.close()
+        await stores.close()
         event(log, "delivery_stopped", pid=os.getpid())
         return self.exit_code
 
@@ -358,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wake-fd", type=int, required=True)
     p.add_argument("--ctl-fd", type=int, required=True)
     p.add_argument("--parent-pid", type=int)
+    p.add_argument("--own-listener", action="append", default=[], help="[address]:port the parent listens on")
     args = p.parse_args(argv)
     if args.parent_pid:
         _die_with_parent(args.parent_pid)
@@ -369,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.setup(cfg.logging.format, cfg.logging.level)
     try:
-        return asyncio.run(_Child(cfg, args.config, args.wake_fd, args.ctl_fd).run())
+        own = [(a.partition("]:")[0].lstrip("["), int(a.rpartition(":")[2])) for a in args.own_listener]
+        return asyncio.run(_Child(cfg, args.config, args.wake_fd, args.ctl_fd, own).run())
     except KeyboardInterrupt:
         return 0
 

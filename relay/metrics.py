@@ -57,3 +57,17 @@ BOUNCES = Counter("relay_bounces_total", "Delivery status notifications generate
 STORE_COMMITS = Counter("relay_store_commits_total", "Queue commits (each one fsync under synchronous=FULL)",
                         registry=REGISTRY)
 STORE_ERRORS = Counter("relay_store_errors_total", "Queue store failures by kind", ["kind"], registry=REGISTRY)
+REPLY_LOST_AFTER_DOT = Counter(
+    "relay_delivery_reply_lost_after_dot_total",
+    "Attempts whose whole message went out but whose reply never came: the retry may be a second copy "
+    "(RFC 1047)", registry=REGISTRY)
+DATA_ABORTED = Counter("relay_delivery_data_aborted_total",
+                       "Outbound DATA aborted (reset) before the final dot, by reason", ["reason"], registry=REGISTRY)
+LEASES_LOST = Counter("relay_queue_leases_lost_total",
+                      "Jobs given up because their lease was no longer ours, by where it was noticed", ["where"],
+                      registry=REGISTRY)
+DESTINATIONS_SUSPENDED = Counter("relay_destinations_suspended_total",
+                                 "Destinations suspended after a cohort of failed attempts (dead destination)",
+                                 registry=REGISTRY)
+MAIL_LOOPS = Counter("relay_mail_loops_total", "Recipients failed because their mail host is this relay",
+                     registry=REGISTRY)

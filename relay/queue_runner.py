@@ -1,9 +1,19 @@
 """The scheduler (like Postfix's qmgr): claims due recipients, delivers them per destination, settles.
 
-Per destination, up to N workers each keep one outbound connection and carry queued messages
-in a row over it (connection reuse); an idle connection is kept a moment for the next message.
-A global semaphore caps outbound connections. Outcomes and any DSNs they cause are settled in
-one transaction. Never a bounce for a bounce.
+Per destination (a recipient domain, or the smarthost), up to max_connections_per_destination
+workers each keep one outbound connection and carry queued messages in a row over it
+(connection reuse); an idle connection is kept a moment for the next message. A global
+semaphore caps outbound connections. What is held in memory is bounded per destination
+(PER_DESTINATION_BACKLOG) as well as in all (MAX_BACKLOG), and claims skip destinations whose
+backlog is full, so one stalled destination cannot hold up mail for the others.
+
+A destination whose connections keep failing is suspended (Postfix's "dead destination"):
+its mail is deferred without a connection until the backoff ends, then one probe goes.
+
+Leases: every job the runner holds is renewed by a heartbeat; each attempt runs under a
+deadline that never reaches past its lease (nor attempt_timeout), and the lease is checked
+again right before DATA. So a slow attempt is never claimed a second time while it runs.
+Outcomes and any DSNs they cause are settled in one transaction. Never a bounce for a bounce.
 """
 from __future__ import annotations
 
@@ -17,14 +27,17 @@ from typing import Awaitable, Callable
 
 from . import bounce, metrics
 from .config import Config
-from .delivery import DELIVERED, PERMANENT, TRANSIENT, Envelope, OutRecipient, RcptOutcome, Router
+from .delivery import DELIVERED, PERMANENT, TRANSIENT, Envelope, Fenced, OutRecipient, RcptOutcome, Router
 from .logs import event
-from .queue_store import Job, LeaseLost, NewMessage, NewRecipient, QueueStore, RecipientUpdate
+from .store.sqlite_queue import Job, LeaseLost, NewMessage, NewRecipient, QueueStore, RecipientUpdate
 
 log = logging.getLogger("relay.queue")
 
 CLAIM_BATCH = 200
-MAX_BACKLOG = 2000  # claimed-but-not-started recipients held in memory
+MAX_BACKLOG = 2000  # claimed-but-not-started jobs held in memory, in all
+# ... and per destination: a destination at this many is skipped by claims, so a stalled one
+# holds at most this (plus one claim batch) while the others keep being claimed.
+PER_DESTINATION_BACKLOG = 100
 # Longest sleep between looks at the queue. Enqueues by `relay serve` wake the runner at once
 # (in-process, or down the delivery process's wake pipe); this bounds how late it notices
 # changes made elsewhere (`relay queue retry`, later other nodes): one indexed MIN() every 2 s.
@@ -71,6 +84,17 @@ class _Destination:
         self.wake = asyncio.Event()
 
 
+class _Health:
+    """What the scheduler remembers of a destination between its jobs (Postfix's dead-destination
+    logic): consecutive failed connections, and a suspension with its end."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.last_error = ""
+        self.suspended_until = 0.0  # clock time; 0: not suspended
+        self.probing = False        # the suspension ended: one connection tries before the others
+
+
 class QueueRunner:
     def __init__(self, queue: QueueStore, router: Router, cfg: Config, clock: Callable[[], float] = time.time,
                  signer: Callable[[str, bytes], Awaitable[tuple[bytes, str | None]]] | None = None):
@@ -81,11 +105,19 @@ class QueueRunner:
         self._wake = asyncio.Event()
         self._stopping = False
         self._dests: dict[str, _Destination] = {}
+        self._health: dict[str, _Health] = {}
         self._global_waiting = 0
         self._tasks: set[asyncio.Task] = set()
         self._settling: set[asyncio.Task] = set()
         self._current: dict[asyncio.Task, Job] = {}
+        # Every job this runner holds a lease on (waiting, in flight or settling), by token; the
+        # heartbeat renews them all. Their recipient ids: a claim must never return one of them.
+        self._held: dict[str, Job] = {}
+        self._held_rcpts: set[int] = set()
+        # In-flight attempts: token -> (their deadline's handle, the attempt_timeout deadline).
+        self._inflight: dict[str, tuple[asyncio.Timeout, float]] = {}
         self._run_task: asyncio.Task | None = None
+        self._heartbeat_task: asyncio.Task | None = None
         self.paused = False
         self.configure(cfg)
 
@@ -95,6 +127,15 @@ class QueueRunner:
         # Workers release the semaphore they acquired, so replacing it on reload is safe.
         self._global = asyncio.Semaphore(cfg.delivery.max_connections)
 
+    @property
+    def lease_margin(self) -> float:
+        """An attempt ends this long before its lease would: time to notice, abort and settle."""
+        return min(self.queue.lease_seconds / 4, 60.0)
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return max(0.05, min(self.queue.lease_seconds / 4, 60.0))
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -102,13 +143,31 @@ class QueueRunner:
     def backlog(self) -> int:
         return sum(len(d.queue) for d in self._dests.values())
 
+    def _saturated(self) -> list[str] | None:
+        """Routes a claim must skip (their destination's backlog is full); None: claim nothing."""
+        full = [dest for dest, d in self._dests.items() if len(d.queue) >= PER_DESTINATION_BACKLOG]
+        if self.router.mode == "smarthost":
+            return None if full else []  # one destination for every route
+        return full
+
     async def run(self) -> None:
         self._run_task = asyncio.current_task()
+        self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="lease-heartbeat")
+        try:
+            await self._claim_loop()
+        except BaseException:
+            self._heartbeat_task.cancel()
+            raise
+        # A normal end (stop()): the heartbeat goes on until stop() has let in-flight attempts finish.
+
+    async def _claim_loop(self) -> None:
         while not self._stopping:
             claimed = 0
-            if not self.paused and self.backlog < MAX_BACKLOG:
+            exclude = self._saturated()
+            if not self.paused and self.backlog < MAX_BACKLOG and exclude is not None:
                 try:
-                    jobs = await self.queue.claim(CLAIM_BATCH, destination=self.router.destination)
+                    jobs = await self.queue.claim(CLAIM_BATCH, destination=self.router.destination,
+                                                  exclude_routes=exclude)
                 except Exception:  # noqa: BLE001 - the store may be briefly busy; retry shortly
                     log.exception("claim failed")
                     jobs = []
@@ -119,19 +178,21 @@ class QueueRunner:
                     return
                 claimed = sum(len(j.recipients) for j in jobs)
                 for job in jobs:
-                    self._dispatch(job)
+                    self._take(job)
             if claimed >= CLAIM_BATCH and self.backlog < MAX_BACKLOG:
                 await asyncio.sleep(0)
                 continue
-            await self._sleep_until_due()
+            await self._sleep_until_due(exclude)
 
-    async def _sleep_until_due(self) -> None:
+    async def _sleep_until_due(self, exclude: list[str] | None) -> None:
         self._wake.clear()
         timeout = IDLE_POLL
-        try:
-            due = await self.queue.next_due()
-        except Exception:  # noqa: BLE001
-            due = None
+        due = None
+        if exclude is not None:
+            try:
+                due = await self.queue.next_due(exclude)
+            except Exception:  # noqa: BLE001
+                due = None
         if due is not None:
             timeout = min(timeout, max(0.0, due - self.clock()) + 0.01)
         if timeout <= 0.01 and (self.backlog >= MAX_BACKLOG or self.paused):
@@ -141,17 +202,131 @@ class QueueRunner:
         except asyncio.TimeoutError:
             pass
 
+    # ------------------------------------------------------------ leases
+
+    def _take(self, job: Job) -> None:
+        ids = [r.id for r in job.recipients]
+        if any(i in self._held_rcpts for i in ids):
+            # Cannot happen while heartbeats work (attempts end before their lease does); if it
+            # does, sending this copy could duplicate the one in flight: drop it, its lease runs out.
+            metrics.LEASES_LOST.labels("claimed_twice").inc()
+            event(log, "lease_claimed_twice", logging.ERROR, qid=job.msg_id)
+            return
+        self._held[job.token] = job
+        self._held_rcpts.update(ids)
+        self._dispatch(job)
+
+    def _finish(self, job: Job) -> None:
+        if self._held.pop(job.token, None) is not None:
+            self._held_rcpts.difference_update(r.id for r in job.recipients)
+        self._inflight.pop(job.token, None)
+
+    def _lost(self, job: Job, where: str) -> None:
+        metrics.LEASES_LOST.labels(where).inc()
+        event(log, "lease_lost", logging.WARNING, qid=job.msg_id, where=where)
+        self._finish(job)
+
+    async def _heartbeat(self) -> None:
+        """Renew every held lease, then move each in-flight attempt's deadline along with its
+        lease: a renewal that fails leaves the old deadline, which ends the attempt before the
+        lease runs out (an attempt never outlives its lease, so it is never claimed twice)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            jobs = [j for j in self._held.values() if not j.lost]
+            try:
+                lost = await self.queue.renew_many(jobs)
+            except Exception as exc:  # noqa: BLE001 - deadlines stay where they are
+                event(log, "lease_renew_failed", logging.WARNING, jobs=len(jobs), error=f"{type(exc).__name__}: {exc}")
+                lost = []
+            for job in lost:
+                metrics.LEASES_LOST.labels("heartbeat").inc()
+                event(log, "lease_lost", logging.WARNING, qid=job.msg_id, where="heartbeat")
+            now, lnow = self.clock(), loop.time()
+            for token, (cm, attempt_deadline) in list(self._inflight.items()):
+                job = self._held.get(token)
+                if job is None:
+                    continue
+                cm.reschedule(min(attempt_deadline, self._lease_deadline(job, now, lnow)))
+
+    def _lease_deadline(self, job: Job, now: float, lnow: float) -> float:
+        """In loop time: when an attempt under this job's lease must be over."""
+        if job.lost:
+            return lnow
+        return lnow + (job.leased_until - now) - self.lease_margin
+
+    async def _fence(self, job: Job) -> None:
+        """Right before DATA: is the lease still ours? The heartbeat's last confirmation is
+        trusted while it is recent (an unexpired lease cannot have been taken over); past one
+        heartbeat interval the store is asked."""
+        now = self.clock()
+        if job.lost or now >= job.leased_until - self.lease_margin:
+            raise Fenced(job.msg_id)
+        if now - job.confirmed_at > self.heartbeat_interval and not await self.queue.holds(job):
+            raise Fenced(job.msg_id)
+
+    # ------------------------------------------------------------ destinations
+
+    def _health_of(self, dest: str) -> _Health:
+        h = self._health.get(dest)
+        if h is None:
+            h = self._health[dest] = _Health()
+        return h
+
+    def _suspended(self, dest: str) -> _Health | None:
+        """The destination's health when its mail must be deferred without a connection now."""
+        h = self._health.get(dest)
+        if h is None or not h.suspended_until:
+            return None
+        if self.clock() < h.suspended_until:
+            return h
+        h.suspended_until, h.probing = 0.0, True  # backoff over: one probe connection
+        event(log, "destination_probe", destination=dest)
+        return None
+
+    def _observe(self, dest: str, outcomes: dict[str, RcptOutcome]) -> None:
+        """Move a destination's health by an attempt's outcomes: any SMTP reply means it is alive;
+        only failures to connect or keep a session count toward suspending it."""
+        if not outcomes:
+            return
+        h = self._health_of(dest)
+        if not all(o.connection_failed for o in outcomes.values()):
+            if h.failures or h.probing:
+                event(log, "destination_alive", destination=dest)
+            self._health.pop(dest, None)
+            return
+        h.failures += 1
+        h.last_error = next(iter(outcomes.values())).reply
+        d = self.cfg.delivery
+        if (h.probing or h.failures >= d.dead_destination_failures) and not h.suspended_until:
+            h.suspended_until, h.probing = self.clock() + d.dead_destination_backoff, False
+            metrics.DESTINATIONS_SUSPENDED.inc()
+            event(log, "destination_suspended", logging.WARNING, destination=dest, failures=h.failures,
+                  until=round(d.dead_destination_backoff), error=h.last_error)
+            q = self._dests.get(dest)
+            while q is not None and q.queue:
+                self._defer_suspended(q.queue.popleft(), h)
+
+    def _defer_suspended(self, job: Job, h: _Health) -> None:
+        outcome = RcptOutcome(TRANSIENT, f"delivery temporarily suspended: {h.last_error}", "4.4.1")
+        self._spawn_settle(job, {r.address: outcome for r in job.recipients}, None, not_before=h.suspended_until)
+
     # ------------------------------------------------------------ workers
 
     def _dispatch(self, job: Job) -> None:
         dest = self.router.destination(job.route)
+        h = self._suspended(dest)
+        if h is not None:
+            self._defer_suspended(job, h)
+            return
         d = self._dests.get(dest)
         if d is None:
             d = self._dests[dest] = _Destination()
         d.queue.append(job)
         d.wake.set()  # an idle worker with an open connection takes it
-        if d.workers < self.cfg.delivery.max_connections_per_destination and \
-                (d.workers == 0 or len(d.queue) > d.workers):
+        health = self._health.get(dest)
+        limit = 1 if health is not None and health.probing else self.cfg.delivery.max_connections_per_destination
+        if d.workers < limit and (d.workers == 0 or len(d.queue) > d.workers):
             self._spawn(dest, d)
 
     def _spawn(self, dest: str, d: _Destination) -> None:
@@ -182,13 +357,20 @@ class QueueRunner:
                             continue
                         break
                     job = d.queue.popleft()
+                    if len(d.queue) == PER_DESTINATION_BACKLOG - 1:
+                        self.wake()  # room again: claims may include this destination
+                    h = self._suspended(dest)
+                    if h is not None:  # another worker's failure suspended it meanwhile
+                        self._defer_suspended(job, h)
+                        continue
                     self._current[me] = job
                     try:
-                        await self._deliver(route, job)
+                        await self._deliver(route, job, dest)
                     except asyncio.CancelledError:
                         raise
                     except Exception:  # noqa: BLE001 - its lease brings the job back; keep serving the rest
                         log.exception("delivery of %s failed unexpectedly", job.msg_id)
+                        self._finish(job)
                     finally:
                         self._current.pop(me, None)
             except asyncio.CancelledError:
@@ -234,37 +416,65 @@ class QueueRunner:
         finally:
             d.idle -= 1
 
-    async def _deliver(self, route, job: Job) -> None:
-        if self.clock() >= job.leased_until - self.queue.lease_seconds / 2:
+    async def _deliver(self, route, job: Job, dest: str) -> None:
+        if job.lost:
+            self._lost(job, "queued")
+            return
+        if job.leased_until - self.clock() < 2 * self.lease_margin:
             # It waited long in the backlog: make sure the lease is still ours before sending.
             try:
                 await self.queue.renew(job)
             except LeaseLost:
-                event(log, "lease_lost", logging.WARNING, qid=job.msg_id)
+                self._lost(job, "queued")
                 return
         body, dkim_domain = await self.queue.body_to_send(job.msg_id)
         if body is None:  # deleted by the administrator meanwhile
+            self._finish(job)
             return
         if dkim_domain is not None and self.signer is not None:
             signed = await self._sign(job, dkim_domain, body)
             if signed is None:  # not sent unsigned (DMARC could reject it): try again later
                 outcome = RcptOutcome(TRANSIENT, "DKIM signing failed; see the relay's log", "4.3.0")
-                t = asyncio.create_task(self._settle(job, {r.address: outcome for r in job.recipients}, body))
-                self._settling.add(t)
-                t.add_done_callback(self._settling.discard)
+                self._spawn_settle(job, {r.address: outcome for r in job.recipients}, body)
                 return
             body = signed
         env = Envelope(job.sender, tuple(OutRecipient(r.address, r.notify, r.orcpt) for r in job.recipients),
                        body, job.smtputf8, job.ret, job.envid)
+        loop = asyncio.get_running_loop()
+        attempt_deadline = loop.time() + self.cfg.delivery.attempt_timeout
         try:
-            outcomes = await route.send(env)
+            async with asyncio.timeout_at(min(attempt_deadline,
+                                              self._lease_deadline(job, self.clock(), loop.time()))) as cm:
+                self._inflight[job.token] = (cm, attempt_deadline)
+                try:
+                    outcomes = await route.send(env, fence=lambda: self._fence(job))
+                finally:
+                    self._inflight.pop(job.token, None)
+        except Fenced:
+            self._lost(job, "fence")
+            return
+        except TimeoutError:
+            if job.lost:
+                self._lost(job, "deadline")
+                return
+            lease = loop.time() < attempt_deadline
+            why = ("its lease could not be renewed" if lease
+                   else f"it took longer than attempt_timeout ({self.cfg.delivery.attempt_timeout}s)")
+            event(log, "attempt_cut", logging.WARNING, qid=job.msg_id, destination=dest, reason=why)
+            outcomes = {r.address: RcptOutcome(TRANSIENT, f"attempt ended because {why}", "4.4.2",
+                                               connection_failed=True) for r in job.recipients}
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug in one delivery must not stall the queue
             log.exception("delivery of %s failed unexpectedly", job.msg_id)
             outcomes = {r.address: RcptOutcome(TRANSIENT, f"internal error: {type(exc).__name__}", "4.3.0")
                         for r in job.recipients}
-        t = asyncio.create_task(self._settle(job, outcomes, body))
+        self._observe(dest, outcomes)
+        self._spawn_settle(job, outcomes, body)
+
+    def _spawn_settle(self, job: Job, outcomes: dict[str, RcptOutcome], body: bytes | None,
+                      not_before: float = 0.0) -> None:
+        t = asyncio.create_task(self._settle(job, outcomes, body, not_before))
         self._settling.add(t)
         t.add_done_callback(self._settling.discard)
 
@@ -288,7 +498,15 @@ class QueueRunner:
 
     # ------------------------------------------------------------ settle
 
-    async def _settle(self, job: Job, outcomes: dict[str, RcptOutcome], body: bytes) -> None:
+    async def _settle(self, job: Job, outcomes: dict[str, RcptOutcome], body: bytes | None,
+                      not_before: float = 0.0) -> None:
+        try:
+            await self._settle_job(job, outcomes, body, not_before)
+        finally:
+            self._finish(job)
+
+    async def _settle_job(self, job: Job, outcomes: dict[str, RcptOutcome], body: bytes | None,
+                          not_before: float) -> None:
         now = self.clock()
         d = self.cfg.delivery
         mode = self.router.mode
@@ -312,7 +530,8 @@ class QueueRunner:
                 state, next_at, status, expired = "failed", now, EXPIRED_STATUS, True
             else:
                 # The last retry lands on the expiry time itself, so expiry is never late by a whole step.
-                state, next_at = "deferred", min(now + retry_delay(r.attempts, d.retry_schedule), expires_at)
+                state = "deferred"
+                next_at = min(max(now + retry_delay(r.attempts, d.retry_schedule), not_before), expires_at)
             metrics.DELIVERY_ATTEMPTS.labels(state, mode).inc()
             updates.append(RecipientUpdate(r.id, state, next_at, None if state == "delivered" else o.reply,
                                            o.remote_mta))
@@ -337,6 +556,8 @@ class QueueRunner:
                 delayed.append(dsn_r)
         bounces = []
         warn = bool(d.delay_warning_after and delayed and not job.warned and age >= d.delay_warning_after)
+        if job.sender and (failed or succeeded or warn) and body is None:
+            body = await self.queue.body(job.msg_id) or b""  # a deferral without an attempt read no body
         if job.sender:  # never a bounce for a bounce (RFC 3461 6.2, RFC 5321 3.6.3)
             for kind, rcpts in (("failure", failed), ("success", succeeded), ("delay", delayed if warn else [])):
                 if rcpts:
@@ -348,7 +569,8 @@ class QueueRunner:
         try:
             ids = await self.queue.settle(job, updates, bounces=tuple(bounces), history=history, mark_warned=warn)
         except LeaseLost:
-            event(log, "lease_lost", logging.WARNING, qid=job.msg_id)
+            metrics.LEASES_LOST.labels("settle").inc()
+            event(log, "lease_lost", logging.WARNING, qid=job.msg_id, where="settle")
             return
         except Exception:  # noqa: BLE001 - unsettled work comes due again when its lease expires
             log.exception("settle failed for %s", job.msg_id)
@@ -395,9 +617,14 @@ class QueueRunner:
                 await asyncio.wait(still, timeout=5)
         if self._settling:
             await asyncio.wait(set(self._settling), timeout=timeout)
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
 
     async def _release(self, job: Job) -> None:
         try:
             await self.queue.release(job)
         except Exception:  # noqa: BLE001 - the lease expires by itself anyway
             log.warning("could not release lease of %s", job.msg_id)
+        finally:
+            self._finish(job)

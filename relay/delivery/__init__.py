@@ -20,6 +20,9 @@ class RcptOutcome:
     tls: str | None = None     # "TLSv1.3" or "plain" for the log
     # The remote took our DSN parameters (RFC 3461 5.2.1): success reports are its job from here on.
     dsn: bool = False
+    # No SMTP reply decided this: the destination could not be reached or the session broke
+    # (refused, timed out, reset). The scheduler counts these toward a dead destination.
+    connection_failed: bool = False
 
     @property
     def final(self) -> bool:
@@ -43,6 +46,10 @@ class Envelope:
     envid: str | None = None
 
 
+class Fenced(Exception):
+    """The job's lease is no longer ours (checked before DATA): send nothing, settle nothing."""
+
+
 class Connection(Protocol):
     async def send(self, env: Envelope) -> dict[str, RcptOutcome]: ...
     async def close(self) -> None: ...
@@ -55,4 +62,4 @@ def all_same(env: Envelope, outcome: RcptOutcome) -> dict[str, RcptOutcome]:
 from .router import Router  # noqa: E402  (re-export after the shared types it uses)
 
 __all__ = ["DELIVERED", "TRANSIENT", "PERMANENT", "RcptOutcome", "OutRecipient", "Envelope", "Connection",
-           "Router", "all_same"]
+           "Router", "all_same", "Fenced"]

@@ -6,21 +6,31 @@ final dot without a reply we do not know, so we retry and accept a possible dupl
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import socket
 import ssl
+import struct
+from typing import Awaitable, Callable
 
 import aiosmtplib
 
+from .. import metrics
+from ..logs import event
 from ..policy import xtext_encode
-from . import DELIVERED, PERMANENT, TRANSIENT, Envelope, RcptOutcome, all_same
+from . import DELIVERED, PERMANENT, TRANSIENT, Envelope, Fenced, RcptOutcome, all_same
+
+log = logging.getLogger("relay.delivery")
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
 class ConnectFailure(Exception):
     def __init__(self, reply: str, status: str = "4.4.1", tls_failed: bool = False, permanent: bool = False,
-                 host: str | None = None, tls: str | None = None):
+                 host: str | None = None, tls: str | None = None, greeted: bool = False):
         super().__init__(reply)
+        self.greeted = greeted     # the session got past the greeting (counts toward max_mx_sessions)
         self.reply = reply
         self.status = status
         self.tls_failed = tls_failed
@@ -34,6 +44,14 @@ def status_of(code: int, message: str) -> str:
     if m and m.group(1) == str(code)[0]:
         return m.group(0)
     return f"{str(code)[0]}.0.0"
+
+
+class DataStalled(Exception):
+    """The body stopped moving (the receiver reads nothing) for data_xfer_timeout seconds."""
+
+
+class _RefusedMidBody(aiosmtplib.SMTPDataError):
+    """The receiver replied before the final dot: the session is out of step, so it is aborted."""
 
 
 class StaleSession(Exception):
@@ -53,6 +71,8 @@ def _describe_exc(exc: BaseException) -> str:
         return f"{exc.code} {' '.join(exc.message.split())}"
     if isinstance(exc, aiosmtplib.SMTPTimeoutError):
         return "timeout"
+    if isinstance(exc, DataStalled):
+        return str(exc)
     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
         return "connection lost"
     if isinstance(exc, ssl.SSLError):
@@ -74,14 +94,15 @@ class Session:
     @classmethod
     async def open(cls, *, address: str, port: int, host: str, helo: str, connect_timeout: float,
                    command_timeout: float, tls: str, verify: bool, username: str = "", password: str = "",
-                   tls_context: ssl.SSLContext | None = None) -> "Session":
+                   tls_context: ssl.SSLContext | None = None,
+                   own_hostname: frozenset[str] = frozenset()) -> "Session":
         """tls: 'opportunistic' | 'required' | 'starttls' | 'implicit' | 'none'."""
         client = aiosmtplib.SMTP(hostname=address, port=port, local_hostname=helo, timeout=command_timeout,
                                  use_tls=tls == "implicit", start_tls=False, validate_certs=verify,
                                  tls_context=tls_context if tls == "implicit" else None)
         where = f"{host}[{address}]:{port}"
         try:
-            await client.connect(timeout=connect_timeout)
+            greeting = await client.connect(timeout=connect_timeout)
         except aiosmtplib.SMTPConnectResponseError as exc:
             raise ConnectFailure(f"{where} greeted with {_describe_exc(exc)}", status_of(exc.code, exc.message),
                                  host=host) from None
@@ -92,9 +113,17 @@ class Session:
                                  else None) from None
         try:
             try:
-                await client.ehlo()
+                ehlo = await client.ehlo()
             except aiosmtplib.SMTPHeloError:
-                await client.helo()  # RFC 5321 3.2: an old server that refuses EHLO still speaks SMTP
+                ehlo = await client.helo()  # RFC 5321 3.2: an old server that refuses EHLO still speaks SMTP
+            for reply in (greeting, ehlo):
+                # A server that names us is us (a forwarding loop through another name or NAT),
+                # as Postfix decides ("mail for X loops back to myself").
+                name = reply.message.split(None, 1)[0].lower().rstrip(".") if reply.message.strip() else ""
+                if name in own_hostname:
+                    client.close()
+                    raise ConnectFailure(f"{where} greeted us with our own hostname {name}", "5.4.6",
+                                         permanent=True, host=host)
             if tls in ("opportunistic", "required", "starttls"):
                 if client.supports_extension("starttls"):
                     try:
@@ -117,15 +146,23 @@ class Session:
                     # Transient on purpose: a wrong smarthost password is the operator's to fix, not a bounce.
                     raise ConnectFailure(f"{where} refused our login: {_describe_exc(exc)}", "4.7.0",
                                          host=host) from None
-        except ConnectFailure:
+        except ConnectFailure as exc:
+            exc.greeted = True
             raise
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
             client.close()
-            raise ConnectFailure(f"{where}: {_describe_exc(exc)}", host=host) from None
+            raise ConnectFailure(f"{where}: {_describe_exc(exc)}", host=host, greeted=True) from None
         ssl_obj = client.transport.get_extra_info("ssl_object") if client.transport else None
         return cls(client, host, ssl_obj.version() if ssl_obj else None)
 
-    async def send(self, env: Envelope) -> dict[str, RcptOutcome]:
+    async def send(self, env: Envelope, *, xfer_timeout: float, done_timeout: float,
+                   fence: Callable[[], Awaitable[None]] | None = None) -> dict[str, RcptOutcome]:
+        """One transaction. `fence` runs after the last RCPT and before DATA: it raises (`Fenced`)
+        when the lease on this job is no longer ours, and then nothing is sent.
+
+        Any failure in the middle of the transaction (a lost connection, a timeout, a bug such as
+        an encoding error) leaves the SMTP state unknown: the connection is aborted, never reused,
+        so the next message cannot inherit a half-open transaction (a `503 nested MAIL`)."""
         c = self.client
         opts: list[str] = []
         if c.supports_extension("size"):
@@ -147,21 +184,20 @@ class Session:
         reused = self.messages > 0
         self.messages += 1
         result: dict[str, RcptOutcome] = {}
+        transfer = _Transfer()
         try:
             try:
                 await c.mail(env.sender, options=opts, encoding=enc)
             except aiosmtplib.SMTPResponseException as exc:
                 if reused and exc.code == 421:
                     # The server closed the idle cached session (RFC 5321 3.8): not this message's fault.
-                    self.alive = False
-                    c.close()
+                    self.abort()
                     raise StaleSession(self.host) from None
                 await self._rset()
                 return all_same(env, outcome_of(exc.code, exc.message, self.host, self.tls))
             except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
                 if reused:
-                    self.alive = False
-                    c.close()
+                    self.abort()
                     raise StaleSession(self.host) from exc
                 raise
             accepted = []
@@ -180,56 +216,157 @@ class Session:
             if not accepted:
                 await self._rset()
                 return result
+            if fence is not None:
+                await fence()
             try:
-                resp = await _data(c, env.data)
+                resp = await _data(c, env.data, xfer_timeout=xfer_timeout, done_timeout=done_timeout,
+                                   transfer=transfer)
                 code, message = resp.code, resp.message
+            except _RefusedMidBody as exc:
+                # Refused before the dot (out of step, so the connection goes); it cannot have the message.
+                self.abort()
+                code, message = exc.code, exc.message
             except aiosmtplib.SMTPResponseException as exc:
+                # A refusal of DATA itself, or the reply to the dot: the session is in step.
                 code, message = exc.code, exc.message
             for r in accepted:
                 # Only a recipient whose NOTIFY went along hands its success report over to the remote.
                 result[r.address] = outcome_of(code, message, self.host, self.tls, dsn=dsn and r.notify is not None)
             return result
-        except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
-            self.alive = False
-            c.close()
-            broken = RcptOutcome(TRANSIENT, f"{self.host}: {_describe_exc(exc)}", "4.4.2", self.host, self.tls)
+        except (StaleSession, Fenced):
+            self.abort()
+            raise
+        except asyncio.CancelledError:
+            # The attempt's deadline (or shutdown) cut in: nothing more may reach the receiver.
+            self._note_lost_reply(transfer, "cancelled")
+            if transfer.started and not transfer.dot_sent:
+                metrics.DATA_ABORTED.labels("deadline").inc()
+            self.abort()
+            raise
+        except Exception as exc:  # noqa: BLE001 - aiosmtplib, OSError, TLS, and bugs alike break the session
+            self.abort()
+            if transfer.started and not transfer.dot_sent:
+                metrics.DATA_ABORTED.labels("stalled" if isinstance(exc, DataStalled) else "error").inc()
+                event(log, "data_aborted", logging.WARNING, host=self.host, error=_describe_exc(exc))
+            if transfer.dot_sent:
+                self._note_lost_reply(transfer, _describe_exc(exc))
+                text = (f"{self.host}: {_describe_exc(exc)} after the end of the message; "
+                        "it may have been delivered (RFC 1047)")
+            else:
+                text = f"{self.host}: {_describe_exc(exc)}"
+            broken = RcptOutcome(TRANSIENT, text, "4.4.2", self.host, self.tls, connection_failed=True)
             # Replies already given (a 550 to one RCPT) stand; only the undecided recipients are retried.
             return {r.address: result.get(r.address, broken) for r in env.recipients}
+
+    def _note_lost_reply(self, transfer: "_Transfer", why: str) -> None:
+        """The whole message went out but its reply did not come back: the receiver may have
+        it, and the retry may be a second copy (RFC 1047). Counted, so it can be watched."""
+        if transfer.dot_sent:
+            metrics.REPLY_LOST_AFTER_DOT.inc()
+            event(log, "reply_lost_after_dot", logging.WARNING, host=self.host, error=why)
 
     async def _rset(self) -> None:
         try:
             await self.client.rset()
-        except (aiosmtplib.SMTPException, OSError):
-            self.alive = False
-            self.client.close()
+        except Exception:  # noqa: BLE001 - any failure leaves the session's state unknown
+            self.abort()
 
     def abort(self) -> None:
+        """Drop the connection with a reset: what is still buffered (ours or the kernel's) is
+        discarded instead of being delivered after we gave up on it."""
         self.alive = False
+        transport = self.client.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+            transport.abort()
         self.client.close()
 
     async def close(self) -> None:
         if self.alive and self.client.is_connected:
             try:
                 await self.client.quit(timeout=5)
-            except (aiosmtplib.SMTPException, OSError, ssl.SSLError):
-                pass
+            except Exception:  # noqa: BLE001 - a failed QUIT still ends the session
+                self.abort()
+                return
         self.client.close()
         self.alive = False
 
 
-async def _data(c: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
-    """DATA for a message as we store it: CRLF lines only, so dot-stuffing (RFC 5321 4.5.2) is
-    all that is left to do, in one replace. aiosmtplib's data() runs two regular expressions
-    over every message (a fifth of the delivery process's CPU); anything unusual still goes there."""
-    if not data.endswith(b"\r\n") or not data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n"):
-        return await c.data(data)
+_CHUNK = 256 * 1024
+
+
+class _Transfer:
+    """How far one DATA got, for the decision that matters after a failure: could the
+    receiver have the whole message? Only once the final dot is in the kernel's hands."""
+
+    def __init__(self) -> None:
+        self.started = False       # DATA accepted with 354: the body is on its way
+        self.dot_sent = False      # the last byte of ".\r\n" left our buffers
+
+
+def _stuffed(data: bytes) -> bytes:
+    """The body as it goes on the wire: dot-stuffed (RFC 5321 4.5.2), ending in CRLF.CRLF."""
+    if data.endswith(b"\r\n") and data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n"):
+        # As we store it: CRLF lines only, so one replace does it. aiosmtplib's regexes cost a
+        # fifth of the delivery process's CPU.
+        return (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+async def _data(c: aiosmtplib.SMTP, data: bytes, *, xfer_timeout: float, done_timeout: float,
+                transfer: _Transfer) -> aiosmtplib.SMTPResponse:
+    """DATA with two clocks, as Postfix has (smtp_data_xfer_timeout, smtp_data_done_timeout):
+    the body must keep moving (no progress for `xfer_timeout` s is a failure), and the reply to
+    the final dot gets a long wait of its own. One timeout over both (what aiosmtplib does)
+    fired on slow readers while the rest of the body, dot included, was still buffered and
+    went out after we gave up: the receiver accepted the message and we sent it again.
+
+    Any failure here raises; the caller aborts the connection with a reset (`Session.abort`),
+    which discards whatever is still buffered, so a message whose dot did not leave us can
+    never be completed by the receiver."""
     start = await c.execute_command(b"DATA")
     if start.code != 354:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
-    stuffed = (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
-    assert c.protocol is not None
-    c.protocol.write(stuffed)  # the reply cannot arrive before read_response arms itself: no await between
-    resp = await c.protocol.read_response(timeout=c.timeout)
+    transfer.started = True
+    proto = c.protocol
+    assert proto is not None and proto.transport is not None
+    transport = proto.transport
+    # Every write that the kernel cannot take at once pauses us until our buffer is empty
+    # again, so "drained" means "handed to the kernel" and each drain is progress. (high=1,
+    # not 0: the TLS transport pauses at size >= high, so 0 would pause on an empty buffer.)
+    transport.set_write_buffer_limits(high=1, low=0)
+    # A reply that comes before the dot (a receiver refusing mid-body) must be kept, not
+    # dropped as unsolicited: arm the protocol's reply flag as read_response would.
+    proto._response_pending = True
+    payload = memoryview(_stuffed(data))
+    loop = asyncio.get_running_loop()
+    early: asyncio.Future | None = None
+    for off in range(0, len(payload), _CHUNK):
+        proto.write(payload[off:off + _CHUNK])
+        if not proto._paused:
+            continue
+        drain = loop.create_task(proto._drain_helper())
+        early = early or proto._response_waiter
+        done, _ = await asyncio.wait({drain, early}, timeout=xfer_timeout, return_when=asyncio.FIRST_COMPLETED)
+        if drain not in done:
+            drain.cancel()
+            await asyncio.gather(drain, return_exceptions=True)
+            if early in done:
+                # The receiver answered before the dot: whatever it said, this body is over.
+                resp = early.result()
+                raise _RefusedMidBody(resp.code if resp.code >= 400 else 451, resp.message)
+            raise DataStalled(f"no progress sending the message for {xfer_timeout:g}s")
+        drain.result()  # raises if the connection was lost meanwhile
+    transfer.dot_sent = True
+    resp = await proto.read_response(timeout=done_timeout)
     if resp.code != 250:
         raise aiosmtplib.SMTPDataError(resp.code, resp.message)
     return resp

@@ -5,8 +5,11 @@ connection reconnects on its own when the previous session broke.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 
+from .. import metrics
 from ..config import Config
 from ..logs import event
 from ..tls import client_context
@@ -34,7 +37,8 @@ class _Route:
         return self.session is not None and self.session.alive and \
             self.session.messages < cfg.max_messages_per_connection
 
-    async def send(self, env: Envelope) -> dict[str, RcptOutcome]:
+    async def send(self, env: Envelope, fence=None) -> dict[str, RcptOutcome]:
+        d = self.router.cfg.delivery
         for _ in range(2):
             if self.session is not None and not self.reusable:
                 await self.session.close()
@@ -46,14 +50,16 @@ class _Route:
                     return all_same(env, RcptOutcome(PERMANENT if exc.permanent else TRANSIENT, exc.reply, exc.status))
                 except ConnectFailure as exc:
                     return all_same(env, RcptOutcome(PERMANENT if exc.permanent else TRANSIENT, exc.reply, exc.status,
-                                                     exc.host, exc.tls))
+                                                     exc.host, exc.tls, connection_failed=not exc.permanent))
             try:
-                return await self.session.send(env)
+                return await self.session.send(env, xfer_timeout=d.data_xfer_timeout,
+                                               done_timeout=d.data_done_timeout, fence=fence)
             except StaleSession:
                 # A cached session died while idle; nothing was sent, so one fresh connection is safe.
                 await self.session.close()
                 self.session = None
-        return all_same(env, RcptOutcome(TRANSIENT, "connection lost twice before MAIL FROM", "4.4.2"))
+        return all_same(env, RcptOutcome(TRANSIENT, "connection lost twice before MAIL FROM", "4.4.2",
+                                         connection_failed=True))
 
     async def close(self) -> None:
         if self.session is not None:
@@ -75,11 +81,16 @@ class MXRoute(_Route):
         self.require_tls = d.require_tls or domain in d.require_tls_domains
 
     async def _connect(self) -> Session:
+        """Try the MX hosts in order (RFC 5321 5.1), within the attempt's limits: at most
+        max_mx_addresses addresses and max_mx_sessions sessions that got past the greeting
+        (Postfix's smtp_mx_address_limit and smtp_mx_session_limit: a domain with 25 MX records
+        must not cost 25 connection timeouts per attempt)."""
         r = self.router
         d = r.cfg.delivery
         hosts = await resolve_mx(r.resolver, self.domain)
         last: ConnectFailure | None = None
         any_address = False
+        addresses_tried = sessions = 0
         for host in hosts:
             try:
                 addresses = await resolve_addresses(r.resolver, host)
@@ -88,16 +99,38 @@ class MXRoute(_Route):
                 continue
             any_address = any_address or bool(addresses)
             for address in addresses:
+                if r.is_self(address, d.mx_port):
+                    # RFC 5321 5.1: MX hosts preferred less than ourselves are not to be used. When
+                    # we are the best one, the mail would only come back to us: that is a loop.
+                    if last is None:
+                        metrics.MAIL_LOOPS.inc()
+                        event(log, "mail_loop", logging.WARNING, domain=self.domain, mx=host, address=address)
+                        raise ConnectFailure(f"550 5.4.6 mail for {self.domain} loops back to myself "
+                                             f"({host}[{address}]:{d.mx_port} is this relay)", "5.4.6",
+                                             permanent=True, host=host)
+                    raise last
+                if addresses_tried >= d.max_mx_addresses or sessions >= d.max_mx_sessions:
+                    assert last is not None
+                    event(log, "mx_limit_reached", logging.WARNING, domain=self.domain, addresses=addresses_tried,
+                          sessions=sessions)
+                    raise last
+                addresses_tried += 1
                 for tls in ("required",) if self.require_tls else ("opportunistic", "none"):
                     try:
                         s = await Session.open(
                             address=address, port=d.mx_port, host=host, helo=r.cfg.helo_hostname,
                             connect_timeout=d.connect_timeout, command_timeout=d.command_timeout, tls=tls,
-                            verify=self.require_tls, tls_context=r.verified_tls if self.require_tls else r.opportunistic_tls)
+                            verify=self.require_tls, tls_context=r.verified_tls if self.require_tls else r.opportunistic_tls,
+                            own_hostname=r.own_hostname)
                         event(log, "outbound_connected", domain=self.domain, mx=host, address=address, tls=s.tls)
                         return s
                     except ConnectFailure as exc:
+                        if exc.permanent and exc.status == "5.4.6":
+                            metrics.MAIL_LOOPS.inc()
+                            raise ConnectFailure(f"550 5.4.6 mail for {self.domain} loops back to myself "
+                                                 f"({exc.reply})", "5.4.6", permanent=True, host=host) from None
                         last = exc
+                        sessions += exc.greeted
                         event(log, "outbound_connect_failed", logging.WARNING, domain=self.domain, mx=host,
                               address=address, error=exc.reply)
                         # Opportunistic TLS that fails its handshake: retry the same host in plain text.
@@ -123,8 +156,17 @@ class SmarthostRoute(_Route):
         return s
 
 
+def _normal(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address.strip("[]")))
+    except ValueError:
+        return address
+
+
 class Router:
     def __init__(self, cfg: Config):
+        self.own_listeners: set[tuple[str, int]] = set()
+        self._local_cache: dict[str, bool] = {}
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
@@ -133,6 +175,42 @@ class Router:
         # Built once: loading the system CA store costs milliseconds per connection otherwise.
         self.opportunistic_tls = client_context(verify=False)
         self.verified_tls = client_context(verify=True)
+        # A greeting naming us is a loop only when our name is a real one: every box is "localhost".
+        names = {n.lower().rstrip(".") for n in (cfg.server.hostname, cfg.helo_hostname)}
+        self.own_hostname = frozenset(n for n in names if "." in n and n != "localhost")
+
+    def set_own_listeners(self, endpoints: list[tuple[str, int]]) -> None:
+        """The relay's own bound (address, port) pairs: delivering to one of them is a loop."""
+        self.own_listeners = {(_normal(a), p) for a, p in endpoints}
+        self._local_cache: dict[str, bool] = {}
+
+    def is_self(self, address: str, port: int) -> bool:
+        own = self.own_listeners
+        if not own:
+            return False
+        addr = _normal(address)
+        if (addr, port) in own:
+            return True
+        wildcard = any(p == port and a in ("0.0.0.0", "::", "") for a, p in own)
+        return wildcard and self._is_local(addr)
+
+    def _is_local(self, address: str) -> bool:
+        """Whether an address is one of this machine's: only a local address can be bound."""
+        cached = self._local_cache.get(address)
+        if cached is None:
+            try:
+                ip = ipaddress.ip_address(address)
+                if ip.is_loopback or ip.is_unspecified:
+                    cached = True
+                else:
+                    with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                                       socket.SOCK_STREAM) as sock:
+                        sock.bind((address, 0))
+                    cached = True
+            except (ValueError, OSError):
+                cached = False
+            self._local_cache[address] = cached
+        return cached
 
     @property
     def mode(self) -> str:

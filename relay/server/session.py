@@ -24,7 +24,7 @@ from .. import headers, metrics, policy, replies
 from ..config import LimitsConfig
 from ..credentials import CredentialStore, Principal
 from ..logs import event
-from ..queue_store import NewMessage, NewRecipient, QueueStore, StorageFull, StoreUnavailable, new_queue_id
+from ..store.contract import NewMessage, NewRecipient, QueueStore, StorageFull, StoreUnavailable, new_queue_id
 from ..replies import Reply
 from ..tls import describe
 from .auth import MAX_RESPONSE, AuthThrottle, b64, decode_plain

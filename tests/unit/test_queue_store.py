@@ -10,7 +10,7 @@ import pytest
 
 from relay import db
 from relay.metrics import REGISTRY
-from relay.queue_store import LeaseLost, NewMessage, NewRecipient, QueueStore, RecipientUpdate
+from relay.store.sqlite_queue import LeaseLost, NewMessage, NewRecipient, QueueStore, RecipientUpdate
 
 LEASE = 600.0
 
@@ -282,7 +282,7 @@ async def test_a_writer_denied_its_turn_answers_unavailable_and_commits_nothing_
     import fcntl
     import os
 
-    from relay.queue_store import StoreUnavailable
+    from relay.store.sqlite_queue import StoreUnavailable
     monkeypatch.setattr(db, "BUSY_TIMEOUT", 0.5)
     path = str(tmp_path / "queue.db")
     conn = await db.open_async(path)

@@ -1,295 +1,55 @@
-"""The durable queue: enqueue (group commit) -> queue id; claim due work with a lease; settle outcomes.
+"""The durable queue on SQLite: enqueue -> queue id; claim due work under an owned lease; settle.
 
-All writes go through one writer task that folds whatever is waiting into a single transaction
-(one fsync under synchronous=FULL), each operation inside its own SAVEPOINT so one bad operation
-fails alone. A caller's future resolves only after the COMMIT that holds its work: the session
-sends 250 only then. Rows are shaped for a later `FOR UPDATE SKIP LOCKED` backend: per-recipient
-state, `next_attempt_at` doubling as the lease expiry, and a lease token that fences settles.
+Implements `contract.QueueStore`. Every write goes through the shared group-commit writer
+(`writer.GroupWriter`): the session's 250 waits for the COMMIT that holds its message. Rows
+are shaped for a later `FOR UPDATE SKIP LOCKED` backend: per-recipient state,
+`next_attempt_at` doubling as the lease's end, a lease token that fences every later write,
+and the lease's owner so that recovery takes back only this node's leases.
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
+import socket
 import sqlite3
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import aiosqlite
 
-from . import db, metrics
-from .db import WriterLock
+from .. import metrics
+from ..db import WriterLock
+from .contract import (ACTIVE, FINAL, ClaimedRecipient, Job, LeaseLost, LeaseOwner, NewMessage, NewRecipient,
+                       RecipientUpdate, StorageFull, StoreUnavailable, new_queue_id)
+from .writer import GroupWriter, Op
 
-ACTIVE = ("pending", "deferred")
-FINAL = ("delivered", "failed")
-
-
-class StoreUnavailable(Exception):
-    """The queue could not commit: the client must get a transient reply."""
-
-
-class StorageFull(StoreUnavailable):
-    pass
-
-
-class LeaseLost(Exception):
-    """Another worker took over this lease; the settle changed nothing."""
-
-
-def new_queue_id() -> str:
-    # Time prefix keeps ids roughly sortable for humans; 40 random bits make them unguessable.
-    return f"{int(time.time()):08X}"[-8:] + secrets.token_hex(5).upper()
-
-
-@dataclass(frozen=True)
-class NewRecipient:
-    address: str
-    route: str                     # destination domain, or "smarthost"
-    notify: str | None = None      # RFC 3461 NOTIFY value, e.g. "FAILURE,DELAY" or "NEVER"
-    orcpt: str | None = None
-
-
-@dataclass(frozen=True)
-class NewMessage:
-    sender: str
-    recipients: tuple[NewRecipient, ...]
-    data: bytes
-    auth_user: str | None = None
-    client_ip: str | None = None
-    ret: str | None = None
-    envid: str | None = None
-    smtputf8: bool = False
-    queue_id: str | None = None    # preassigned so the Received header can carry it
-    dkim_domain: str | None = None  # sign for this domain before the first delivery attempt
-
-
-@dataclass
-class ClaimedRecipient:
-    id: int
-    address: str
-    attempts: int                  # including the attempt this claim starts
-    notify: str | None
-    orcpt: str | None
-
-
-@dataclass
-class Job:
-    """Due recipients of one message for one route, under one lease token."""
-    msg_id: str
-    route: str
-    token: str
-    sender: str
-    created_at: float
-    size: int
-    ret: str | None
-    envid: str | None
-    smtputf8: bool
-    warned: bool
-    leased_until: float = 0.0      # the lease's expiry (= the rows' next_attempt_at while leased)
-    recipients: list[ClaimedRecipient] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class RecipientUpdate:
-    id: int
-    state: str                     # deferred | delivered | failed
-    next_attempt_at: float
-    error: str | None = None
-    remote_mta: str | None = None
-
-
-_Op = Callable[[sqlite3.Connection], Any]  # runs in the writer thread, inside the batch's transaction
-
-
-def classify_error(exc: BaseException) -> StoreUnavailable:
-    if isinstance(exc, StoreUnavailable):
-        return exc
-    text = str(exc).lower()
-    if isinstance(exc, sqlite3.Error) and ("full" in text or getattr(exc, "sqlite_errorcode", None) == 13):
-        metrics.STORE_ERRORS.labels("full").inc()
-        return StorageFull(str(exc))
-    metrics.STORE_ERRORS.labels("unavailable").inc()
-    return StoreUnavailable(f"{type(exc).__name__}: {exc}")
-
-
-class _Turn:
-    """A batch's hand-over between the event loop and the writer thread: exactly one of
-    `start` (thread, about to begin the transaction) and `give_up` (loop, tired of waiting) wins."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._state = "waiting"
-
-    def start(self) -> bool:
-        with self._lock:
-            if self._state == "abandoned":
-                return False
-            self._state = "started"
-            return True
-
-    def give_up(self) -> bool:
-        with self._lock:
-            if self._state == "started":
-                return False
-            self._state = "abandoned"
-            return True
-
+__all__ = ["QueueStore", "new_queue_id", "ACTIVE", "FINAL", "ClaimedRecipient", "Job", "LeaseLost", "LeaseOwner",
+           "NewMessage", "NewRecipient", "RecipientUpdate", "StorageFull", "StoreUnavailable"]
 
 class QueueStore:
     def __init__(self, conn: aiosqlite.Connection, *, clock: Callable[[], float] = time.time,
                  lease_seconds: float = 600, on_enqueue: Callable[[], None] | None = None,
-                 crash_point: str | None = None, writer_lock: WriterLock | None = None,
-                 sync_commits: bool = True):
+                 crash_point: str | None = None, writer: GroupWriter | None = None,
+                 writer_lock: WriterLock | None = None, sync_commits: bool = True,
+                 owner: LeaseOwner | None = None):
         self._conn = conn          # reads (aiosqlite's thread)
-        self._lock = writer_lock
-        # Writes: a connection of their own, used only from this one thread.
-        self._wexec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-writer")
-        self._wconn: sqlite3.Connection | None = None
-        self._sync_commits = sync_commits
+        # Writes: the process's shared writer (the factory passes it); a store built on its own
+        # (tests) gets a private one.
+        self._own_writer = writer is None
+        self._writer = writer or GroupWriter(reader=conn, writer_lock=writer_lock, sync_commits=sync_commits)
         self._clock = clock
         self.lease_seconds = lease_seconds
+        self.owner = owner or LeaseOwner(socket.gethostname(), secrets.token_hex(4))
         self._on_enqueue = on_enqueue
-        self._pending: list[tuple[_Op, asyncio.Future]] = []
-        self._wake = asyncio.Event()
-        self._writer: asyncio.Task | None = None
-        self._closing = False
         # Test hook (RELAY_CRASH_POINT): die at a named point to prove recovery.
         self._crash_point = crash_point if crash_point is not None else os.environ.get("RELAY_CRASH_POINT")
 
-    # ------------------------------------------------------------ writer
-
-    async def _write(self, op: _Op) -> Any:
-        if self._closing:
-            raise StoreUnavailable("queue is closing")
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.append((op, fut))
-        self._wake.set()
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._writer_loop(), name="queue-writer")
-        return await fut
-
-    async def _writer_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if not self._pending:
-                if self._closing:
-                    return
-                continue
-            batch, self._pending = self._pending, []
-            await self._run_batch(batch)
-
-    async def _run_batch(self, batch: list[tuple[_Op, asyncio.Future]]) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            if self._wconn is None:
-                rows = await self._conn.execute_fetchall("PRAGMA database_list")
-                path = next(r["file"] for r in rows if r["name"] == "main")
-                self._wconn = await loop.run_in_executor(self._wexec, self._open_writer, path)
-            # The whole batch is one hop to the writer thread: no await per statement while
-            # the write lock is held (the other process is waiting for it).
-            turn = _Turn()
-            work = loop.run_in_executor(self._wexec, self._run_batch_sync, [op for op, _ in batch], turn)
-            try:
-                # Only the cross-process turn can wait without bound; SQLite's busy_timeout bounds the rest.
-                failed, results = await asyncio.wait_for(asyncio.shield(work),
-                                                         db.BUSY_TIMEOUT if self._lock is not None else None)
-            except asyncio.TimeoutError:
-                if turn.give_up():
-                    # Still waiting for the other process's turn (stopped, frozen): answer 4xx now;
-                    # the writer thread drops this batch when its turn comes, so nothing commits
-                    # behind the clients' backs.
-                    failed, results = StoreUnavailable("queue busy: no write turn within "
-                                                       f"{db.BUSY_TIMEOUT:g}s"), []
-                else:
-                    failed, results = await work  # committing now: its outcome is the answer
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a transient reply
-            failed, results = exc, []
-        if failed is not None:
-            err = classify_error(failed)
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(err)
-            return
-        metrics.STORE_COMMITS.inc()
-        for (_, fut), (value, exc) in zip(batch, results):
-            if fut.done():
-                continue
-            if exc is None:
-                fut.set_result(value)
-            elif isinstance(exc, (LeaseLost, KeyError, ValueError)):
-                fut.set_exception(exc)
-            else:
-                fut.set_exception(classify_error(exc))
-
-    def _open_writer(self, path: str) -> sqlite3.Connection:
-        conn = db.open_sync(path)
-        if not self._sync_commits:
-            # WAL without an fsync per commit: a commit survives a crash of the process, and
-            # the next synchronous commit on the file (any acceptance) makes it durable too.
-            conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
-
-    def _run_batch_sync(self, ops: list[_Op], turn: "_Turn") -> tuple[BaseException | None,
-                                                                     list[tuple[Any, BaseException | None]]]:
-        """In the writer thread: (error that sank the whole batch, or None; per-op (value, error))."""
-        if self._lock is not None:
-            self._lock.acquire_blocking()
-        try:
-            if not turn.start():
-                return StoreUnavailable("abandoned"), []  # its callers were answered already
-            return self._transaction(ops)
-        finally:
-            if self._lock is not None:
-                self._lock.release()
-
-    def _transaction(self, ops: list[_Op]) -> tuple[BaseException | None, list[tuple[Any, BaseException | None]]]:
-        conn = self._wconn
-        assert conn is not None
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except Exception as exc:  # noqa: BLE001
-            return exc, []
-        results: list[tuple[Any, BaseException | None]] = []
-        for i, op in enumerate(ops):
-            try:
-                conn.execute(f"SAVEPOINT op{i}")
-                value = op(conn)
-                conn.execute(f"RELEASE op{i}")
-                results.append((value, None))
-            except Exception as exc:  # noqa: BLE001
-                if not conn.in_transaction:
-                    # SQLite rolled the whole transaction back (SQLITE_FULL, IOERR, NOMEM may): the
-                    # earlier operations' work is gone too, and nothing after may run outside it.
-                    return exc, []
-                try:
-                    conn.execute(f"ROLLBACK TO op{i}")
-                    conn.execute(f"RELEASE op{i}")
-                except Exception:  # noqa: BLE001
-                    pass
-                results.append((None, exc))
-        try:
-            conn.execute("COMMIT")
-        except Exception as exc:  # noqa: BLE001
-            try:
-                conn.execute("ROLLBACK")
-            except Exception:  # noqa: BLE001
-                pass
-            return exc, []
-        return None, results
+    async def _write(self, op: Op) -> Any:
+        return await self._writer.write(op)
 
     async def close(self) -> None:
-        self._closing = True
-        self._wake.set()
-        if self._writer is not None:
-            await self._writer
-        if self._wconn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._wexec, self._wconn.close)
-            self._wconn = None
-        self._wexec.shutdown(wait=False)
+        if self._own_writer:
+            await self._writer.close()
 
     # ------------------------------------------------------------ enqueue
 
@@ -327,27 +87,34 @@ class QueueStore:
     # ------------------------------------------------------------ claim / settle
 
     async def claim(self, limit: int, now: float | None = None,
-                    destination: Callable[[str], str] | None = None) -> list[Job]:
+                    destination: Callable[[str], str] | None = None,
+                    exclude_routes: Iterable[str] = ()) -> list[Job]:
         """Lease up to `limit` due recipients, grouped into jobs by (message, destination).
 
         `destination` maps a route to what shares a transaction: with a smarthost every domain
-        of a message goes in one transaction, not one per recipient domain.
+        of a message goes in one transaction, not one per recipient domain. `exclude_routes`
+        are skipped (the scheduler's saturated destinations: their backlog is full already).
         """
         t = self._clock() if now is None else now
         dest = destination or (lambda route: route)
+        excluded = tuple(exclude_routes)
+        skip = f" AND route NOT IN ({','.join('?' * len(excluded))})" if excluded else ""
         # Look before taking the write lock: the runner polls, and an empty claim need not be a transaction.
         if not await self._conn.execute_fetchall(
-                "SELECT 1 FROM recipients WHERE state IN ('pending', 'deferred') AND next_attempt_at <= ? LIMIT 1",
-                (t,)):
+                "SELECT 1 FROM recipients WHERE state IN ('pending', 'deferred') AND next_attempt_at <= ?"
+                f"{skip} LIMIT 1", (t, *excluded)):
             return []
+        owner = str(self.owner)
+        until = t + self.lease_seconds
 
         def op(conn: sqlite3.Connection) -> list[Job]:
             rows = conn.execute(
                 "SELECT r.id, r.msg_id, r.rcpt, r.route, r.attempts, r.notify, r.orcpt, "
                 "m.sender, m.created_at, m.size, m.ret, m.envid, m.smtputf8, m.warned "
                 "FROM recipients r JOIN messages m ON m.id = r.msg_id "
-                "WHERE r.state IN ('pending', 'deferred') AND r.next_attempt_at <= ? "
-                "ORDER BY r.next_attempt_at LIMIT ?", (t, limit)).fetchall()
+                "WHERE r.state IN ('pending', 'deferred') AND r.next_attempt_at <= ?"
+                f"{skip.replace('route', 'r.route')} ORDER BY r.next_attempt_at LIMIT ?",
+                (t, *excluded, limit)).fetchall()
             jobs: dict[tuple[str, str], Job] = {}
             updates = []
             for r in rows:
@@ -356,34 +123,62 @@ class QueueStore:
                 if job is None:
                     job = jobs[key] = Job(r["msg_id"], key[1], secrets.token_hex(8), r["sender"], r["created_at"],
                                           r["size"], r["ret"], r["envid"], bool(r["smtputf8"]), bool(r["warned"]),
-                                          t + self.lease_seconds)
+                                          until, confirmed_at=t)
                 job.recipients.append(ClaimedRecipient(r["id"], r["rcpt"], r["attempts"] + 1, r["notify"], r["orcpt"]))
                 # The lease is the due time: a crashed worker's rows come due again by themselves.
-                updates.append((t + self.lease_seconds, job.token, r["id"]))
+                updates.append((until, job.token, owner, r["id"]))
             conn.executemany(
-                "UPDATE recipients SET next_attempt_at = ?, attempts = attempts + 1, lease_token = ? WHERE id = ?",
-                updates)
+                "UPDATE recipients SET next_attempt_at = ?, attempts = attempts + 1, lease_token = ?, lease_owner = ? "
+                "WHERE id = ?", updates)
             return list(jobs.values())
 
         return await self._write(op)
 
     async def renew(self, job: Job) -> None:
-        """Extend a job's lease before starting it; raises LeaseLost (changing nothing) if it was taken over.
+        """Extend one job's lease; raises LeaseLost (changing nothing) if it was taken over."""
+        if await self.renew_many([job]):
+            raise LeaseLost(job.msg_id)
 
-        A job can wait in the runner's backlog behind a slow destination; once its lease has run
-        out, another claim may hold the same rows, and delivering both would send the mail twice.
-        """
-        until = self._clock() + self.lease_seconds
+    async def renew_many(self, jobs: list[Job]) -> list[Job]:
+        """The heartbeat: extend the leases of every job this runner holds, in one transaction.
+        Returns the jobs whose lease is no longer ours (their tokens were replaced: a claim after
+        the lease ran out); those are marked `lost` and must be neither sent nor settled."""
+        if not jobs:
+            return []
+        now = self._clock()
+        until = now + self.lease_seconds
 
-        def op(conn: sqlite3.Connection) -> None:
-            cur = conn.execute(
-                "UPDATE recipients SET next_attempt_at = ? WHERE lease_token = ? AND state IN ('pending', 'deferred')",
-                (until, job.token))
-            if cur.rowcount != len(job.recipients):
-                raise LeaseLost(job.msg_id)
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            lost = []
+            for job in jobs:
+                cur = conn.execute(
+                    "UPDATE recipients SET next_attempt_at = ? WHERE lease_token = ? AND state IN ('pending', 'deferred')",
+                    (until, job.token))
+                if cur.rowcount != len(job.recipients):
+                    lost.append(job)
+            return lost
 
-        await self._write(op)
-        job.leased_until = until
+        lost = await self._write(op)
+        gone = {id(j) for j in lost}
+        for job in jobs:
+            if id(job) in gone:
+                job.lost = True
+            else:
+                job.leased_until, job.confirmed_at = until, now
+        return lost
+
+    async def holds(self, job: Job) -> bool:
+        """Whether the store still has this job's rows under its token (the fence before DATA)."""
+        ids = [r.id for r in job.recipients]
+        rows = await self._conn.execute_fetchall(
+            f"SELECT COUNT(*) AS n FROM recipients WHERE id IN ({','.join('?' * len(ids))}) AND lease_token = ? "
+            "AND state IN ('pending', 'deferred')", (*ids, job.token))
+        held = rows[0]["n"] == len(ids)
+        if held:
+            job.confirmed_at = self._clock()
+        else:
+            job.lost = True
+        return held
 
     async def store_signed(self, msg_id: str, data: bytes) -> None:
         """Keep the signed copy (`data`; unchanged when there was no key), so retries send the
@@ -396,9 +191,11 @@ class QueueStore:
 
         await self._write(op)
 
-    async def next_due(self) -> float | None:
+    async def next_due(self, exclude_routes: Iterable[str] = ()) -> float | None:
+        excluded = tuple(exclude_routes)
+        skip = f" AND route NOT IN ({','.join('?' * len(excluded))})" if excluded else ""
         rows = await self._conn.execute_fetchall(
-            "SELECT MIN(next_attempt_at) AS t FROM recipients WHERE state IN ('pending', 'deferred')")
+            f"SELECT MIN(next_attempt_at) AS t FROM recipients WHERE state IN ('pending', 'deferred'){skip}", excluded)
         return rows[0]["t"] if rows else None
 
     async def body(self, msg_id: str) -> bytes | None:
@@ -424,7 +221,8 @@ class QueueStore:
         def op(conn: sqlite3.Connection) -> list[str]:
             for u in updates:
                 cur = conn.execute(
-                    "UPDATE recipients SET state = ?, next_attempt_at = ?, lease_token = NULL, last_error = ?, "
+                    "UPDATE recipients SET state = ?, next_attempt_at = ?, lease_token = NULL, lease_owner = NULL, "
+                "last_error = ?, "
                     "remote_mta = ?, updated_at = ? WHERE id = ? AND lease_token = ?",
                     (u.state, u.next_attempt_at, u.error, u.remote_mta, now, u.id, job.token))
                 if cur.rowcount != 1:
@@ -460,19 +258,27 @@ class QueueStore:
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE recipients SET next_attempt_at = ?, lease_token = NULL, attempts = MAX(attempts - 1, 0) "
+                "UPDATE recipients SET next_attempt_at = ?, lease_token = NULL, lease_owner = NULL, "
+                "attempts = MAX(attempts - 1, 0) "
                 "WHERE lease_token = ?", (now, job.token))
 
         await self._write(op)
 
     async def recover(self) -> int:
-        """At startup this node holds no leases: anything left in flight by a crash is due now."""
+        """Take back this node's leases: called when no runner of this node is alive (startup, or
+        after the delivery process died), so whatever its earlier incarnations held is due now.
+        Another node's leases are not touched: they come due by themselves when they run out,
+        and until then that node may well be delivering them. (Leases without an owner date from
+        before owners were recorded, when there was only ever one node.)"""
         now = self._clock()
+        node = self.owner.node
 
         def op(conn: sqlite3.Connection) -> int:
             cur = conn.execute(
-                "UPDATE recipients SET next_attempt_at = ?, lease_token = NULL "
-                "WHERE lease_token IS NOT NULL AND state IN ('pending', 'deferred')", (now,))
+                "UPDATE recipients SET next_attempt_at = ?, lease_token = NULL, lease_owner = NULL "
+                "WHERE lease_token IS NOT NULL AND state IN ('pending', 'deferred') "
+                "AND (lease_owner IS NULL OR substr(lease_owner, 1, ?) = ?)",
+                (now, len(node) + 1, node + "/"))
             return cur.rowcount
 
         return await self._write(op)

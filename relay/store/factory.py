@@ -1,0 +1,71 @@
+"""The one place that builds the stores from the config: `relay serve`, the delivery process and
+the CLI all get theirs here, so they share one writer per process and take the same
+cross-process write turn (`db.WriterLock`) on the same file."""
+from __future__ import annotations
+
+import secrets
+import socket
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import aiosqlite
+
+from .. import db
+from ..config import Config
+from .contract import LeaseOwner
+from .sqlite_queue import QueueStore
+from .writer import GroupWriter
+
+
+def lease_owner(cfg: Config) -> LeaseOwner:
+    """This process's identity in leases: the node (config or host name) and a fresh incarnation."""
+    return LeaseOwner(cfg.server.node_id or socket.gethostname(), secrets.token_hex(4))
+
+
+@dataclass
+class Stores:
+    writer: GroupWriter
+    queue: QueueStore
+    credentials: "object"
+    dkim: "object"
+    lock: db.WriterLock
+    _conns: list[aiosqlite.Connection] = field(default_factory=list)
+
+    async def close(self) -> None:
+        await self.writer.close()
+        # An open aiosqlite connection keeps its thread, and the process, alive.
+        for conn in self._conns:
+            await conn.close()
+        self.lock.close()
+
+
+async def open_stores(cfg: Config, *, role: str, executor: Executor | None = None,
+                      on_enqueue: Callable[[], None] | None = None) -> Stores:
+    """role: "serve" (acceptance: synchronous commits, its 250 promises the disk), "delivery"
+    (bookkeeping: commits without their own fsync, see below) or "cli"."""
+    from ..credentials import CredentialStore
+    from ..dkim_keys import DKIMStore
+
+    # Reads go through aiosqlite; the queue and the credential side get a connection each so a
+    # long queue listing never delays an AUTH lookup.
+    queue_conn = await db.open_async(cfg.storage.path)
+    conns = [queue_conn]
+    try:
+        cred_conn = await db.open_async(cfg.storage.path) if role == "serve" else queue_conn
+        if cred_conn is not queue_conn:
+            conns.append(cred_conn)
+        lock = db.WriterLock(cfg.storage.path)
+        # Delivery bookkeeping commits without its own fsync: what power loss could take back is
+        # a settle, and a settle lost means a retry (at worst a duplicate, as SMTP allows), never
+        # a lost message. Acceptance and the CLI keep synchronous=FULL.
+        writer = GroupWriter(cfg.storage.path, writer_lock=lock, sync_commits=role != "delivery")
+        queue = QueueStore(queue_conn, lease_seconds=cfg.delivery.lease_seconds, on_enqueue=on_enqueue,
+                           writer=writer, owner=lease_owner(cfg))
+        creds = CredentialStore(cred_conn, cfg.credentials, executor)
+        dkim = DKIMStore(cred_conn)
+    except BaseException:
+        for conn in conns:
+            await conn.close()
+        raise
+    return Stores(writer, queue, creds, dkim, lock, conns)
