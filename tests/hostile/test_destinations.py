@@ -163,3 +163,37 @@ def test_remote_naming_our_hostname_is_a_loop(make_relay, dns_server, where):
         assert outcomes(relay, qid) == ["failed"]
         assert_left_queue(relay, qid)
         no_traceback(relay)
+
+
+# ---------------------------------------------------------------- dead destination
+
+
+@pytest.mark.timeout(90)
+def test_dead_destination_is_suspended_then_probed_with_one_connection(make_relay, dns_server):
+    """Three connections in a row are lost (dead_destination_failures = 3): the destination's other
+    mail is deferred without a connection ("4.4.1 delivery temporarily suspended: <last error>")
+    until the backoff ends; then one probe goes, and once it succeeds everything is delivered once."""
+    with HostileMX(host="127.0.0.2") as dead, MXSink(host="127.0.0.1", port=dead.port) as home:
+        dead.on_connect = "drop"
+        point(dns_server, "dead.example", "127.0.0.2")
+        point(dns_server, SENDER_DOMAIN, "127.0.0.1")
+        relay = start_relay(make_relay, dns_server, dead.port, max_connections_per_destination=1,
+                            dead_destination_failures=3, dead_destination_backoff=8, connect_timeout=2,
+                            retry_schedule=[1])
+        qids = [submit(relay, f"user{i}@dead.example", f"dead-{i}") for i in range(6)]
+        until(lambda: all(outcomes(relay, q) for q in qids) or dead.connections > 3, 30,
+              "a first outcome for every message")
+        assert dead.connections == 3, f"{dead.connections} connections before the suspension"
+        suspended = [q for q in qids if any("delivery temporarily suspended" in (r["last_error"] or "")
+                                            for r in (queue_show(relay, q) or {"recipients": []})["recipients"])]
+        assert len(suspended) >= 3, [queue_show(relay, q) for q in qids]
+        assert all(queue_show(relay, q)["recipients"][0]["state"] == "deferred" for q in qids)
+
+        dead.on_connect = "accept"  # the destination comes back; only the probe can find out
+        until(lambda: all(delivered(relay, q) for q in qids), 40, "every message delivered after the probe")
+        for q in qids:
+            assert_left_queue(relay, q)
+        until(lambda: dead.active == 0, 15, "the session to end")
+        assert sorted(dead.subjects()) == sorted(f"dead-{i}" for i in range(6))
+        assert dead.max_active == 1 and not home.messages
+        no_traceback(relay)
