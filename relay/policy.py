@@ -16,6 +16,9 @@ _ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_
 _LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _XTEXT_CHAR = re.compile(r"^([\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
 _ENVID_MAX = 100
+# RFC 3461 4.2: ORCPT's addr-type is an atom (RFC 5322 atext): ASCII only, so whatever we pass
+# on re-encodes to ASCII by construction (a raw "ü" here once poisoned the outbound session).
+_ADDR_TYPE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+$")
 _DSN_NOTIFY = {"NEVER", "SUCCESS", "FAILURE", "DELAY"}
 
 
@@ -236,8 +239,9 @@ def parse_rcpt_params(text: str) -> RcptParams | Reply:
             params.notify = ",".join(values)
         elif key == "ORCPT":
             addr_type, semi, addr = (value or "").partition(";")
-            if not semi or not addr_type or not addr or xtext_decode(addr) is None or len(value or "") > 500:
-                return replies.PARAM_SYNTAX.with_text("ORCPT must be addr-type;xtext")
+            if not semi or not _ADDR_TYPE.match(addr_type) or not addr or xtext_decode(addr) is None \
+                    or len(value or "") > 500:
+                return replies.PARAM_SYNTAX.with_text("ORCPT must be addr-type;xtext (RFC 3461 4.2)")
             params.orcpt = f"{addr_type.lower()};{xtext_decode(addr)}"
         else:
             return replies.UNKNOWN_PARAM.with_text(f"Unsupported RCPT parameter {key}")

@@ -341,3 +341,23 @@ def test_build_dsn_is_always_parseable(original, rcpts, ret, envid, sender, mta,
         assert block["Final-Recipient"].split(";", 1)[0] in ("rfc822", "utf-8")
     # Injected header lines never become fields of the report.
     assert msg.get_all("Bcc") is None and len(msg.get_all("Subject")) == 1
+
+
+@settings(max_examples=400, deadline=None)
+@given(addr_type=st.text(max_size=12), addr=st.text(max_size=40), notify=st.text(max_size=20))
+@example(addr_type="ü", addr="bob", notify="")
+@example(addr_type="rfc822", addr="bo+ZZb", notify="")
+def test_every_accepted_rcpt_parameter_reencodes_to_ascii(addr_type, addr, notify):
+    """What RCPT accepts is what delivery sends on: it must encode as ASCII by construction (a
+    raw non-ASCII ORCPT once raised mid-transaction and poisoned the outbound session)."""
+    text = f"ORCPT={addr_type};{addr}" + (f" NOTIFY={notify}" if notify else "")
+    got = policy.parse_rcpt_params(text)
+    if isinstance(got, replies.Reply):
+        assert (got.code, got.status) in ((501, "5.5.4"), (555, "5.5.4"))
+        return
+    kind, _, original = got.orcpt.partition(";")
+    wire = f"ORCPT={kind};{policy.xtext_encode(original)}"
+    wire.encode("ascii")  # raises if not
+    if got.notify:
+        got.notify.encode("ascii")
+    assert policy.xtext_decode(policy.xtext_encode(original)) == original

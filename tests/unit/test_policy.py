@@ -186,6 +186,9 @@ def test_rcpt_params():
 @pytest.mark.parametrize("text,code", [
     ("NOTIFY=NEVER,SUCCESS", 501), ("NOTIFY=", 501), ("NOTIFY=SOMETIMES", 501), ("NOTIFY", 501),
     ("ORCPT=rfc822", 501), ("ORCPT=;x@y", 501), ("ORCPT=rfc822;", 501), ("ORCPT=rfc822;a+zz", 501),
+    # RFC 3461 4.2: addr-type is an atom, xtext is ASCII with +XX escapes (upper-case hex)
+    ("ORCPT=ü;bob", 501), ("ORCPT=rfc(822);bob", 501), ("ORCPT=rfc822;bo+ZZb", 501), ("ORCPT=rfc822;böb", 501),
+    ("ORCPT=rfc 822;bob", 501), ("ORCPT=rfc822;bob+2b", 501),
     ("NOTIFY=DELAY NOTIFY=DELAY", 501), ("FOO=1", 555), ("SIZE=1", 555),
 ])
 def test_rcpt_params_refused(text, code):
