@@ -11,6 +11,9 @@ Scenarios (see README "Benchmark"):
   3  sizes 1/10/100 KB and concurrency 1/20/100 for scenario 1
   4  queue scale: enqueue 100,000 messages with delivery paused; enqueue and claim cost at 1k and 100k
   5  1,000 idle connections: relay RSS, and banner latency of a new client meanwhile
+  6  hostile destination: a backlog of 2,400 messages to a tarpit that stalls at RCPT, then a
+     steady flow to a healthy domain (MX mode, loopback DNS): the healthy flow's latency p50/p99
+     and throughput, the tarpit's most concurrent connections; sink counts checked
 """
 from __future__ import annotations
 
@@ -506,6 +509,147 @@ def fsyncs_per_message(workdir: Path, sink: Sink, messages: int) -> float | None
         relay.stop()
 
 
+# ---------------------------------------------------------------- scenario 6: hostile destination
+
+TARPIT_RCPT = "bob@tarpit.example"
+HEALTHY_RCPT = "alice@healthy.example"
+
+
+def hostile_message(subject: str, rcpt: str) -> bytes:
+    return (f"From: <{USER}>\r\nTo: <{rcpt}>\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject}.{time.time_ns()}@bench.example>\r\n\r\n").encode() + b"X" * 76 + b"\r\n"
+
+
+async def _plain_session(port: int, rcpt: str, subjects: list[str], acks: dict[str, float],
+                         pace: float | None = None, start: float | None = None) -> None:
+    """One trusted-network session (no TLS, no AUTH), MAIL/RCPT/DATA pipelined; records the time of
+    each 250 to the dot. With `pace`, message i is sent no earlier than start + i * pace (open loop)."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await _expect(r, b"220")
+        w.write(b"EHLO bench.client\r\n")
+        await _expect(r, b"250")
+        for i, subject in enumerate(subjects):
+            if pace is not None and start is not None:
+                delay = start + i * pace - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            w.write(f"MAIL FROM:<{USER}>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode())
+            await _expect(r, b"250")
+            await _expect(r, b"250")
+            await _expect(r, b"354")
+            w.write(hostile_message(subject, rcpt) + b".\r\n")
+            await _expect(r, b"250")
+            acks[subject] = time.monotonic()
+        w.write(b"QUIT\r\n")
+        await _reply(r)
+    finally:
+        w.close()
+
+
+async def _backlog(port: int, n: int, clients: int = 10) -> dict[str, float]:
+    acks: dict[str, float] = {}
+    subjects = [f"tarpit-{i}" for i in range(n)]
+
+    async def client(mine: list[str]) -> None:
+        for j in range(0, len(mine), 250):  # limits.max_commands (1000) counts per session
+            await _plain_session(port, TARPIT_RCPT, mine[j:j + 250], acks)
+
+    await asyncio.gather(*(client(subjects[k::clients]) for k in range(clients)))
+    return acks
+
+
+async def _steady_flow(port: int, rate: float, seconds: float, rep: int) -> dict[str, float]:
+    """`rate` msgs/s for `seconds`, open loop, spread over sessions of at most 250 messages (each paced
+    at rate/sessions; limits.max_commands counts per session)."""
+    acks: dict[str, float] = {}
+    total = int(rate * seconds)
+    sessions = max(4, -(-total // 250))
+    subjects = [f"healthy-{rep}-{i}" for i in range(total)]
+    start = time.monotonic()
+    await asyncio.gather(*(_plain_session(port, HEALTHY_RCPT, subjects[k::sessions], acks, pace=sessions / rate,
+                                          start=start + k / rate) for k in range(sessions)))
+    return acks
+
+
+def scenario6_relay(workdir: Path, backlog: int, rate: float, seconds: float, rep: int) -> dict:
+    """A backlog of `backlog` messages to a tarpit that stalls at RCPT, then a steady flow to a healthy
+    domain: the healthy flow's latency (its 250 at submission -> the whole dot at the healthy MX) and
+    throughput, and the most connections the tarpit saw at once. Default relay config otherwise
+    (max_connections_per_destination 5, command_timeout 120): only the MX port and DNS are set."""
+    from tests.support.dns_server import DNSServer
+    from tests.support.hostile_mx import HostileMX, free_port_on
+
+    port = free_port_on(["127.0.0.1", "127.0.0.2"])
+    with DNSServer({}) as dns, HostileMX(host="127.0.0.2", port=port, hostname="tarpit.example") as tarpit, \
+            HostileMX(host="127.0.0.1", port=port, hostname="healthy.example", rcvbuf=None) as healthy:
+        tarpit.stall_at = {"RCPT"}
+        for domain, addr in (("tarpit.example", "127.0.0.2"), ("healthy.example", "127.0.0.1"),
+                             ("bench.example", "127.0.0.1")):
+            dns.set(f"mx.{domain}", "A", [addr])
+            dns.set(domain, "MX", [f"10 mx.{domain}."])
+        # (start_relay's smarthost settings go unused in MX mode.)
+        relay = start_relay(workdir, healthy, trusted=True, dkim=False, extra={
+            "delivery": {"mode": "mx", "mx_port": port, "max_connections_per_destination": 5},
+            "dns": {"nameservers": [dns.address], "timeout": 5}})
+        try:
+            t0 = time.monotonic()
+            acks = asyncio.run(_backlog(relay.port, backlog))
+            backlog_s = time.monotonic() - t0
+            deadline = time.monotonic() + 30
+            while tarpit.active == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            flow = asyncio.run(_steady_flow(relay.port, rate, seconds, rep))
+            flow_end = time.monotonic()
+            healthy.wait_until(lambda: len(healthy.messages) >= len(flow), timeout=60)
+            arrived: dict[str, float] = {}
+            dup = 0
+            for m in list(healthy.messages):
+                if m.subject in arrived:
+                    dup += 1
+                else:
+                    arrived[m.subject] = m.completed_at
+            lat = [arrived[s] - t for s, t in flow.items() if s in arrived]
+            last = max(arrived.values()) if arrived else None
+            first_submit = min(flow.values()) if flow else None
+            return {
+                "backlog": len(acks), "backlog_submit_s": backlog_s, "healthy_sent": len(flow),
+                "healthy_delivered": len(lat), "healthy_duplicates": dup,
+                "p50_ms": pct(lat, 50) * 1000, "p99_ms": pct(lat, 99) * 1000, "max_ms": max(lat) * 1000 if lat else None,
+                "healthy_per_s": len(lat) / (last - first_submit) if lat and last > first_submit else None,
+                "drain_after_flow_s": (last - flow_end) if last else None,
+                "tarpit_max_concurrent": tarpit.max_active, "tarpit_connections": tarpit.connections,
+                "tarpit_completed": len(tarpit.messages),
+            }
+        finally:
+            relay.stop()
+
+
+def print_scenario6(label: str, runs: list[dict], cmd: str) -> None:
+    def agg(key: str) -> str:
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        if not vals:
+            return "-"
+        return f"{fmt(statistics.median(vals))} [{fmt(min(vals))}-{fmt(max(vals))}]"
+
+    print(f"[6] {label:<8} {cmd}")
+    print(f"[6] {label:<8} healthy latency p50 {agg('p50_ms')} ms, p99 {agg('p99_ms')} ms, max {agg('max_ms')} ms; "
+          f"throughput {agg('healthy_per_s')} msgs/s; delivered {agg('healthy_delivered')} of "
+          f"{agg('healthy_sent')}, duplicates {agg('healthy_duplicates')}; tarpit max concurrent "
+          f"{agg('tarpit_max_concurrent')}, connections {agg('tarpit_connections')}, completed "
+          f"{agg('tarpit_completed')}; backlog of {agg('backlog')} queued in {agg('backlog_submit_s')} s")
+    for i, r in enumerate(runs):
+        problems = []
+        if r["healthy_delivered"] != r["healthy_sent"]:
+            problems.append(f"{r['healthy_sent'] - r['healthy_delivered']} healthy messages not delivered")
+        if r["healthy_duplicates"]:
+            problems.append(f"{r['healthy_duplicates']} duplicate(s) at the healthy sink")
+        if r["tarpit_completed"]:
+            problems.append(f"the tarpit completed {r['tarpit_completed']} message(s)")
+        if problems:
+            print(f"[6] {label:<8} rep {i + 1}: CHECK FAILED: " + "; ".join(problems))
+
+
 # ---------------------------------------------------------------- main
 
 def fmt(v) -> str:
@@ -518,12 +662,16 @@ def fmt(v) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenarios", default="1,2,3,4,5")
+    p.add_argument("--scenarios", default="1,2,3,4,5,6")
     p.add_argument("--messages", type=int, default=2000, help="messages per submission run (scenario 1/3)")
     p.add_argument("--source-messages", type=int, default=5000, help="smtp-source messages (scenario 2)")
     p.add_argument("--queue-scale", type=int, default=100_000, help="messages for scenario 4")
     p.add_argument("--idle", type=int, default=1000, help="idle connections for scenario 5")
     p.add_argument("--repeat", type=int, default=3, help="repetitions for scenario 2 (median, min-max)")
+    p.add_argument("--hostile-backlog", type=int, default=2400, help="tarpit backlog for scenario 6")
+    p.add_argument("--hostile-rate", type=float, default=20.0, help="healthy msgs/s for scenario 6")
+    p.add_argument("--hostile-seconds", type=float, default=30.0, help="length of the healthy flow (scenario 6)")
+    p.add_argument("--hostile-repeat", type=int, default=3, help="repetitions of scenario 6 (median [min-max])")
     p.add_argument("--compare-postfix", action="store_true")
     p.add_argument("--json", help="also write results to this file")
     args = p.parse_args()
@@ -602,6 +750,22 @@ def main() -> int:
             r = scenario5(tmp / "s5", sink, args.idle)
             results["scenario5"] = r
             print("[5] idle connections: " + ", ".join(f"{k}={fmt(v)}" for k, v in r.items()))
+        if 6 in scen:
+            cmd = (f"bench/run.py --scenarios 6 --hostile-backlog {args.hostile_backlog} --hostile-rate "
+                   f"{args.hostile_rate:g} --hostile-seconds {args.hostile_seconds:g} --hostile-repeat "
+                   f"{args.hostile_repeat}")
+            runs: dict[str, list[dict]] = {"relay": []}
+            if args.compare_postfix:
+                # Postfix would need transport_maps for the two loopback MX hosts (it cannot use our DNS
+                # server's port) and a tarpit-aware comparison; not built yet.
+                print("[6] --compare-postfix: no Postfix run for this scenario yet (relay only)")
+            for i in range(args.hostile_repeat):  # reps interleaved with any other implementation's
+                r = scenario6_relay(tmp / f"s6-relay-{i}", args.hostile_backlog, args.hostile_rate,
+                                    args.hostile_seconds, i)
+                runs["relay"].append(r)
+                print(f"[6] rep {i + 1} relay: " + ", ".join(f"{k}={fmt(v)}" for k, v in r.items()))
+            results["scenario6"] = runs
+            print_scenario6("relay", runs["relay"], cmd)
     finally:
         sink.stop()
         shutil.rmtree(tmp, ignore_errors=True)
