@@ -3,16 +3,10 @@ decide whether every message has settled (delivered once, deferred with a reason
 
 Settled, as `relay queue show` tells it: a message that is delivered or bounced leaves the queue
 (`queue show` exits 1); one still queued must be `deferred` (not in flight) with a `last_error`.
-
-``HOSTILE_LEGACY_CONFIG=1`` drops the [delivery] keys the installed relay does not know yet
-(data_xfer_timeout, attempt_timeout, ...), so the tests can be run against code that predates
-them to see the behaviour they catch; never set it in CI: a renamed key would be dropped silently.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import re
 import smtplib
 import threading
@@ -25,18 +19,10 @@ SENDER_DOMAIN = USER.rpartition("@")[2]
 SESSION_MESSAGES = 200
 
 
-def _legacy_filter(delivery: dict) -> dict:
-    if os.environ.get("HOSTILE_LEGACY_CONFIG") != "1":
-        return delivery
-    from relay.config import DeliveryConfig
-    known = {f.name for f in dataclasses.fields(DeliveryConfig)}
-    return {k: v for k, v in delivery.items() if k in known}
-
-
 def start_relay(make_relay, dns_server, mx_port: int, *, name: str = "relay", config: dict | None = None,
                 users: tuple[str, ...] = (USER,), **delivery) -> RelayInstance:
     cfg = dict(config or {})
-    cfg["delivery"] = _legacy_filter({**cfg.get("delivery", {}), **delivery})
+    cfg["delivery"] = {**cfg.get("delivery", {}), **delivery}
     relay = make_relay(start=False, name=name, dns=dns_server.address, mx_port=mx_port, config=cfg)
     for u in users:
         relay.add_user(u, PASSWORD)
