@@ -123,6 +123,10 @@ class LimitsConfig:
     recipients: int = 100
     connections: int = 2000
     connections_per_ip: int = 20
+    # TLS handshakes in progress at once (implicit TLS and STARTTLS together), and how long one
+    # may take: connections are counted at accept, so silent ones cost a slot for this long.
+    tls_handshakes: int = 100
+    tls_handshake_timeout: int = 10
     auth_failures: int = 5
     auth_failure_window: int = 300
     auth_lockout: int = 900

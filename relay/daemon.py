@@ -83,7 +83,7 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="relay-cpu")
         self.bound: list[listeners.Bound] = []
-        self.refusal_servers: list[asyncio.Server] = []
+        self.refusal_servers: list[listeners.Acceptor] = []
         self.metrics_server = None
 
     async def run(self) -> int:
@@ -126,7 +126,7 @@ class Daemon:
                                                            cfg.limits.auth_lockout),
                                      domain_verified=self.dkim.is_verified)
             self.bound = await listeners.start(self.state, cfg.listeners, tls_context)
-            self.refusal_servers = await refusal.start(cfg.refusal, tls_context)
+            self.refusal_servers = await refusal.start(cfg.refusal, self.state)
             self._start_metrics()
         except BaseException:
             if self.delivery is not None:

@@ -57,3 +57,12 @@ BOUNCES = Counter("relay_bounces_total", "Delivery status notifications generate
 STORE_COMMITS = Counter("relay_store_commits_total", "Queue commits (each one fsync under synchronous=FULL)",
                         registry=REGISTRY)
 STORE_ERRORS = Counter("relay_store_errors_total", "Queue store failures by kind", ["kind"], registry=REGISTRY)
+ACCEPT_PAUSES = Counter("relay_accept_pauses_total",
+                        "Times a listener paused accepting after a resource error (EMFILE...)", ["error"],
+                        registry=REGISTRY)
+TLS_HANDSHAKES_IN_PROGRESS = Gauge("relay_tls_handshakes_in_progress", "TLS handshakes started, not finished",
+                                   registry=REGISTRY)
+TLS_CERT_EXPIRY = Gauge("relay_tls_certificate_expiry_timestamp_seconds",
+                        "notAfter of the certificate being served (Unix time)", registry=REGISTRY)
+TLS_RELOADS = Counter("relay_tls_reloads_total", "Certificate reloads on SIGHUP, by result", ["result"],
+                      registry=REGISTRY)

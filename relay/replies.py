@@ -82,6 +82,7 @@ TOO_MANY_CONNECTIONS_IP = Reply(421, "4.7.0", "Too many connections from your ad
 TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 TLS_ALREADY = Reply(503, "5.5.1", "TLS already active")
 TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
+TLS_BUSY = Reply(454, "4.7.0", "TLS not available now: too many handshakes in progress; try again later")
 
 # POP3 / IMAP spoken to an SMTP port
 NOT_A_MAILBOX = Reply(

@@ -57,6 +57,7 @@ class ServerState:
     throttle: AuthThrottle
     sessions: set = field(default_factory=set)
     per_ip: dict[str, int] = field(default_factory=dict)
+    handshakes: int = 0  # TLS handshakes in progress, capped by limits.tls_handshakes
     draining: bool = False
     # Optional hook: (domain) -> awaitable bool, True when the domain has verified its DNS.
     domain_verified: Any = None
@@ -107,7 +108,8 @@ class Session(SMTP):
         self.enable_SMTPUTF8 = True
         self._decode_data = False
         self.hostname = s.hostname
-        self.tls_context = None if implicit_tls else state.tls_context
+        # Read at each handshake from `state.tls_context` (SIGHUP swaps it), never kept here.
+        self.tls_context = None
         self.require_starttls = False
         self._timeout_duration = s.limits.idle_timeout
         self._timeout_handle = None
@@ -164,8 +166,9 @@ class Session(SMTP):
             self.helo = None
             self.esmtp = False
             self.tls_info = describe(transport.get_extra_info("ssl_object"))
-            metrics.TLS_HANDSHAKES.labels("starttls", "ok").inc()
-            event(log, "tls", client=self.client_ip, listener=self.listener_name, tls=self.tls_info)
+            mode = "implicit" if self.implicit_tls else "starttls"
+            metrics.TLS_HANDSHAKES.labels(mode, "ok").inc()
+            event(log, "tls", client=self.client_ip, listener=self.listener_name, mode=mode, tls=self.tls_info)
             return
         peer = transport.get_extra_info("peername") or ("unknown", 0)
         self.client_ip = str(peer[0])
@@ -178,9 +181,8 @@ class Session(SMTP):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        if self.implicit_tls:
-            self.tls_info = describe(transport.get_extra_info("ssl_object"))
-            metrics.TLS_HANDSHAKES.labels("implicit", "ok").inc()
+        # Counted here, at accept and before any TLS (implicit ports too): the handshake comes later,
+        # in `_handle_client`, so a silent client holds a slot it is charged for.
         st = self.state
         limits = st.settings.limits
         refuse = None
@@ -196,7 +198,8 @@ class Session(SMTP):
             event(log, "connection_refused", client=self.client_ip, listener=self.listener_name, reply=str(refuse))
             if self._handler_coroutine is not None:
                 self._handler_coroutine.cancel()
-            transport.write(f"{refuse}\r\n".encode())
+            if not self.implicit_tls:  # a TLS client would read a plain-text reply as a protocol error
+                transport.write(f"{refuse}\r\n".encode())
             transport.close()
             return
         self._registered = True
@@ -236,12 +239,13 @@ class Session(SMTP):
         # True keeps a plain socket writable for the last replies; TLS cannot half-close.
         return not self.tls_active
 
-    def _close_with(self, reply: Reply) -> None:
+    def _close_with(self, reply: Reply | None) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            try:
-                self.transport.write(f"{reply}\r\n".encode())
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+            if reply is not None:
+                try:
+                    self.transport.write(f"{reply}\r\n".encode())
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -301,6 +305,15 @@ class Session(SMTP):
     # ---------------------------------------------------------------- command loop
 
     async def _handle_client(self) -> None:
+        if self.implicit_tls:
+            # Port 465 (RFC 8314 3.3): TLS from the first byte, started here in the session, after
+            # the connection caps; the greeting is the first thing sent inside it.
+            try:
+                if not await self._start_tls():
+                    self._close_with(None)
+                    return
+            except ConnectionError:
+                return
         await self.push(f"220 {self.hostname} {replies.BANNER}")
         limits = self.state.settings.limits
         while self.transport is not None:
@@ -449,29 +462,69 @@ class Session(SMTP):
         if not self.helo:
             await self.reply(replies.NEED_EHLO)
             return
+        if self.state.handshakes >= self.state.settings.limits.tls_handshakes:
+            self._tls_refused()
+            await self.reply(replies.TLS_BUSY)
+            return
         await self.push(str(replies.READY_TLS))
+        if not await self._start_tls():  # the cap filled while the 220 went out
+            self._close_with(None)
+            raise ConnectionError("TLS handshake refused")
+
+    def _tls_refused(self) -> None:
+        mode = "implicit" if self.implicit_tls else "starttls"
+        metrics.TLS_HANDSHAKES.labels(mode, "refused").inc()
+        metrics.CONNECTIONS_REFUSED.labels("tls_handshakes").inc()
+        event(log, "tls_refused", logging.WARNING, client=self.client_ip, listener=self.listener_name, mode=mode,
+              reason="handshakes_in_progress", limit=self.state.settings.limits.tls_handshakes)
+
+    async def _start_tls(self) -> bool:
+        """Run the server side of a TLS handshake on this connection (implicit TLS or after
+        STARTTLS): False when too many handshakes are in progress (nothing started); raises
+        ConnectionError when the handshake fails or passes its deadline.
+
+        The same switch aiosmtpd uses for STARTTLS: SSLProtocol wraps the raw transport and calls
+        our connection_made again once the handshake is done. Not `loop.start_tls`: that never
+        calls connection_made, and aiosmtpd's reader/writer re-pointing and session reset live there.
+        """
+        st = self.state
+        limits = st.settings.limits
+        if st.handshakes >= limits.tls_handshakes:
+            # Handshakes are the CPU-heavy part of a connection: past the cap, a flood of
+            # ClientHellos (or of silent connections) waits nowhere, it is refused.
+            self._tls_refused()
+            return False
+        mode = "implicit" if self.implicit_tls else "starttls"
+        st.handshakes += 1
+        metrics.TLS_HANDSHAKES_IN_PROGRESS.inc()
         waiter = self.loop.create_future()
-        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, self.tls_context, waiter, server_side=True)
-        self._original_transport = self.transport
-        self._original_transport.set_protocol(self._tls_protocol)
-        self.transport = self._tls_protocol._app_transport
-        self._tls_protocol.connection_made(self._original_transport)
         try:
+            self._tls_protocol = sslproto.SSLProtocol(self.loop, self, st.tls_context, waiter, server_side=True,
+                                                      ssl_handshake_timeout=limits.tls_handshake_timeout)
+            self._original_transport = self.transport
+            self._original_transport.set_protocol(self._tls_protocol)
+            self.transport = self._tls_protocol._app_transport
+            self._tls_protocol.connection_made(self._original_transport)
             await waiter
             if not self._tls_up:
                 # SSLProtocol resolves the waiter with no error when the connection is closed or
-                # aborted mid-handshake (our idle timeout, a client reset): that is a failure too.
+                # aborted mid-handshake (deadline, idle timeout, a client reset): a failure too.
                 raise ConnectionResetError("connection closed during the TLS handshake")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a failed handshake ends the session, nothing more
-            metrics.TLS_HANDSHAKES.labels("starttls", "failed").inc()
-            event(log, "tls_failed", client=self.client_ip, error=type(exc).__name__)
+            metrics.TLS_HANDSHAKES.labels(mode, "failed").inc()
+            reason = "deadline" if isinstance(exc, ConnectionAbortedError) else type(exc).__name__
+            event(log, "tls_failed", client=self.client_ip, listener=self.listener_name, mode=mode, error=reason)
             # asyncio never calls connection_lost on a protocol whose TLS handshake failed, so
             # without this the session kept its per-IP slot and count forever: a handful of
             # broken handshakes locked an address out, a stream of them filled the global cap.
             self.connection_lost(exc)
             raise ConnectionError("TLS handshake failed") from None
+        finally:
+            st.handshakes -= 1
+            metrics.TLS_HANDSHAKES_IN_PROGRESS.dec()
+        return True
 
     # ---------------------------------------------------------------- AUTH (RFC 4954)
 

@@ -85,7 +85,7 @@ def client_tls_context() -> ssl.SSLContext:
 
 class RelayInstance:
     def __init__(self, workdir: Path, *, dns: str | None = None, mx_port: int | None = None,
-                 config: dict | None = None, env: dict[str, str] | None = None):
+                 config: dict | None = None, env: dict[str, str] | None = None, nofile: int | None = None):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         base: dict[str, Any] = {
@@ -111,6 +111,7 @@ class RelayInstance:
         self.config = _merge(base, config or {})
         self.config_path = self.dir / "relay.toml"
         self.env = {**os.environ, **(env or {})}
+        self.nofile = nofile  # RLIMIT_NOFILE (soft = hard) for `serve`: out-of-descriptor tests
         self.proc: subprocess.Popen | None = None
         self.events: list[dict] = []
         self.raw_log: list[str] = []
@@ -142,8 +143,14 @@ class RelayInstance:
         with self._lock:
             self.events.clear()
         self.ports = {}
+        preexec = None
+        if self.nofile is not None:
+            def preexec(n: int = self.nofile) -> None:
+                import resource
+                resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
         self.proc = subprocess.Popen(relay_executable() + ["-c", str(self.config_path), "serve"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env,
+                                     preexec_fn=preexec)
         self._reader = threading.Thread(target=self._read_log, args=(self.proc,), daemon=True)
         self._reader.start()
         if not self.wait_event("ready", timeout=timeout):
