@@ -127,9 +127,21 @@ class LimitsConfig:
     # may take: connections are counted at accept, so silent ones cost a slot for this long.
     tls_handshakes: int = 100
     tls_handshake_timeout: int = 10
+    # Failed logins per (client network, username) in auth_failure_window, then that pair is
+    # locked for auth_lockout; per network across usernames the budget is auth_failures_per_network.
     auth_failures: int = 5
     auth_failure_window: int = 300
     auth_lockout: int = 900
+    auth_failures_per_network: int = 20
+    # Per username across all networks, per auth_user_window: beyond it only networks where the
+    # credential logged in before may try (familiar networks).
+    auth_failures_per_user: int = 30
+    auth_user_window: int = 3600
+    # Client addresses are grouped into networks of these prefix lengths for the budgets above.
+    auth_ipv4_prefix: int = 32
+    auth_ipv6_prefix: int = 64
+    # Password verifications (argon2) waiting or running at once; beyond: 454 4.7.0 at once.
+    auth_pending: int = 16
     # Seconds before a 535 reply: slows guessing, same for unknown user and bad password.
     auth_failure_delay: float = 1.0
     # Idle time allowed between commands, and between DATA chunks (progress, not total).
@@ -391,6 +403,9 @@ def _validate(cfg: Config) -> None:
     _check_positive("dns.timeout", cfg.dns.timeout)
     for f in dataclasses.fields(LimitsConfig):
         _check_positive(f"limits.{f.name}", getattr(cfg.limits, f.name), allow_zero=(f.name == "auth_failure_delay"))
+    for name, top in (("auth_ipv4_prefix", 32), ("auth_ipv6_prefix", 128)):
+        if not 8 <= getattr(cfg.limits, name) <= top:
+            raise ConfigError(f"limits.{name}", f"must be a prefix length from 8 to {top}, got {getattr(cfg.limits, name)}")
     c = cfg.credentials
     for f in dataclasses.fields(CredentialsConfig):
         _check_positive(f"credentials.{f.name}", getattr(c, f.name))

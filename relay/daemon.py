@@ -122,8 +122,7 @@ class Daemon:
                 self.runner = QueueRunner(self.queue, Router(cfg), cfg, signer=Signer(self.dkim, self.executor))
             self.state = ServerState(settings=settings_from(cfg), credentials=self.credentials, queue=self.queue,
                                      tls_context=tls_context,
-                                     throttle=AuthThrottle(cfg.limits.auth_failures, cfg.limits.auth_failure_window,
-                                                           cfg.limits.auth_lockout),
+                                     throttle=AuthThrottle(cfg.limits),
                                      domain_verified=self.dkim.is_verified)
             self.bound = await listeners.start(self.state, cfg.listeners, tls_context)
             self.refusal_servers = await refusal.start(cfg.refusal, self.state)
@@ -200,7 +199,7 @@ class Daemon:
             event(log, "reload_failed", logging.ERROR, error=str(exc))
             return
         self.state.settings = settings_from(new)
-        self.state.throttle.configure(new.limits.auth_failures, new.limits.auth_failure_window, new.limits.auth_lockout)
+        self.state.throttle.configure(new.limits)
         self.credentials.configure(new.credentials)
         if self.runner is not None:
             self.runner.configure(new)

@@ -46,6 +46,11 @@ HELP = Reply(214, "2.0.0", "Submission relay: EHLO, STARTTLS, AUTH, MAIL, RCPT, 
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_LOCKED = Reply(454, "4.7.0", "Too many failed logins from your address; try again later")
+AUTH_LOCKED_USER = Reply(454, "4.7.0", "Too many failed logins for this account from your network; "
+                                       "try again later")
+AUTH_USER_UNDER_ATTACK = Reply(454, "4.7.0", "Too many failed logins for this account; try again later, "
+                                             "or from a network this account has logged in from before")
+AUTH_BUSY = Reply(454, "4.7.0", "Too many logins being checked right now; try again in a moment")
 AUTH_TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")
 AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")

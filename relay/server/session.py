@@ -27,7 +27,7 @@ from ..logs import event
 from ..queue_store import NewMessage, NewRecipient, QueueStore, StorageFull, StoreUnavailable, new_queue_id
 from ..replies import Reply
 from ..tls import describe
-from .auth import MAX_RESPONSE, AuthThrottle, b64, decode_plain
+from .auth import BUSY, MAX_RESPONSE, NETWORK, PAIR, USER, AuthThrottle, b64, decode_plain
 
 log = logging.getLogger("relay.smtp")
 
@@ -549,10 +549,9 @@ class Session(SMTP):
         if mech not in AUTH_MECHANISMS:
             await self.reply(replies.AUTH_MECH_UNKNOWN)
             return
-        if self.state.throttle.locked(self.client_ip):
-            metrics.AUTH_ATTEMPTS.labels(mech, "locked").inc()
-            event(log, "auth", client=self.client_ip, mechanism=mech, result="locked")
-            await self.reply(replies.AUTH_LOCKED)
+        throttle = self.state.throttle
+        if throttle.network_locked(self.client_ip):
+            await self._auth_refused(mech, "", NETWORK)
             return
         initial = parts[1].encode("utf-8", "surrogateescape") if len(parts) == 2 else None
         if mech == "PLAIN":
@@ -562,32 +561,43 @@ class Session(SMTP):
         if creds is None:  # aborted or malformed: reply already sent
             metrics.AUTH_ATTEMPTS.labels(mech, "aborted").inc()
             return
-        throttle = self.state.throttle
-        if not await throttle.acquire(self.client_ip):  # locked meanwhile, or the budget stays used up
-            metrics.AUTH_ATTEMPTS.labels(mech, "locked").inc()
-            event(log, "auth", client=self.client_ip, mechanism=mech, result="locked")
-            await self.reply(replies.AUTH_LOCKED)
+        login, password = (b"", b"") if isinstance(creds, Reply) else creds
+        # The budget key: the login as typed, folded like usernames are (case-insensitive).
+        username = login.decode("utf-8", "replace").strip().lower()[:320]
+        refused = await throttle.acquire(self.client_ip, username)  # may wait for attempts in flight
+        if refused is not None:
+            await self._auth_refused(mech, username, refused)
             return
+        principal: Principal | None = None
+        hit: list[str] = []
         try:
-            if isinstance(creds, Reply):
-                principal, login = None, b""
-            else:
-                login, password = creds
-                principal = await self.state.credentials.verify(login, password)
+            if not isinstance(creds, Reply):
+                principal = await self.state.credentials.cached(login, password)
+                if principal is None:
+                    if not throttle.take_pending():
+                        await self._auth_refused(mech, username, BUSY)
+                        return
+                    try:
+                        principal = await self.state.credentials.verify(login, password)
+                    finally:
+                        throttle.end_pending()
             if principal is None:
                 # Counted before the delay, so attempts on other connections see it at once.
-                locked = throttle.failure(self.client_ip)
+                hit = throttle.failure(self.client_ip, username)
+            else:
+                throttle.success(self.client_ip, username)
         finally:
-            throttle.end(self.client_ip)
-        username = login.decode("utf-8", "replace")[:320]
+            throttle.end(self.client_ip, username)
         if principal is None:
             metrics.AUTH_ATTEMPTS.labels(mech, "failure").inc()
-            # Stable line for fail2ban: event=auth result=failure client=IP
+            # Stable line for fail2ban (contrib/fail2ban): event=auth result=failure client=IP
             event(log, "auth", logging.WARNING, client=self.client_ip, mechanism=mech, result="failure",
                   user=username)
-            if locked:
+            for scope in hit:
                 metrics.AUTH_LOCKOUTS.inc()
-                event(log, "auth_lockout", logging.WARNING, client=self.client_ip, seconds=throttle.lockout)
+                event(log, "auth_lockout", logging.WARNING, client=self.client_ip, scope=scope,
+                      network=throttle.network(self.client_ip), user=username,
+                      seconds=throttle.limits.auth_user_window if scope == USER else throttle.lockout)
             # Same delay and reply for unknown user, wrong password and malformed credentials.
             await asyncio.sleep(self.state.settings.limits.auth_failure_delay)
             await self.reply(replies.AUTH_INVALID)
@@ -596,6 +606,15 @@ class Session(SMTP):
         metrics.AUTH_ATTEMPTS.labels(mech, "success").inc()
         event(log, "auth", client=self.client_ip, mechanism=mech, result="success", user=principal.username)
         await self.reply(replies.AUTH_OK)
+
+    async def _auth_refused(self, mech: str, username: str, reason: str) -> None:
+        """454 4.7.0 without verifying anything: a budget is used up, or too many are pending."""
+        result = "busy" if reason == BUSY else "locked"
+        metrics.AUTH_ATTEMPTS.labels(mech, result).inc()
+        event(log, "auth", logging.WARNING if reason != BUSY else logging.INFO, client=self.client_ip,
+              mechanism=mech, result=result, scope=reason, user=username or None)
+        await self.reply({NETWORK: replies.AUTH_LOCKED, PAIR: replies.AUTH_LOCKED_USER,
+                          USER: replies.AUTH_USER_UNDER_ATTACK, BUSY: replies.AUTH_BUSY}[reason])
 
     async def _read_auth_response(self, challenge: bytes) -> bytes | None:
         """Send a 334 challenge; the decoded answer, or None after replying to '*' / bad input."""

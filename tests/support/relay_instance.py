@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -74,6 +75,19 @@ def to_toml(data: dict) -> str:
 
     emit("", data)
     return "\n".join(lines) + "\n"
+
+
+_LOGFMT_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def parse_logfmt(line: str) -> dict[str, Any]:
+    """key=value pairs of one logfmt line (quoted values unescaped, digits as int)."""
+    out: dict[str, Any] = {}
+    for key, value in _LOGFMT_FIELD.findall(line):
+        if value.startswith('"'):
+            value = re.sub(r'\\(.)', r'\1', value[1:-1])
+        out[key] = int(value) if value.isdigit() else value
+    return out
 
 
 def client_tls_context() -> ssl.SSLContext:
@@ -170,7 +184,9 @@ class RelayInstance:
                 try:
                     self.events.append(json.loads(line))
                 except ValueError:
-                    pass
+                    fields = parse_logfmt(line)  # logging.format = "logfmt" (what operators see)
+                    if "event" in fields:
+                        self.events.append(fields)
 
     def events_named(self, name: str, **match: Any) -> list[dict]:
         with self._lock:
