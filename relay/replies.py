@@ -50,6 +50,9 @@ AUTH_LOCKED_USER = Reply(454, "4.7.0", "Too many failed logins for this account 
                                        "try again later")
 AUTH_USER_UNDER_ATTACK = Reply(454, "4.7.0", "Too many failed logins for this account; try again later, "
                                              "or from a network this account has logged in from before")
+CREDENTIAL_REVOKED = Reply(530, "5.7.0", "Your credential was deleted or its domain removed; "
+                                        "authenticate again with a valid credential")
+CREDENTIAL_CHANGED = Reply(535, "5.7.8", "Your credential's password was changed; authenticate again")
 AUTH_BUSY = Reply(454, "4.7.0", "Too many logins being checked right now; try again in a moment")
 AUTH_TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")

@@ -690,6 +690,11 @@ class Session(SMTP):
         if self.txn is not None:
             await self.reply(replies.NESTED_MAIL)
             return
+        if principal.kind == "auth":
+            revoked = await self._revoked(principal)
+            if revoked is not None:
+                await self.reply(self._reject("credential_revoked", revoked))
+                return
         if not arg or arg[:5].upper() != "FROM:":
             await self.reply(replies.MAIL_SYNTAX)
             return
@@ -724,6 +729,19 @@ class Session(SMTP):
         assert sender is not None
         self.txn = Transaction(sender, params, principal)
         await self.reply(replies.SENDER_OK)
+
+    async def _revoked(self, principal: Principal) -> Reply | None:
+        """Revocation reaches open sessions: each MAIL re-reads the credential's stored hash (one
+        indexed read) and compares it with the one this session logged in with. A deleted
+        credential or removed domain, or a reset password, ends the login (AUTH may be retried)."""
+        current = await self.state.credentials.generation(principal.username)
+        if current is not None and current == principal.generation:
+            return None
+        reply, reason = ((replies.CREDENTIAL_REVOKED, "deleted") if current is None
+                         else (replies.CREDENTIAL_CHANGED, "password_changed"))
+        self.principal = None
+        event(log, "auth_revoked", logging.WARNING, client=self.client_ip, user=principal.username, reason=reason)
+        return reply
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         if self.txn is None:
