@@ -94,6 +94,7 @@ class Daemon:
         ensure_certificate(cfg)
         tls_context = tls.server_context(cfg.tls.cert, cfg.tls.key)
         self.tls_context = tls_context
+        metrics.TLS_CERT_EXPIRY.set(tls.not_after(cfg.tls.cert))
         raise_fd_limit()
         self.queue_conn = self.cred_conn = None
         self.queue = None
@@ -190,14 +191,25 @@ class Daemon:
             await asyncio.sleep(5)
 
     def reload(self) -> None:
-        """SIGHUP: re-read config; apply limits and certificate; keep sessions and listeners."""
+        """SIGHUP: re-read config; apply limits and certificate; keep sessions and listeners.
+
+        All or nothing: the new config and a fresh TLS context are built first, and only when
+        both load is anything swapped in. Otherwise the running config and certificate pair
+        keep serving, and one line says so."""
         try:
             new = config_mod.load(self.config_path)
             config_mod.check_files(new)
-            tls.load(self.tls_context, new.tls.cert, new.tls.key)
+            context = tls.server_context(new.tls.cert, new.tls.key)
+            expiry = tls.not_after(new.tls.cert)
         except (ConfigError, tls.TLSError) as exc:
-            event(log, "reload_failed", logging.ERROR, error=str(exc))
+            metrics.RELOADS.labels("failed").inc()
+            event(log, "reload_failed", logging.ERROR, error=str(exc),
+                  kept=f"previous configuration and certificate {self.cfg.tls.cert}")
             return
+        # Sessions and refusal listeners read state.tls_context at each handshake.
+        self.state.tls_context = self.tls_context = context
+        metrics.TLS_CERT_EXPIRY.set(expiry)
+        metrics.RELOADS.labels("ok").inc()
         self.state.settings = settings_from(new)
         self.state.throttle.configure(new.limits)
         self.credentials.configure(new.credentials)

@@ -64,5 +64,5 @@ TLS_HANDSHAKES_IN_PROGRESS = Gauge("relay_tls_handshakes_in_progress", "TLS hand
                                    registry=REGISTRY)
 TLS_CERT_EXPIRY = Gauge("relay_tls_certificate_expiry_timestamp_seconds",
                         "notAfter of the certificate being served (Unix time)", registry=REGISTRY)
-TLS_RELOADS = Counter("relay_tls_reloads_total", "Certificate reloads on SIGHUP, by result", ["result"],
-                      registry=REGISTRY)
+RELOADS = Counter("relay_reloads_total", "SIGHUP reloads (configuration and certificate, all or nothing), by result",
+                  ["result"], registry=REGISTRY)
