@@ -22,6 +22,7 @@ from typing import Any
 DEFAULT_CONFIG_PATH = "config/relay.toml"
 TLS_MODES = ("starttls", "implicit")
 SMARTHOST_TLS_MODES = ("starttls", "implicit", "none")
+FROM_HEADER_MODES = ("domain", "off")
 
 
 class ConfigError(Exception):
@@ -196,6 +197,14 @@ class DomainsConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """What an authenticated client may put in the message itself (the envelope rules are fixed)."""
+    # "domain": every From: header address must be at the credential's domain or a subdomain
+    # (550 5.7.1 otherwise; the message is signed with that domain's DKIM key). "off": any From:.
+    from_header: str = "domain"
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = "127.0.0.1:9469"
 
@@ -219,6 +228,7 @@ class Config:
     trusted_networks: tuple[TrustedNetwork, ...] = ()
     domains: DomainsConfig = field(default_factory=DomainsConfig)
     refusal: RefusalConfig = field(default_factory=RefusalConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -430,6 +440,9 @@ def _validate(cfg: Config) -> None:
             ipaddress.ip_address(a)
         except ValueError:
             raise ConfigError(f"domains.public_addresses[{i}]", f"not an IP address: {a!r}") from None
+    if cfg.policy.from_header not in FROM_HEADER_MODES:
+        raise ConfigError("policy.from_header",
+                          f"must be one of {', '.join(FROM_HEADER_MODES)}, got {cfg.policy.from_header!r}")
     r = cfg.refusal
     for name in ("pop3_port", "imap_port", "pop3s_port", "imaps_port"):
         _check_port(f"refusal.{name}", getattr(r, name), allow_zero=True)

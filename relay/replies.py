@@ -108,6 +108,7 @@ ROUTE_NOT_ALLOWED = Reply(553, "5.7.1", "Source routes, % and ! relaying are not
 IP_LITERAL = Reply(553, "5.1.3", "Address literals are not allowed; use a domain name")
 TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
 SIZE_EXCEEDED = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+FROM_NOT_ALLOWED = Reply(550, "5.7.1", "From: header not allowed for this credential")  # text names the rule
 DOMAIN_UNVERIFIED = Reply(550, "5.7.1", "Sending domain not verified")  # text names the command
 
 # DATA

@@ -45,6 +45,7 @@ class Settings:
     limits: LimitsConfig
     trusted: tuple[tuple[Any, tuple[str, ...]], ...] = ()   # (ip_network, allowed domains)
     unverified_domains_refused: bool = False
+    from_header: str = "domain"  # policy.from_header
 
 
 @dataclass
@@ -718,10 +719,13 @@ class Session(SMTP):
             await self.reply(self._reject("sender_domain", refused))
             return
         if self.state.settings.unverified_domains_refused and self.state.domain_verified is not None:
-            if not await self.state.domain_verified(principal.domains[0]):
+            # The sending domain this sender belongs to (the longest match: a trusted network may
+            # list a domain and its subdomain), not merely the principal's first one.
+            assert sender is not None
+            domain = max((d for d in principal.domains if policy.domain_allowed(sender.ascii_domain, (d,))), key=len)
+            if not await self.state.domain_verified(domain):
                 await self.reply(self._reject("domain_unverified", replies.DOMAIN_UNVERIFIED.with_text(
-                    f"Sending domain {principal.domains[0]} not verified; run: relay domain verify "
-                    f"{principal.domains[0]}")))
+                    f"Sending domain {domain} not verified; run: relay domain verify {domain}")))
                 return
         if principal.kind == "trusted" and self.principal is None:
             metrics.SESSIONS_TRUSTED.inc()
@@ -850,8 +854,16 @@ class Session(SMTP):
         t0 = time.perf_counter()
         content = data.content()
         data.discard()
-        if policy.check_received_count(headers.count_received(content), limits.max_received_headers):
+        fields = headers.split(content).fields
+        if policy.check_received_count(sum(1 for f in fields if headers.field_name(f) == "received"),
+                                       limits.max_received_headers):
             await self.reply(self._reject("loop", replies.LOOP_DETECTED))
+            return
+        refused = policy.check_from_header(headers.from_domains(fields), txn.principal.domains,
+                                           self.state.settings.from_header)
+        if refused is not None:
+            event(log, "data_refused", client=self.client_ip, user=txn.principal.username, reason="from_header")
+            await self.reply(self._reject("from_header", refused))
             return
         qid = new_queue_id()
         hostname = self.state.settings.hostname
