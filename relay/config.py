@@ -22,6 +22,7 @@ from typing import Any
 DEFAULT_CONFIG_PATH = "config/relay.toml"
 TLS_MODES = ("starttls", "implicit")
 SMARTHOST_TLS_MODES = ("starttls", "implicit", "none")
+FROM_HEADER_MODES = ("domain", "off")
 
 
 class ConfigError(Exception):
@@ -141,9 +142,25 @@ class LimitsConfig:
     recipients: int = 100
     connections: int = 2000
     connections_per_ip: int = 20
+    # TLS handshakes in progress at once (implicit TLS and STARTTLS together), and how long one
+    # may take: connections are counted at accept, so silent ones cost a slot for this long.
+    tls_handshakes: int = 100
+    tls_handshake_timeout: int = 10
+    # Failed logins per (client network, username) in auth_failure_window, then that pair is
+    # locked for auth_lockout; per network across usernames the budget is auth_failures_per_network.
     auth_failures: int = 5
     auth_failure_window: int = 300
     auth_lockout: int = 900
+    auth_failures_per_network: int = 20
+    # Per username across all networks, per auth_user_window: beyond it only networks where the
+    # credential logged in before may try (familiar networks).
+    auth_failures_per_user: int = 30
+    auth_user_window: int = 3600
+    # Client addresses are grouped into networks of these prefix lengths for the budgets above.
+    auth_ipv4_prefix: int = 32
+    auth_ipv6_prefix: int = 64
+    # Password verifications (argon2) waiting or running at once; beyond: 454 4.7.0 at once.
+    auth_pending: int = 16
     # Seconds before a 535 reply: slows guessing, same for unknown user and bad password.
     auth_failure_delay: float = 1.0
     # Idle time allowed between commands, and between DATA chunks (progress, not total).
@@ -198,6 +215,14 @@ class DomainsConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """What an authenticated client may put in the message itself (the envelope rules are fixed)."""
+    # "domain": every From: header address must be at the credential's domain or a subdomain
+    # (550 5.7.1 otherwise; the message is signed with that domain's DKIM key). "off": any From:.
+    from_header: str = "domain"
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = "127.0.0.1:9469"
 
@@ -221,6 +246,7 @@ class Config:
     trusted_networks: tuple[TrustedNetwork, ...] = ()
     domains: DomainsConfig = field(default_factory=DomainsConfig)
     refusal: RefusalConfig = field(default_factory=RefusalConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -407,6 +433,9 @@ def _validate(cfg: Config) -> None:
     _check_positive("dns.timeout", cfg.dns.timeout)
     for f in dataclasses.fields(LimitsConfig):
         _check_positive(f"limits.{f.name}", getattr(cfg.limits, f.name), allow_zero=(f.name == "auth_failure_delay"))
+    for name, top in (("auth_ipv4_prefix", 32), ("auth_ipv6_prefix", 128)):
+        if not 8 <= getattr(cfg.limits, name) <= top:
+            raise ConfigError(f"limits.{name}", f"must be a prefix length from 8 to {top}, got {getattr(cfg.limits, name)}")
     c = cfg.credentials
     for f in dataclasses.fields(CredentialsConfig):
         _check_positive(f"credentials.{f.name}", getattr(c, f.name))
@@ -431,6 +460,9 @@ def _validate(cfg: Config) -> None:
             ipaddress.ip_address(a)
         except ValueError:
             raise ConfigError(f"domains.public_addresses[{i}]", f"not an IP address: {a!r}") from None
+    if cfg.policy.from_header not in FROM_HEADER_MODES:
+        raise ConfigError("policy.from_header",
+                          f"must be one of {', '.join(FROM_HEADER_MODES)}, got {cfg.policy.from_header!r}")
     r = cfg.refusal
     for name in ("pop3_port", "imap_port", "pop3s_port", "imaps_port"):
         _check_port(f"refusal.{name}", getattr(r, name), allow_zero=True)

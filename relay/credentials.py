@@ -13,7 +13,7 @@ import os
 import secrets
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiosqlite
 from argon2 import PasswordHasher
@@ -37,6 +37,9 @@ class Principal:
     username: str
     domains: tuple[str, ...]  # sending domains allowed (ASCII form); subdomains included
     kind: str = "auth"        # "auth" | "trusted"
+    # The stored hash this login was verified against (the verify cache's generation): each MAIL
+    # compares it with the row's current one, so a reset or delete reaches open sessions.
+    generation: str = field(default="", repr=False, compare=False)
 
 
 def normalize_domain(domain: str) -> str:
@@ -285,7 +288,7 @@ class CredentialStore:
             hit = self._cache.get(user)
             if hit and hit[0] == stored and hmac.compare_digest(hit[1], digest) and hit[2] > self._clock():
                 metrics.AUTH_CACHE.labels("hit").inc()
-                return Principal(user, (domain,))
+                return Principal(user, (domain,), generation=stored)
         loop = asyncio.get_running_loop()
         if stored is None and self._dummy_hash is None:
             self._dummy_hash = await self._hash(secrets.token_hex(16))
@@ -296,8 +299,8 @@ class CredentialStore:
         self._cache[user] = (stored, digest, self._clock() + self._cfg.verify_cache_ttl)
         if len(self._cache) > 10_000:  # bound memory under a credential-stuffing run
             self._cache.clear()
-        await self._after_login(user, stored, pw)
-        return Principal(user, (domain,))
+        stored = await self._after_login(user, stored, pw)
+        return Principal(user, (domain,), generation=stored)
 
     def _verify_blocking(self, stored: str, password: str) -> bool:
         try:
@@ -305,17 +308,48 @@ class CredentialStore:
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return False
 
-    async def _after_login(self, user: str, stored: str, password: str) -> None:
+    async def _after_login(self, user: str, stored: str, password: str) -> str:
+        """Bookkeeping after a good login; the stored hash now (new when rehashed)."""
         now = self._clock()
         try:
             if self._hasher.check_needs_rehash(stored):
                 new = await self._hash(password)
                 # Only replace the hash we verified: a concurrent CLI reset wins.
-                await self._conn.execute("UPDATE credentials SET hash = ?, last_login = ? WHERE username = ? AND hash = ?",
-                                         (new, now, user, stored))
+                cur = await self._conn.execute(
+                    "UPDATE credentials SET hash = ?, last_login = ? WHERE username = ? AND hash = ?",
+                    (new, now, user, stored))
                 self._cache.pop(user, None)
-            else:
-                await self._conn.execute("UPDATE credentials SET last_login = ? WHERE username = ?", (now, user))
+                await self._conn.commit()
+                return new if cur.rowcount == 1 else stored
+            await self._conn.execute("UPDATE credentials SET last_login = ? WHERE username = ?", (now, user))
             await self._conn.commit()
         except aiosqlite.Error:
             pass  # bookkeeping only: a busy database must not fail a good login
+        return stored
+
+    # ------------------------------------------------------------ for open sessions (issue 12)
+
+    async def cached(self, login: bytes, password: bytes) -> Principal | None:
+        """The cache-hit half of `verify`, without argon2: a Principal when this password was
+        verified against the current stored hash within verify_cache_ttl, else None. Lets the
+        session answer a known-good login even when the bound on pending verifications is full."""
+        try:
+            user, domain = normalize_username(login.decode("utf-8"))
+        except (UnicodeDecodeError, StoreError):
+            return None
+        hit = self._cache.get(user)
+        if not hit or hit[2] <= self._clock() or not hmac.compare_digest(hit[1], self._digest(password)):
+            return None
+        stored = await self.lookup(user)
+        if stored is None or stored != hit[0]:
+            return None
+        metrics.AUTH_CACHE.labels("hit").inc()
+        return Principal(user, (domain,), generation=stored)
+
+    async def generation(self, username: str) -> str | None:
+        """The credential's stored hash if it and its domain still exist, else None: one indexed
+        read, compared with `Principal.generation` at each MAIL FROM of an open session."""
+        rows = await self._conn.execute_fetchall(
+            "SELECT c.hash FROM credentials c JOIN domains d ON d.name = c.domain WHERE c.username = ?",
+            (username,))
+        return rows[0]["hash"] if rows else None

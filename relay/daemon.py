@@ -52,7 +52,7 @@ def settings_from(cfg: Config) -> Settings:
     return Settings(
         hostname=cfg.server.hostname, limits=cfg.limits,
         trusted=tuple((ipaddress.ip_network(t.network, strict=False), tuple(t.domains)) for t in cfg.trusted_networks),
-        unverified_domains_refused=cfg.domains.require_verified)
+        unverified_domains_refused=cfg.domains.require_verified, from_header=cfg.policy.from_header)
 
 
 def raise_fd_limit() -> None:
@@ -81,7 +81,7 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="relay-cpu")
         self.bound: list[listeners.Bound] = []
-        self.refusal_servers: list[asyncio.Server] = []
+        self.refusal_servers: list[listeners.Acceptor] = []
         self.metrics_server = None
 
     async def run(self) -> int:
@@ -92,6 +92,7 @@ class Daemon:
         ensure_certificate(cfg)
         tls_context = tls.server_context(cfg.tls.cert, cfg.tls.key)
         self.tls_context = tls_context
+        metrics.TLS_CERT_EXPIRY.set(tls.not_after(cfg.tls.cert))
         raise_fd_limit()
         self.stores = None
         self.queue = None
@@ -112,11 +113,10 @@ class Daemon:
                 self.runner = QueueRunner(self.queue, Router(cfg), cfg, signer=Signer(self.dkim, self.executor))
             self.state = ServerState(settings=settings_from(cfg), credentials=self.credentials, queue=self.queue,
                                      tls_context=tls_context,
-                                     throttle=AuthThrottle(cfg.limits.auth_failures, cfg.limits.auth_failure_window,
-                                                           cfg.limits.auth_lockout),
+                                     throttle=AuthThrottle(cfg.limits),
                                      domain_verified=self.dkim.is_verified)
             self.bound = await listeners.start(self.state, cfg.listeners, tls_context)
-            self.refusal_servers = await refusal.start(cfg.refusal, tls_context)
+            self.refusal_servers = await refusal.start(cfg.refusal, self.state)
             # Delivery starts once the listeners are bound: it must know their real addresses
             # and ports (port 0 included) to recognise an MX that is this relay (a mail loop).
             own = [(b.address, b.port) for b in self.bound]
@@ -191,16 +191,27 @@ class Daemon:
             await asyncio.sleep(5)
 
     def reload(self) -> None:
-        """SIGHUP: re-read config; apply limits and certificate; keep sessions and listeners."""
+        """SIGHUP: re-read config; apply limits and certificate; keep sessions and listeners.
+
+        All or nothing: the new config and a fresh TLS context are built first, and only when
+        both load is anything swapped in. Otherwise the running config and certificate pair
+        keep serving, and one line says so."""
         try:
             new = config_mod.load(self.config_path)
             config_mod.check_files(new)
-            tls.load(self.tls_context, new.tls.cert, new.tls.key)
+            context = tls.server_context(new.tls.cert, new.tls.key)
+            expiry = tls.not_after(new.tls.cert)
         except (ConfigError, tls.TLSError) as exc:
-            event(log, "reload_failed", logging.ERROR, error=str(exc))
+            metrics.RELOADS.labels("failed").inc()
+            event(log, "reload_failed", logging.ERROR, error=str(exc),
+                  kept=f"previous configuration and certificate {self.cfg.tls.cert}")
             return
+        # Sessions and refusal listeners read state.tls_context at each handshake.
+        self.state.tls_context = self.tls_context = context
+        metrics.TLS_CERT_EXPIRY.set(expiry)
+        metrics.RELOADS.labels("ok").inc()
         self.state.settings = settings_from(new)
-        self.state.throttle.configure(new.limits.auth_failures, new.limits.auth_failure_window, new.limits.auth_lockout)
+        self.state.throttle.configure(new.limits)
         self.credentials.configure(new.credentials)
         if self.runner is not None:
             self.runner.configure(new)

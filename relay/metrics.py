@@ -71,3 +71,12 @@ DESTINATIONS_SUSPENDED = Counter("relay_destinations_suspended_total",
                                  registry=REGISTRY)
 MAIL_LOOPS = Counter("relay_mail_loops_total", "Recipients failed because their mail host is this relay",
                      registry=REGISTRY)
+ACCEPT_PAUSES = Counter("relay_accept_pauses_total",
+                        "Times a listener paused accepting after a resource error (EMFILE...)", ["error"],
+                        registry=REGISTRY)
+TLS_HANDSHAKES_IN_PROGRESS = Gauge("relay_tls_handshakes_in_progress", "TLS handshakes started, not finished",
+                                   registry=REGISTRY)
+TLS_CERT_EXPIRY = Gauge("relay_tls_certificate_expiry_timestamp_seconds",
+                        "notAfter of the certificate being served (Unix time)", registry=REGISTRY)
+RELOADS = Counter("relay_reloads_total", "SIGHUP reloads (configuration and certificate, all or nothing), by result",
+                  ["result"], registry=REGISTRY)

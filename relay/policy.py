@@ -262,6 +262,21 @@ def check_sender(sender: Address | None, allowed_domains: tuple[str, ...], *, tr
     return None
 
 
+def check_from_header(from_domains: list[str] | None, allowed_domains: tuple[str, ...], mode: str) -> Reply | None:
+    """policy.from_header: with "domain", every From: address must be at one of the principal's
+    domains or a subdomain (headers.from_domains gives them); the message is DKIM-signed with
+    that domain's key, so a mismatch would be one customer signing as another."""
+    if mode == "off" or from_domains is None:
+        return None
+    bad = [d for d in from_domains if not domain_allowed(d, allowed_domains)]
+    if not bad:
+        return None
+    shown = bad[0] or "an unreadable address"
+    return replies.FROM_NOT_ALLOWED.with_text(
+        f"{replies.FROM_NOT_ALLOWED.text}: {shown} is not {' or '.join(allowed_domains)} "
+        "or a subdomain (policy.from_header)")
+
+
 def check_recipient_count(current: int, limit: int) -> Reply | None:
     return replies.TOO_MANY_RCPTS if current >= limit else None
 

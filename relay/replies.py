@@ -46,6 +46,14 @@ HELP = Reply(214, "2.0.0", "Submission relay: EHLO, STARTTLS, AUTH, MAIL, RCPT, 
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_LOCKED = Reply(454, "4.7.0", "Too many failed logins from your address; try again later")
+AUTH_LOCKED_USER = Reply(454, "4.7.0", "Too many failed logins for this account from your network; "
+                                       "try again later")
+AUTH_USER_UNDER_ATTACK = Reply(454, "4.7.0", "Too many failed logins for this account; try again later, "
+                                             "or from a network this account has logged in from before")
+CREDENTIAL_REVOKED = Reply(530, "5.7.0", "Your credential was deleted or its domain removed; "
+                                        "authenticate again with a valid credential")
+CREDENTIAL_CHANGED = Reply(535, "5.7.8", "Your credential's password was changed; authenticate again")
+AUTH_BUSY = Reply(454, "4.7.0", "Too many logins being checked right now; try again in a moment")
 AUTH_TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")
 AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
@@ -82,6 +90,7 @@ TOO_MANY_CONNECTIONS_IP = Reply(421, "4.7.0", "Too many connections from your ad
 TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 TLS_ALREADY = Reply(503, "5.5.1", "TLS already active")
 TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
+TLS_BUSY = Reply(454, "4.7.0", "TLS not available now: too many handshakes in progress; try again later")
 
 # POP3 / IMAP spoken to an SMTP port
 NOT_A_MAILBOX = Reply(
@@ -99,6 +108,7 @@ ROUTE_NOT_ALLOWED = Reply(553, "5.7.1", "Source routes, % and ! relaying are not
 IP_LITERAL = Reply(553, "5.1.3", "Address literals are not allowed; use a domain name")
 TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
 SIZE_EXCEEDED = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+FROM_NOT_ALLOWED = Reply(550, "5.7.1", "From: header not allowed for this credential")  # text names the rule
 DOMAIN_UNVERIFIED = Reply(550, "5.7.1", "Sending domain not verified")  # text names the command
 
 # DATA

@@ -1,7 +1,9 @@
-"""TLS for the SMTP listeners: server contexts (TLS >= 1.2), self-signed certificates, reload.
+"""TLS for the SMTP listeners: server contexts (TLS >= 1.2), self-signed certificates, expiry.
 
-One SSLContext is shared by every listener; SIGHUP loads the new certificate into that same
-object, so new handshakes use it while open sessions keep theirs.
+One SSLContext serves every listener. SIGHUP builds a *fresh* context from the files and the
+daemon swaps it in only once it loaded: loading a new pair into the live context left it
+broken when the pair did not match (a new certificate with the old key: KEY_VALUES_MISMATCH
+after the certificate was already replaced), and every handshake failed from then on.
 """
 from __future__ import annotations
 
@@ -33,6 +35,16 @@ def load(ctx: ssl.SSLContext, cert: str, key: str) -> None:
         raise TLSError(f"cannot read {exc.filename}: permission denied") from None
     except ssl.SSLError as exc:
         raise TLSError(f"certificate {cert} / key {key} unusable: {exc.reason or exc}") from None
+
+
+def not_after(cert: str) -> float:
+    """The leaf certificate's notAfter as Unix time (the first PEM block is the leaf)."""
+    from cryptography import x509
+    try:
+        leaf = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise TLSError(f"certificate {cert} unreadable: {exc}") from None
+    return leaf.not_valid_after_utc.timestamp()
 
 
 def client_context(verify: bool) -> ssl.SSLContext:

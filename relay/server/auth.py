@@ -1,17 +1,22 @@
-"""AUTH PLAIN / LOGIN (RFC 4616, RFC 4954) decoding and the per-IP failed-login lockout.
+"""AUTH PLAIN / LOGIN (RFC 4616, RFC 4954) decoding and the failed-login budgets.
 
-Decoding is pure; the lockout is a small in-memory table per client address with bounded size.
+Decoding is pure. The budgets are bounded in-memory tables keyed by client *network* (IPv4 /32,
+IPv6 /64 by default: one host gets a whole /64, so keying on the address gave 2,000 addresses
+8,000 guesses) and by username, so that neither a botnet nor a stale app can dodge them or turn
+them against other users.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import ipaddress
 import time
 from collections import deque
 from typing import Callable
 
 from .. import replies
+from ..config import LimitsConfig
 from ..replies import Reply
 
 MAX_RESPONSE = 12288  # RFC 4954 4: AUTH response line limit
@@ -43,103 +48,250 @@ def decode_plain(blob: bytes) -> tuple[bytes, bytes] | Reply:
     return authc, password
 
 
-class AuthThrottle:
-    """Counts failed logins per client IP in a sliding window and locks the IP out for a cool-down.
+def network_of(ip: str, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> str:
+    """The network a client address is grouped in: '192.0.2.7/32', '2001:db8:1:2::/64'.
 
-    A good login does not clear the count: otherwise anyone holding one credential could guess
-    another's password without limit, logging in as themselves every few tries. Attempts being
-    verified count against the budget (`begin`/`end`), so parallel connections cannot all guess
-    while the first failures are still in their delay.
+    An IPv4-mapped IPv6 address (::ffff:192.0.2.7, what a dual-stack socket reports) is IPv4.
+    Like Postfix's smtpd_client_ipv6_prefix_length: a site gets a /64, so its hosts share a budget.
     """
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    prefix = ipv4_prefix if addr.version == 4 else ipv6_prefix
+    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
 
-    def __init__(self, failures: int, window: float, lockout: float, clock: Callable[[], float] = time.monotonic,
-                 max_tracked: int = 100_000):
-        self.failures = failures
-        self.window = window
-        self.lockout = lockout
+
+class _Budget:
+    """Failures per key in a sliding window; at `limit` the key is locked for `lockout` seconds
+    (lockout 0: no lock, the key is over budget while the window holds `limit` failures).
+    Attempts being verified count too (`inflight`), so parallel connections cannot all guess
+    while the first failures are still in their delay. Bounded to `max_tracked` keys."""
+
+    def __init__(self, limit: int, window: float, lockout: float, clock: Callable[[], float], max_tracked: int):
+        self.limit, self.window, self.lockout = limit, window, lockout
         self._clock = clock
         self._max = max_tracked
-        self._fails: dict[str, deque[float]] = {}
-        self._locked: dict[str, float] = {}
-        self._inflight: dict[str, int] = {}
-        self._waiters: dict[str, asyncio.Event] = {}
+        self.fails: dict[str, deque[float]] = {}
+        self.locks: dict[str, float] = {}
+        self.inflight: dict[str, int] = {}
 
-    def configure(self, failures: int, window: float, lockout: float) -> None:
-        self.failures, self.window, self.lockout = failures, window, lockout
-
-    def locked(self, ip: str) -> bool:
-        until = self._locked.get(ip)
+    def locked(self, key: str) -> bool:
+        until = self.locks.get(key)
         if until is None:
             return False
         if until > self._clock():
             return True
-        del self._locked[ip]
+        del self.locks[key]
         return False
 
-    def _recent(self, ip: str, now: float) -> int:
-        q = self._fails.get(ip)
+    def recent(self, key: str) -> int:
+        q = self.fails.get(key)
         if q is None:
             return 0
-        while q and q[0] < now - self.window:
+        cutoff = self._clock() - self.window
+        while q and q[0] < cutoff:
             q.popleft()
+        if not q:
+            del self.fails[key]
+            return 0
         return len(q)
 
-    def begin(self, ip: str) -> bool:
-        """Before verifying a login: False (answer 454) when locked, or when the failures in the window
-        plus the attempts already being verified use up the budget. Pair a True with `end`."""
-        if self.locked(ip):
+    def over(self, key: str) -> bool:
+        """Locked, or the window's failures alone use up the budget."""
+        return self.locked(key) or self.recent(key) >= self.limit
+
+    def full(self, key: str) -> bool:
+        """Failures plus attempts in flight use up the budget."""
+        return self.recent(key) + self.inflight.get(key, 0) >= self.limit
+
+    def begin(self, key: str) -> None:
+        self.inflight[key] = self.inflight.get(key, 0) + 1
+
+    def end(self, key: str) -> None:
+        n = self.inflight.get(key, 0) - 1
+        if n <= 0:
+            self.inflight.pop(key, None)
+        else:
+            self.inflight[key] = n
+
+    def failure(self, key: str) -> bool:
+        """Record one; True when it locks the key (or, without a lockout, uses up the budget)."""
+        now = self._clock()
+        q = self.fails.get(key)
+        if q is None:
+            if len(self.fails) >= self._max:
+                self._prune(now)
+            q = self.fails[key] = deque()
+        q.append(now)
+        n = self.recent(key)
+        if n < self.limit:
             return False
-        if self._recent(ip, self._clock()) + self._inflight.get(ip, 0) >= self.failures:
-            return False
-        self._inflight[ip] = self._inflight.get(ip, 0) + 1
+        if not self.lockout:
+            return n == self.limit  # the one that used the budget up, not each one after it
+        self.locks[key] = now + self.lockout
+        self.fails.pop(key, None)
         return True
 
-    async def acquire(self, ip: str, timeout: float = 30.0) -> bool:
+    def _prune(self, now: float) -> None:
+        for k in [k for k, q in self.fails.items() if not q or q[-1] < now - self.window]:
+            del self.fails[k]
+        for k in [k for k, t in self.locks.items() if t <= now]:
+            del self.locks[k]
+        if len(self.fails) >= self._max:  # still full of fresh entries: forget the oldest half
+            for k in list(self.fails)[: self._max // 2]:
+                del self.fails[k]
+
+
+# Refusal reasons `AuthThrottle.acquire` returns (also the `scope=` of auth_lockout log lines).
+NETWORK, PAIR, USER, BUSY = "network", "network_user", "user", "busy"
+
+FAMILIAR_PER_USER = 8          # networks remembered per username (most recent kept)
+FAMILIAR_TTL = 30 * 86400.0    # a network is familiar this long after a successful login from it
+
+
+class AuthThrottle:
+    """Three budgets of failed logins, and a bound on password verifications pending.
+
+    - per (network, username), `auth_failures` per `auth_failure_window`, then that pair is locked
+      for `auth_lockout`: one app with a stale password locks out itself, not the other
+      credentials used from the same office IP;
+    - per network across usernames, `auth_failures_per_network`: spraying many usernames from one
+      network (a /64 counts as one) locks the network;
+    - per username across networks, `auth_failures_per_user` per `auth_user_window`: beyond it the
+      username is under attack, and only its *familiar* networks (where it logged in successfully
+      before, like the smart lockout of large identity systems) may still try; a botnet of 30
+      networks gets that many guesses an hour, the owner keeps working.
+
+    A good login does not clear any count: otherwise anyone holding one credential could guess
+    another's password without limit, logging in as themselves every few tries.
+    """
+
+    def __init__(self, limits: LimitsConfig, clock: Callable[[], float] = time.monotonic,
+                 max_tracked: int = 100_000):
+        self._clock = clock
+        self._max = max_tracked
+        self.pair = _Budget(0, 0, 0, clock, max_tracked)
+        self.net = _Budget(0, 0, 0, clock, max_tracked)
+        self.user = _Budget(0, 0, 0, clock, max_tracked)
+        self._familiar: dict[str, dict[str, float]] = {}
+        self._waiters: dict[str, asyncio.Event] = {}
+        self.pending = 0
+        self.configure(limits)
+
+    def configure(self, limits: LimitsConfig) -> None:
+        self.limits = limits
+        self.lockout = limits.auth_lockout
+        self.pair.limit, self.pair.window, self.pair.lockout = (
+            limits.auth_failures, limits.auth_failure_window, limits.auth_lockout)
+        # The wider budgets are never below the per-pair one: raising auth_failures (or setting
+        # it huge to turn lockouts off) must not leave a smaller cap hidden behind it.
+        self.net.limit, self.net.window, self.net.lockout = (
+            max(limits.auth_failures_per_network, limits.auth_failures), limits.auth_failure_window,
+            limits.auth_lockout)
+        self.user.limit, self.user.window, self.user.lockout = (
+            max(limits.auth_failures_per_user, limits.auth_failures), limits.auth_user_window, 0)
+
+    def network(self, ip: str) -> str:
+        return network_of(ip, self.limits.auth_ipv4_prefix, self.limits.auth_ipv6_prefix)
+
+    def network_locked(self, ip: str) -> bool:
+        """Cheap check before reading credentials at all."""
+        return self.net.locked(self.network(ip))
+
+    def familiar(self, user: str, net: str) -> bool:
+        seen = self._familiar.get(user, {}).get(net)
+        return seen is not None and seen > self._clock() - FAMILIAR_TTL
+
+    def _refusal(self, net: str, user: str) -> str | None:
+        if self.net.locked(net) or self.net.recent(net) >= self.net.limit:
+            return NETWORK
+        pair = f"{net} {user}"
+        if self.pair.locked(pair) or self.pair.recent(pair) >= self.pair.limit:
+            return PAIR
+        if user and self.user.over(user) and not self.familiar(user, net):
+            return USER
+        return None
+
+    def begin(self, ip: str, user: str) -> str | None:
+        """Before verifying a login: a refusal reason, or None (then pair it with `end`)."""
+        net = self.network(ip)
+        refused = self._refusal(net, user)
+        if refused is not None:
+            return refused
+        pair = f"{net} {user}"
+        if self.pair.full(pair):
+            return PAIR
+        if self.net.full(net):
+            return NETWORK
+        self.pair.begin(pair)
+        self.net.begin(net)
+        return None
+
+    async def acquire(self, ip: str, user: str, timeout: float = 30.0) -> str | None:
         """Like `begin`, but when only attempts in flight use the budget, wait for one to finish
         instead of refusing: twenty pooled connections of one app logging in at once are not an
         attack, and each waits just for a verification, while guesses still cannot outrun a lockout."""
         deadline = time.monotonic() + timeout
+        net = self.network(ip)
         while True:
-            if self.begin(ip):
-                return True
-            if self.locked(ip) or not self._inflight.get(ip) or time.monotonic() >= deadline:
-                return False
-            waiter = self._waiters.setdefault(ip, asyncio.Event())
+            refused = self.begin(ip, user)
+            if refused is None:
+                return None
+            pair = f"{net} {user}"
+            waiting_on = self.pair.inflight.get(pair) if refused == PAIR else \
+                self.net.inflight.get(net) if refused == NETWORK else 0
+            if not waiting_on or self._refusal(net, user) is not None or time.monotonic() >= deadline:
+                return refused
+            waiter = self._waiters.setdefault(net, asyncio.Event())
             try:
                 await asyncio.wait_for(waiter.wait(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                return False
+                return refused
 
-    def end(self, ip: str) -> None:
-        n = self._inflight.get(ip, 0) - 1
-        if n <= 0:
-            self._inflight.pop(ip, None)
-        else:
-            self._inflight[ip] = n
-        waiter = self._waiters.pop(ip, None)
+    def end(self, ip: str, user: str) -> None:
+        net = self.network(ip)
+        self.pair.end(f"{net} {user}")
+        self.net.end(net)
+        waiter = self._waiters.pop(net, None)
         if waiter is not None:
             waiter.set()
 
-    def failure(self, ip: str) -> bool:
-        """Record a failure; True when this one triggers a lockout."""
-        now = self._clock()
-        q = self._fails.get(ip)
-        if q is None:
-            if len(self._fails) >= self._max:
-                self._prune(now)
-            q = self._fails[ip] = deque()
-        q.append(now)
-        if self._recent(ip, now) >= self.failures:
-            self._locked[ip] = now + self.lockout
-            del self._fails[ip]
-            return True
-        return False
+    def take_pending(self) -> bool:
+        """A slot for one password verification (argon2, ~0.1 s of a core each): False beyond
+        `auth_pending`, then AUTH is answered 454 at once instead of queueing CPU without bound."""
+        if self.pending >= self.limits.auth_pending:
+            return False
+        self.pending += 1
+        return True
 
-    def _prune(self, now: float) -> None:
-        for ip in [ip for ip, q in self._fails.items() if not q or q[-1] < now - self.window]:
-            del self._fails[ip]
-        for ip in [ip for ip, t in self._locked.items() if t <= now]:
-            del self._locked[ip]
-        if len(self._fails) >= self._max:  # still full of fresh entries: forget the oldest half
-            for ip in list(self._fails)[: self._max // 2]:
-                del self._fails[ip]
+    def end_pending(self) -> None:
+        self.pending = max(0, self.pending - 1)
+
+    def failure(self, ip: str, user: str) -> list[str]:
+        """Record a failed login; the budgets this one used up (to log as lockouts)."""
+        net = self.network(ip)
+        hit = []
+        if self.pair.failure(f"{net} {user}"):
+            hit.append(PAIR)
+        if self.net.failure(net):
+            hit.append(NETWORK)
+        if user and self.user.failure(user):
+            hit.append(USER)
+        return hit
+
+    def success(self, ip: str, user: str) -> None:
+        """Remember the network as familiar for this username (most recent FAMILIAR_PER_USER)."""
+        net = self.network(ip)
+        nets = self._familiar.get(user)
+        if nets is None:
+            if len(self._familiar) >= self._max:
+                for u in list(self._familiar)[: self._max // 2]:
+                    del self._familiar[u]
+            nets = self._familiar[user] = {}
+        nets.pop(net, None)
+        nets[net] = self._clock()
+        while len(nets) > FAMILIAR_PER_USER:
+            del nets[next(iter(nets))]

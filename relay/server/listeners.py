@@ -1,4 +1,16 @@
-"""Bind every configured SMTP listener on the daemon's loop (implicit TLS wraps from the first byte)."""
+"""Bind every configured listener and accept its connections ourselves, in plain TCP.
+
+Every listener, implicit TLS (465, 993/995) included, accepts plain TCP: connection caps are
+applied at accept, before any TLS work, and the session starts TLS itself with a handshake
+deadline and a cap on handshakes in progress. With asyncio's `create_server(ssl=...)` the
+protocol only saw a connection once its handshake finished, so silent connections to 465 were
+never counted (420 held from one IP with a cap of 20).
+
+We also run the accept loop ourselves: asyncio's, on EMFILE, logs a traceback and schedules a
+retry for every one of up to `backlog` accept() calls in the same tick (tens of thousands of
+tracebacks within seconds, burying the auth-failure lines fail2ban reads). Ours pauses the
+listener for ACCEPT_PAUSE seconds and logs at most one line per LOG_INTERVAL.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -6,26 +18,26 @@ import errno
 import logging
 import socket
 import ssl
+import time
 from dataclasses import dataclass
+from typing import Callable
 
+from .. import metrics
 from ..config import Listener
 from ..logs import event
 from .session import ServerState, Session
 
 log = logging.getLogger("relay.listeners")
 
+# Out of descriptors or kernel memory: accept() fails until some connection closes.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_PAUSE = 0.5    # seconds a listener stops accepting after a resource error
+LOG_INTERVAL = 60.0   # at most one accept_paused line per listener per this many seconds
+ACCEPT_BATCH = 128    # accept() calls per readiness event: others' turns come between batches
+
 
 class ListenError(Exception):
     """Binding failed; str() is the one line for the operator."""
-
-
-@dataclass
-class Bound:
-    name: str
-    address: str
-    port: int
-    tls: str
-    server: asyncio.Server
 
 
 def bind_error(what: str, address: str, port: int, exc: OSError) -> ListenError:
@@ -41,36 +53,114 @@ def bind_error(what: str, address: str, port: int, exc: OSError) -> ListenError:
     return ListenError(f"cannot bind {what} {address}:{port}: {exc.strerror or exc}")
 
 
+class Acceptor:
+    """One listening socket: accept() in batches from a reader callback, hand each socket to
+    `connect_accepted_socket` with our protocol; on a resource error pause, log rarely."""
+
+    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol], name: str,
+                 clock: Callable[[], float] = time.monotonic):
+        self.sock = sock
+        self.sockets = [sock]
+        self.name = name
+        self._factory = factory
+        self._loop = asyncio.get_running_loop()
+        self._clock = clock
+        self._closed = False
+        self._paused: asyncio.TimerHandle | None = None
+        self._last_log = -LOG_INTERVAL
+        self._pauses_unlogged = 0
+        self._tasks: set[asyncio.Task] = set()
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued: next one
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    self._pause(exc)
+                else:
+                    event(log, "accept_failed", logging.ERROR, listener=self.name, error=str(exc))
+                return
+            conn.setblocking(False)
+            task = self._loop.create_task(self._connect(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except OSError:
+            conn.close()  # reset before connection_made: nothing was counted yet
+
+    def _pause(self, exc: OSError) -> None:
+        """Stop watching the socket (Linux keeps reporting it readable) and try again shortly."""
+        metrics.ACCEPT_PAUSES.labels(errno.errorcode.get(exc.errno or 0, "unknown")).inc()
+        self._loop.remove_reader(self.sock.fileno())
+        self._paused = self._loop.call_later(ACCEPT_PAUSE, self._resume)
+        self._pauses_unlogged += 1
+        now = self._clock()
+        if now - self._last_log >= LOG_INTERVAL:
+            event(log, "accept_paused", logging.WARNING, listener=self.name,
+                  error=errno.errorcode.get(exc.errno or 0, str(exc)), pause=ACCEPT_PAUSE,
+                  pauses=self._pauses_unlogged,
+                  hint="out of file descriptors: raise LimitNOFILE or lower limits.connections")
+            self._last_log = now
+            self._pauses_unlogged = 0
+
+    def _resume(self) -> None:
+        self._paused = None
+        if not self._closed:
+            self._loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def close(self) -> None:
+        """Stop accepting (open sessions are the drain's business)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._paused is not None:
+            self._paused.cancel()
+        else:
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+@dataclass
+class Bound:
+    name: str
+    address: str
+    port: int
+    tls: str
+    server: Acceptor
+
+
+def listen_socket(what: str, address: str, port: int) -> socket.socket:
+    try:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        # socket.create_server sets SO_REUSEADDR: a restart does not wait out TIME_WAIT.
+        return socket.create_server((address, port), family=family, backlog=1024, reuse_port=False)
+    except OSError as exc:
+        raise bind_error(what, address, port, exc) from None
+
+
 async def start(state: ServerState, listeners: tuple[Listener, ...], tls_context: ssl.SSLContext) -> list[Bound]:
-    loop = asyncio.get_running_loop()
     bound: list[Bound] = []
     try:
         for lst in listeners:
             implicit = lst.tls == "implicit"
-            # A client that never sends its ClientHello is idle like any other (bound at bind time).
-            handshake = min(30, state.settings.limits.idle_timeout) if implicit else None
-            name = str(lst.port)
-            if lst.port == 0:  # ephemeral (tests): label by the port we get
-                sock = socket.create_server((lst.address, 0), reuse_port=False)
-                name = str(sock.getsockname()[1])
-            else:
-                sock = None
+            sock = listen_socket("SMTP listener", lst.address, lst.port)
+            port = sock.getsockname()[1]
+            name = str(port)  # ephemeral (tests) or configured: label by the port we have
 
             def factory(name: str = name, implicit: bool = implicit) -> Session:
                 return Session(state, name, implicit)
 
-            try:
-                if sock is not None:
-                    server = await loop.create_server(factory, sock=sock, ssl=tls_context if implicit else None,
-                                                      backlog=1024, ssl_handshake_timeout=handshake)
-                else:
-                    server = await loop.create_server(
-                        factory, host=lst.address, port=lst.port, ssl=tls_context if implicit else None,
-                        reuse_address=True, backlog=1024, ssl_handshake_timeout=handshake)
-            except OSError as exc:
-                raise bind_error("SMTP listener", lst.address, lst.port, exc) from None
-            port = server.sockets[0].getsockname()[1]
-            b = Bound(name, lst.address, port, lst.tls, server)
+            b = Bound(name, lst.address, port, lst.tls, Acceptor(sock, factory, name))
             bound.append(b)
             event(log, "listening", address=lst.address, port=port, tls=lst.tls)
     except BaseException:

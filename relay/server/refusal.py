@@ -1,7 +1,9 @@
 """POP3 and IMAP refused by design: listeners that greet in the client's own protocol, refuse, and close.
 
 A mail client pointed at this host for incoming mail then shows its user a clear message
-instead of a timeout. Refusals are counted by protocol.
+instead of a timeout. Refusals are counted by protocol. The TLS ports (993/995) accept plain
+TCP like every listener (see listeners.py): a per-IP cap at accept, then `loop.start_tls` under
+the shared handshake cap and deadline, so silent connections cannot pile up here either.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import ssl
 from .. import metrics
 from ..config import RefusalConfig
 from ..logs import event
-from .listeners import bind_error
+from .listeners import Acceptor, ListenError, listen_socket
+from .session import ServerState
 
 log = logging.getLogger("relay.refusal")
 
@@ -23,37 +26,91 @@ IMAP_GREETING = f"* BYE {TEXT}\r\n".encode()
 
 
 class _Refuse(asyncio.Protocol):
-    def __init__(self, protocol: str, greeting: bytes):
+    def __init__(self, state: ServerState, counts: dict[str, int], protocol: str, greeting: bytes, tls: bool):
+        self.state = state
+        self.counts = counts
         self.protocol = protocol
         self.greeting = greeting
+        self.tls = tls
+        self.client = "unknown"
+        self.counted = False
+        self.task: asyncio.Task | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        metrics.REFUSALS.labels(self.protocol).inc()
+        if self.counted:  # the TLS app transport's connection_made (start_tls does not call it)
+            return
         peer = transport.get_extra_info("peername") or ("unknown",)
-        event(log, "mailbox_refused", protocol=self.protocol, client=peer[0])
+        self.client = str(peer[0])
+        limits = self.state.settings.limits
+        if self.counts.get(self.client, 0) >= limits.connections_per_ip:
+            metrics.CONNECTIONS_REFUSED.labels("per_ip").inc()
+            transport.close()
+            return
+        self.counted = True
+        self.counts[self.client] = self.counts.get(self.client, 0) + 1
+        if not self.tls:
+            self._refuse(transport)
+            return
+        self.task = asyncio.get_running_loop().create_task(self._tls_then_refuse(transport))
+
+    async def _tls_then_refuse(self, transport: asyncio.BaseTransport) -> None:
+        st = self.state
+        limits = st.settings.limits
+        if st.handshakes >= limits.tls_handshakes:
+            metrics.TLS_HANDSHAKES.labels("implicit", "refused").inc()
+            metrics.CONNECTIONS_REFUSED.labels("tls_handshakes").inc()
+            transport.close()
+            return
+        st.handshakes += 1
+        metrics.TLS_HANDSHAKES_IN_PROGRESS.inc()
+        try:
+            tls_transport = await asyncio.get_running_loop().start_tls(
+                transport, self, st.tls_context, server_side=True, ssl_handshake_timeout=limits.tls_handshake_timeout)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError):
+            # Deadline passed, bad ClientHello, or the client left.
+            metrics.TLS_HANDSHAKES.labels("implicit", "failed").inc()
+            transport.close()
+            self.connection_lost(None)  # frees the slot whether or not SSLProtocol reports the loss
+            return
+        finally:
+            st.handshakes -= 1
+            metrics.TLS_HANDSHAKES_IN_PROGRESS.dec()
+        metrics.TLS_HANDSHAKES.labels("implicit", "ok").inc()
+        self._refuse(tls_transport)
+
+    def _refuse(self, transport: asyncio.BaseTransport) -> None:
+        metrics.REFUSALS.labels(self.protocol).inc()
+        event(log, "mailbox_refused", protocol=self.protocol, client=self.client)
         transport.write(self.greeting)  # type: ignore[attr-defined]
         transport.close()
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.counted:
+            self.counted = False
+            n = self.counts.get(self.client, 1) - 1
+            if n <= 0:
+                self.counts.pop(self.client, None)
+            else:
+                self.counts[self.client] = n
 
-async def start(cfg: RefusalConfig, tls_context: ssl.SSLContext) -> list[asyncio.Server]:
+
+async def start(cfg: RefusalConfig, state: ServerState) -> list[Acceptor]:
     """Start the refusal listeners; one that cannot bind is a warning, not a failure."""
-    loop = asyncio.get_running_loop()
     servers = []
+    counts: dict[str, int] = {}  # per client IP, across the four refusal listeners
     for port, protocol, greeting, tls in (
             (cfg.pop3_port, "pop3", POP3_GREETING, False), (cfg.imap_port, "imap", IMAP_GREETING, False),
             (cfg.pop3s_port, "pop3", POP3_GREETING, True), (cfg.imaps_port, "imap", IMAP_GREETING, True)):
         if port == 0:
             continue
         try:
-            server = await loop.create_server(lambda p=protocol, g=greeting: _Refuse(p, g), host=cfg.address,
-                                              port=port, ssl=tls_context if tls else None, reuse_address=True,
-                                              ssl_handshake_timeout=10 if tls else None)
-        except OSError as exc:
-            event(log, "refusal_listener_skipped", logging.WARNING, protocol=protocol, port=port,
-                  error=str(bind_error(f"{protocol} refusal listener", cfg.address, port, exc)))
+            sock = listen_socket(f"{protocol} refusal listener", cfg.address, port)
+        except ListenError as exc:
+            event(log, "refusal_listener_skipped", logging.WARNING, protocol=protocol, port=port, error=str(exc))
             continue
-        bound = server.sockets[0].getsockname()[1]
+        bound = sock.getsockname()[1]
+        factory = (lambda p=protocol, g=greeting, t=tls: _Refuse(state, counts, p, g, t))
+        servers.append(Acceptor(sock, factory, f"{protocol}{'s' if tls else ''}"))
         event(log, "listening", address=cfg.address, port=bound, tls="implicit" if tls else "none",
               refusal=protocol + ("s" if tls else ""))
-        servers.append(server)
     return servers

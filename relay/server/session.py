@@ -27,7 +27,7 @@ from ..logs import event
 from ..store.contract import NewMessage, NewRecipient, QueueStore, StorageFull, StoreUnavailable, new_queue_id
 from ..replies import Reply
 from ..tls import describe
-from .auth import MAX_RESPONSE, AuthThrottle, b64, decode_plain
+from .auth import BUSY, MAX_RESPONSE, NETWORK, PAIR, USER, AuthThrottle, b64, decode_plain
 
 log = logging.getLogger("relay.smtp")
 
@@ -45,6 +45,7 @@ class Settings:
     limits: LimitsConfig
     trusted: tuple[tuple[Any, tuple[str, ...]], ...] = ()   # (ip_network, allowed domains)
     unverified_domains_refused: bool = False
+    from_header: str = "domain"  # policy.from_header
 
 
 @dataclass
@@ -57,6 +58,7 @@ class ServerState:
     throttle: AuthThrottle
     sessions: set = field(default_factory=set)
     per_ip: dict[str, int] = field(default_factory=dict)
+    handshakes: int = 0  # TLS handshakes in progress, capped by limits.tls_handshakes
     draining: bool = False
     # Optional hook: (domain) -> awaitable bool, True when the domain has verified its DNS.
     domain_verified: Any = None
@@ -107,7 +109,8 @@ class Session(SMTP):
         self.enable_SMTPUTF8 = True
         self._decode_data = False
         self.hostname = s.hostname
-        self.tls_context = None if implicit_tls else state.tls_context
+        # Read at each handshake from `state.tls_context` (SIGHUP swaps it), never kept here.
+        self.tls_context = None
         self.require_starttls = False
         self._timeout_duration = s.limits.idle_timeout
         self._timeout_handle = None
@@ -164,8 +167,9 @@ class Session(SMTP):
             self.helo = None
             self.esmtp = False
             self.tls_info = describe(transport.get_extra_info("ssl_object"))
-            metrics.TLS_HANDSHAKES.labels("starttls", "ok").inc()
-            event(log, "tls", client=self.client_ip, listener=self.listener_name, tls=self.tls_info)
+            mode = "implicit" if self.implicit_tls else "starttls"
+            metrics.TLS_HANDSHAKES.labels(mode, "ok").inc()
+            event(log, "tls", client=self.client_ip, listener=self.listener_name, mode=mode, tls=self.tls_info)
             return
         peer = transport.get_extra_info("peername") or ("unknown", 0)
         self.client_ip = str(peer[0])
@@ -178,9 +182,8 @@ class Session(SMTP):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        if self.implicit_tls:
-            self.tls_info = describe(transport.get_extra_info("ssl_object"))
-            metrics.TLS_HANDSHAKES.labels("implicit", "ok").inc()
+        # Counted here, at accept and before any TLS (implicit ports too): the handshake comes later,
+        # in `_handle_client`, so a silent client holds a slot it is charged for.
         st = self.state
         limits = st.settings.limits
         refuse = None
@@ -196,7 +199,8 @@ class Session(SMTP):
             event(log, "connection_refused", client=self.client_ip, listener=self.listener_name, reply=str(refuse))
             if self._handler_coroutine is not None:
                 self._handler_coroutine.cancel()
-            transport.write(f"{refuse}\r\n".encode())
+            if not self.implicit_tls:  # a TLS client would read a plain-text reply as a protocol error
+                transport.write(f"{refuse}\r\n".encode())
             transport.close()
             return
         self._registered = True
@@ -236,12 +240,13 @@ class Session(SMTP):
         # True keeps a plain socket writable for the last replies; TLS cannot half-close.
         return not self.tls_active
 
-    def _close_with(self, reply: Reply) -> None:
+    def _close_with(self, reply: Reply | None) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            try:
-                self.transport.write(f"{reply}\r\n".encode())
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+            if reply is not None:
+                try:
+                    self.transport.write(f"{reply}\r\n".encode())
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -301,6 +306,15 @@ class Session(SMTP):
     # ---------------------------------------------------------------- command loop
 
     async def _handle_client(self) -> None:
+        if self.implicit_tls:
+            # Port 465 (RFC 8314 3.3): TLS from the first byte, started here in the session, after
+            # the connection caps; the greeting is the first thing sent inside it.
+            try:
+                if not await self._start_tls():
+                    self._close_with(None)
+                    return
+            except ConnectionError:
+                return
         await self.push(f"220 {self.hostname} {replies.BANNER}")
         limits = self.state.settings.limits
         while self.transport is not None:
@@ -449,29 +463,69 @@ class Session(SMTP):
         if not self.helo:
             await self.reply(replies.NEED_EHLO)
             return
+        if self.state.handshakes >= self.state.settings.limits.tls_handshakes:
+            self._tls_refused()
+            await self.reply(replies.TLS_BUSY)
+            return
         await self.push(str(replies.READY_TLS))
+        if not await self._start_tls():  # the cap filled while the 220 went out
+            self._close_with(None)
+            raise ConnectionError("TLS handshake refused")
+
+    def _tls_refused(self) -> None:
+        mode = "implicit" if self.implicit_tls else "starttls"
+        metrics.TLS_HANDSHAKES.labels(mode, "refused").inc()
+        metrics.CONNECTIONS_REFUSED.labels("tls_handshakes").inc()
+        event(log, "tls_refused", logging.WARNING, client=self.client_ip, listener=self.listener_name, mode=mode,
+              reason="handshakes_in_progress", limit=self.state.settings.limits.tls_handshakes)
+
+    async def _start_tls(self) -> bool:
+        """Run the server side of a TLS handshake on this connection (implicit TLS or after
+        STARTTLS): False when too many handshakes are in progress (nothing started); raises
+        ConnectionError when the handshake fails or passes its deadline.
+
+        The same switch aiosmtpd uses for STARTTLS: SSLProtocol wraps the raw transport and calls
+        our connection_made again once the handshake is done. Not `loop.start_tls`: that never
+        calls connection_made, and aiosmtpd's reader/writer re-pointing and session reset live there.
+        """
+        st = self.state
+        limits = st.settings.limits
+        if st.handshakes >= limits.tls_handshakes:
+            # Handshakes are the CPU-heavy part of a connection: past the cap, a flood of
+            # ClientHellos (or of silent connections) waits nowhere, it is refused.
+            self._tls_refused()
+            return False
+        mode = "implicit" if self.implicit_tls else "starttls"
+        st.handshakes += 1
+        metrics.TLS_HANDSHAKES_IN_PROGRESS.inc()
         waiter = self.loop.create_future()
-        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, self.tls_context, waiter, server_side=True)
-        self._original_transport = self.transport
-        self._original_transport.set_protocol(self._tls_protocol)
-        self.transport = self._tls_protocol._app_transport
-        self._tls_protocol.connection_made(self._original_transport)
         try:
+            self._tls_protocol = sslproto.SSLProtocol(self.loop, self, st.tls_context, waiter, server_side=True,
+                                                      ssl_handshake_timeout=limits.tls_handshake_timeout)
+            self._original_transport = self.transport
+            self._original_transport.set_protocol(self._tls_protocol)
+            self.transport = self._tls_protocol._app_transport
+            self._tls_protocol.connection_made(self._original_transport)
             await waiter
             if not self._tls_up:
                 # SSLProtocol resolves the waiter with no error when the connection is closed or
-                # aborted mid-handshake (our idle timeout, a client reset): that is a failure too.
+                # aborted mid-handshake (deadline, idle timeout, a client reset): a failure too.
                 raise ConnectionResetError("connection closed during the TLS handshake")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a failed handshake ends the session, nothing more
-            metrics.TLS_HANDSHAKES.labels("starttls", "failed").inc()
-            event(log, "tls_failed", client=self.client_ip, error=type(exc).__name__)
+            metrics.TLS_HANDSHAKES.labels(mode, "failed").inc()
+            reason = "deadline" if isinstance(exc, ConnectionAbortedError) else type(exc).__name__
+            event(log, "tls_failed", client=self.client_ip, listener=self.listener_name, mode=mode, error=reason)
             # asyncio never calls connection_lost on a protocol whose TLS handshake failed, so
             # without this the session kept its per-IP slot and count forever: a handful of
             # broken handshakes locked an address out, a stream of them filled the global cap.
             self.connection_lost(exc)
             raise ConnectionError("TLS handshake failed") from None
+        finally:
+            st.handshakes -= 1
+            metrics.TLS_HANDSHAKES_IN_PROGRESS.dec()
+        return True
 
     # ---------------------------------------------------------------- AUTH (RFC 4954)
 
@@ -496,10 +550,9 @@ class Session(SMTP):
         if mech not in AUTH_MECHANISMS:
             await self.reply(replies.AUTH_MECH_UNKNOWN)
             return
-        if self.state.throttle.locked(self.client_ip):
-            metrics.AUTH_ATTEMPTS.labels(mech, "locked").inc()
-            event(log, "auth", client=self.client_ip, mechanism=mech, result="locked")
-            await self.reply(replies.AUTH_LOCKED)
+        throttle = self.state.throttle
+        if throttle.network_locked(self.client_ip):
+            await self._auth_refused(mech, "", NETWORK)
             return
         initial = parts[1].encode("utf-8", "surrogateescape") if len(parts) == 2 else None
         if mech == "PLAIN":
@@ -509,32 +562,43 @@ class Session(SMTP):
         if creds is None:  # aborted or malformed: reply already sent
             metrics.AUTH_ATTEMPTS.labels(mech, "aborted").inc()
             return
-        throttle = self.state.throttle
-        if not await throttle.acquire(self.client_ip):  # locked meanwhile, or the budget stays used up
-            metrics.AUTH_ATTEMPTS.labels(mech, "locked").inc()
-            event(log, "auth", client=self.client_ip, mechanism=mech, result="locked")
-            await self.reply(replies.AUTH_LOCKED)
+        login, password = (b"", b"") if isinstance(creds, Reply) else creds
+        # The budget key: the login as typed, folded like usernames are (case-insensitive).
+        username = login.decode("utf-8", "replace").strip().lower()[:320]
+        refused = await throttle.acquire(self.client_ip, username)  # may wait for attempts in flight
+        if refused is not None:
+            await self._auth_refused(mech, username, refused)
             return
+        principal: Principal | None = None
+        hit: list[str] = []
         try:
-            if isinstance(creds, Reply):
-                principal, login = None, b""
-            else:
-                login, password = creds
-                principal = await self.state.credentials.verify(login, password)
+            if not isinstance(creds, Reply):
+                principal = await self.state.credentials.cached(login, password)
+                if principal is None:
+                    if not throttle.take_pending():
+                        await self._auth_refused(mech, username, BUSY)
+                        return
+                    try:
+                        principal = await self.state.credentials.verify(login, password)
+                    finally:
+                        throttle.end_pending()
             if principal is None:
                 # Counted before the delay, so attempts on other connections see it at once.
-                locked = throttle.failure(self.client_ip)
+                hit = throttle.failure(self.client_ip, username)
+            else:
+                throttle.success(self.client_ip, username)
         finally:
-            throttle.end(self.client_ip)
-        username = login.decode("utf-8", "replace")[:320]
+            throttle.end(self.client_ip, username)
         if principal is None:
             metrics.AUTH_ATTEMPTS.labels(mech, "failure").inc()
-            # Stable line for fail2ban: event=auth result=failure client=IP
+            # Stable line for fail2ban (contrib/fail2ban): event=auth result=failure client=IP
             event(log, "auth", logging.WARNING, client=self.client_ip, mechanism=mech, result="failure",
                   user=username)
-            if locked:
+            for scope in hit:
                 metrics.AUTH_LOCKOUTS.inc()
-                event(log, "auth_lockout", logging.WARNING, client=self.client_ip, seconds=throttle.lockout)
+                event(log, "auth_lockout", logging.WARNING, client=self.client_ip, scope=scope,
+                      network=throttle.network(self.client_ip), user=username,
+                      seconds=throttle.limits.auth_user_window if scope == USER else throttle.lockout)
             # Same delay and reply for unknown user, wrong password and malformed credentials.
             await asyncio.sleep(self.state.settings.limits.auth_failure_delay)
             await self.reply(replies.AUTH_INVALID)
@@ -543,6 +607,15 @@ class Session(SMTP):
         metrics.AUTH_ATTEMPTS.labels(mech, "success").inc()
         event(log, "auth", client=self.client_ip, mechanism=mech, result="success", user=principal.username)
         await self.reply(replies.AUTH_OK)
+
+    async def _auth_refused(self, mech: str, username: str, reason: str) -> None:
+        """454 4.7.0 without verifying anything: a budget is used up, or too many are pending."""
+        result = "busy" if reason == BUSY else "locked"
+        metrics.AUTH_ATTEMPTS.labels(mech, result).inc()
+        event(log, "auth", logging.WARNING if reason != BUSY else logging.INFO, client=self.client_ip,
+              mechanism=mech, result=result, scope=reason, user=username or None)
+        await self.reply({NETWORK: replies.AUTH_LOCKED, PAIR: replies.AUTH_LOCKED_USER,
+                          USER: replies.AUTH_USER_UNDER_ATTACK, BUSY: replies.AUTH_BUSY}[reason])
 
     async def _read_auth_response(self, challenge: bytes) -> bytes | None:
         """Send a 334 challenge; the decoded answer, or None after replying to '*' / bad input."""
@@ -618,6 +691,11 @@ class Session(SMTP):
         if self.txn is not None:
             await self.reply(replies.NESTED_MAIL)
             return
+        if principal.kind == "auth":
+            revoked = await self._revoked(principal)
+            if revoked is not None:
+                await self.reply(self._reject("credential_revoked", revoked))
+                return
         if not arg or arg[:5].upper() != "FROM:":
             await self.reply(replies.MAIL_SYNTAX)
             return
@@ -641,10 +719,13 @@ class Session(SMTP):
             await self.reply(self._reject("sender_domain", refused))
             return
         if self.state.settings.unverified_domains_refused and self.state.domain_verified is not None:
-            if not await self.state.domain_verified(principal.domains[0]):
+            # The sending domain this sender belongs to (the longest match: a trusted network may
+            # list a domain and its subdomain), not merely the principal's first one.
+            assert sender is not None
+            domain = max((d for d in principal.domains if policy.domain_allowed(sender.ascii_domain, (d,))), key=len)
+            if not await self.state.domain_verified(domain):
                 await self.reply(self._reject("domain_unverified", replies.DOMAIN_UNVERIFIED.with_text(
-                    f"Sending domain {principal.domains[0]} not verified; run: relay domain verify "
-                    f"{principal.domains[0]}")))
+                    f"Sending domain {domain} not verified; run: relay domain verify {domain}")))
                 return
         if principal.kind == "trusted" and self.principal is None:
             metrics.SESSIONS_TRUSTED.inc()
@@ -652,6 +733,19 @@ class Session(SMTP):
         assert sender is not None
         self.txn = Transaction(sender, params, principal)
         await self.reply(replies.SENDER_OK)
+
+    async def _revoked(self, principal: Principal) -> Reply | None:
+        """Revocation reaches open sessions: each MAIL re-reads the credential's stored hash (one
+        indexed read) and compares it with the one this session logged in with. A deleted
+        credential or removed domain, or a reset password, ends the login (AUTH may be retried)."""
+        current = await self.state.credentials.generation(principal.username)
+        if current is not None and current == principal.generation:
+            return None
+        reply, reason = ((replies.CREDENTIAL_REVOKED, "deleted") if current is None
+                         else (replies.CREDENTIAL_CHANGED, "password_changed"))
+        self.principal = None
+        event(log, "auth_revoked", logging.WARNING, client=self.client_ip, user=principal.username, reason=reason)
+        return reply
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         if self.txn is None:
@@ -760,8 +854,16 @@ class Session(SMTP):
         t0 = time.perf_counter()
         content = data.content()
         data.discard()
-        if policy.check_received_count(headers.count_received(content), limits.max_received_headers):
+        fields = headers.split(content).fields
+        if policy.check_received_count(sum(1 for f in fields if headers.field_name(f) == "received"),
+                                       limits.max_received_headers):
             await self.reply(self._reject("loop", replies.LOOP_DETECTED))
+            return
+        refused = policy.check_from_header(headers.from_domains(fields), txn.principal.domains,
+                                           self.state.settings.from_header)
+        if refused is not None:
+            event(log, "data_refused", client=self.client_ip, user=txn.principal.username, reason="from_header")
+            await self.reply(self._reject("from_header", refused))
             return
         qid = new_queue_id()
         hostname = self.state.settings.hostname

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PASSWORD, USER
+from tests.support.raw_smtp import metric
 from tests.support.relay_instance import client_tls_context
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -212,3 +213,39 @@ def test_logfmt_is_the_default_format(tmp_path):
     assert "event=queued qid=ABC" in line
     assert 'sender="a b\\"c"' in line
     assert "\n" not in line and 'evil="x\\\\x0ay"' in line
+
+
+def _cert_not_after(path: str) -> float:
+    from cryptography import x509
+    return x509.load_pem_x509_certificate(Path(path).read_bytes()).not_valid_after_utc.timestamp()
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["starttls", "implicit"])
+def test_sighup_with_mismatched_certificate_and_key_keeps_the_old_pair_serving(relay, implicit):
+    """A new certificate with the old key (the usual renewal slip) used to be loaded into the live
+    context: afterwards every handshake failed. Now the old pair keeps serving, one line says so."""
+    cert, key = relay.config["tls"]["cert"], relay.config["tls"]["key"]
+    before = _served_cert_serial(relay.port)
+    assert metric(relay, "relay_tls_certificate_expiry_timestamp_seconds") == _cert_not_after(cert)
+    old_key = Path(key).read_bytes()
+    assert relay.cli("cert", "selfsigned", "--force", "--hostname", "relay.test").returncode == 0
+    new_key = Path(key).read_bytes()
+    Path(key).write_bytes(old_key)  # new certificate, old key
+    relay.signal(signal.SIGHUP)
+    assert relay.wait_event("reload_failed")
+    failed = relay.events_named("reload_failed")
+    assert len(failed) == 1 and "previous configuration and certificate" in failed[0]["kept"], failed
+    assert not relay.events_named("reloaded")
+    # Handshakes still succeed, with the old certificate, on both kinds of port.
+    assert _served_cert_serial(relay.port) == before
+    with relay.smtp(implicit=True) as s:
+        assert s.noop()[0] == 250
+    assert metric(relay, "relay_reloads_total", result="failed") == 1
+    # Put the matching key in place: the next SIGHUP swaps the new pair in.
+    Path(key).write_bytes(new_key)
+    relay.signal(signal.SIGHUP)
+    assert relay.wait_event("reloaded")
+    assert _served_cert_serial(relay.port) != before
+    with relay.smtp(implicit=implicit) as s:
+        assert s.noop()[0] == 250
+    assert metric(relay, "relay_tls_certificate_expiry_timestamp_seconds") == _cert_not_after(cert)

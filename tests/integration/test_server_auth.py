@@ -370,9 +370,9 @@ def test_lockout_after_failures_then_expiry(make_relay):
         for _ in range(3):
             assert c.auth_plain(USER, "wrong password here").is_(replies.AUTH_INVALID)
         # Locked: even the right password is refused, before any verification.
-        assert c.auth_plain().is_(replies.AUTH_LOCKED)
+        assert c.auth_plain().is_(replies.AUTH_LOCKED_USER)
     with connect(inst, source=ip).secure() as c:
-        assert c.auth_plain().is_(replies.AUTH_LOCKED)
+        assert c.auth_plain().is_(replies.AUTH_LOCKED_USER)
     t_locked = time.monotonic()
     assert metric(inst, "relay_auth_lockouts_total") == 1
     assert inst.wait_event("auth_lockout", client=ip)
@@ -399,7 +399,9 @@ def test_a_good_login_does_not_reset_the_failure_count(make_relay):
         assert c.auth_plain().is_(replies.AUTH_OK)
     with connect(inst).secure() as c:
         assert c.auth_plain("victim@mg.example.com", "guess three").is_(replies.AUTH_INVALID)
-        assert c.auth_plain().is_(replies.AUTH_LOCKED)
+        assert c.auth_plain("victim@mg.example.com", "guess four").is_(replies.AUTH_LOCKED_USER)
+        # The lockout is of (network, victim): the guesser's own credential still works.
+        assert c.auth_plain().is_(replies.AUTH_OK)
     assert metric(inst, "relay_auth_lockouts_total") == 1
 
 
@@ -419,9 +421,9 @@ def test_parallel_guesses_cannot_outrun_the_lockout(make_relay):
         for c in conns:
             c.close()
     assert sum(r.is_(replies.AUTH_INVALID) for r in got) <= 3, [str(r) for r in got]
-    assert all(r.is_(replies.AUTH_INVALID) or r.is_(replies.AUTH_LOCKED) for r in got)
+    assert all(r.is_(replies.AUTH_INVALID) or r.is_(replies.AUTH_LOCKED_USER) for r in got)
     with connect(inst, source="127.0.0.7").secure() as c:
-        assert c.auth_plain().is_(replies.AUTH_LOCKED)
+        assert c.auth_plain().is_(replies.AUTH_LOCKED_USER)
 
 
 # ---------------------------------------------------------------- CLI changes apply at the next AUTH

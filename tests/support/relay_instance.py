@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -76,6 +77,19 @@ def to_toml(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_LOGFMT_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def parse_logfmt(line: str) -> dict[str, Any]:
+    """key=value pairs of one logfmt line (quoted values unescaped, digits as int)."""
+    out: dict[str, Any] = {}
+    for key, value in _LOGFMT_FIELD.findall(line):
+        if value.startswith('"'):
+            value = re.sub(r'\\(.)', r'\1', value[1:-1])
+        out[key] = int(value) if value.isdigit() else value
+    return out
+
+
 def client_tls_context() -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
@@ -85,7 +99,7 @@ def client_tls_context() -> ssl.SSLContext:
 
 class RelayInstance:
     def __init__(self, workdir: Path, *, dns: str | None = None, mx_port: int | None = None,
-                 config: dict | None = None, env: dict[str, str] | None = None):
+                 config: dict | None = None, env: dict[str, str] | None = None, nofile: int | None = None):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         base: dict[str, Any] = {
@@ -111,6 +125,7 @@ class RelayInstance:
         self.config = _merge(base, config or {})
         self.config_path = self.dir / "relay.toml"
         self.env = {**os.environ, **(env or {})}
+        self.nofile = nofile  # RLIMIT_NOFILE (soft = hard) for `serve`: out-of-descriptor tests
         self.proc: subprocess.Popen | None = None
         self.events: list[dict] = []
         self.raw_log: list[str] = []
@@ -142,8 +157,14 @@ class RelayInstance:
         with self._lock:
             self.events.clear()
         self.ports = {}
+        preexec = None
+        if self.nofile is not None:
+            def preexec(n: int = self.nofile) -> None:
+                import resource
+                resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
         self.proc = subprocess.Popen(relay_executable() + ["-c", str(self.config_path), "serve"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env,
+                                     preexec_fn=preexec)
         self._reader = threading.Thread(target=self._read_log, args=(self.proc,), daemon=True)
         self._reader.start()
         if not self.wait_event("ready", timeout=timeout):
@@ -163,7 +184,9 @@ class RelayInstance:
                 try:
                     self.events.append(json.loads(line))
                 except ValueError:
-                    pass
+                    fields = parse_logfmt(line)  # logging.format = "logfmt" (what operators see)
+                    if "event" in fields:
+                        self.events.append(fields)
 
     def events_named(self, name: str, **match: Any) -> list[dict]:
         with self._lock:

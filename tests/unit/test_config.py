@@ -168,6 +168,11 @@ BAD = [
     ("[delivery]\nretry_schedule = []", "delivery.retry_schedule", "at least one delay"),
     ("[delivery]\nretry_schedule = [60, 0]", "delivery.retry_schedule[1]", "must be > 0"),
     ("[credentials]\nper_domain = 0", "credentials.per_domain", "must be > 0"),
+    ("[policy]\nfrom_header = 'strict'", "policy.from_header", "must be one of domain, off, got 'strict'"),
+    ("[limits]\nauth_ipv6_prefix = 129", "limits.auth_ipv6_prefix", "prefix length from 8 to 128, got 129"),
+    ("[limits]\nauth_ipv4_prefix = 33", "limits.auth_ipv4_prefix", "prefix length from 8 to 32, got 33"),
+    ("[limits]\nauth_pending = 0", "limits.auth_pending", "must be > 0"),
+    ("[limits]\ntls_handshakes = 0", "limits.tls_handshakes", "must be > 0"),
     ("[credentials]\nargon2_memory_cost = 16\nargon2_parallelism = 4", "credentials.argon2_memory_cost",
      "at least 8 x argon2_parallelism"),
 ]

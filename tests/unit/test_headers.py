@@ -170,3 +170,46 @@ def test_resent_bcc_is_removed_like_bcc():
     out = h.prepare(b"Subject: x\r\nResent-Bcc: hidden@example.org\r\nResent-To: a@example.net\r\n\r\nbody\r\n",
                     received=b"Received: x\r\n", hostname="relay.test", queue_id="Q")
     assert b"hidden@example.org" not in out and b"Resent-To: a@example.net\r\n" in out
+
+
+# ---------------------------------------------------------------- From: domains, EHLO text (issue 12)
+
+@pytest.mark.parametrize("raw, domains", [
+    (b"From: App <app@mg.example.com>\r\n", ["mg.example.com"]),
+    (b"From: app@MG.Example.COM.\r\n", ["mg.example.com"]),
+    (b'From: "App, Inc." <app@mg.example.com>\r\n', ["mg.example.com"]),
+    (b"From: App\r\n <app@mg.example.com>\r\n", ["mg.example.com"]),           # folded
+    (b"From: a@mg.example.com (comment)\r\n", ["mg.example.com"]),
+    ("From: a@bücher.example\r\n".encode(), ["xn--bcher-kva.example"]),      # RFC 6532 UTF-8
+    (b'From: "a@mg.example.com" <x@evil.example>\r\n', ["evil.example"]),     # the display name is not the address
+    (b"From: a@evil.example <a@mg.example.com>\r\n", ["evil.example"]),       # ambiguous: the stricter reading
+    (b"From: a@mg.example.com, b@evil.example\r\n", ["mg.example.com", "evil.example"]),
+    (b"From: undisclosed:;\r\n", [""]),
+    (b"From: a@[192.0.2.1]\r\n", [""]),
+    (b"From: \r\n", [""]),
+    (b"From: a@b\xff.example\r\n", [""]),                                     # not UTF-8
+])
+def test_from_domains(raw, domains):
+    assert headers.from_domains([b"Subject: x\r\n", raw]) == domains
+
+
+def test_from_domains_without_a_from_field():
+    assert headers.from_domains([b"Subject: x\r\n"]) is None
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=300, deadline=None)
+def test_from_domains_never_raises(value):
+    out = headers.from_domains([b"From: " + value.replace(b"\r", b"").replace(b"\n", b"") + b"\r\n"])
+    assert out and all(d == "" or d.isascii() for d in out)
+
+
+@pytest.mark.parametrize("helo, shown", [
+    ("client.example", "client.example"),
+    ("bücher.example", "xn--bcher-kva.example"),
+    ("café!", "caf?!"),
+    ("\udcff\udcfeinvalid", "invalid"),     # undecodable bytes (surrogateescape)
+    ("(((", "unknown"),
+])
+def test_ascii_helo(helo, shown):
+    assert headers.ascii_helo(helo) == shown

@@ -307,3 +307,18 @@ def test_data_state_never_keeps_bad_lines(chunks):
         assert all(len(line) <= 998 for line in content.split(b"\r\n"))
     else:
         assert d.content() == b""
+
+
+@pytest.mark.parametrize("domains, mode, refused", [
+    (None, "domain", False),                                   # no From: field
+    (["mg.example.com"], "domain", False),
+    (["eu.mg.example.com"], "domain", False),
+    (["mg.example.com", "evil.example"], "domain", True),
+    ([""], "domain", True),
+    (["evil.example"], "off", False),
+])
+def test_check_from_header(domains, mode, refused):
+    r = policy.check_from_header(domains, ("mg.example.com",), mode)
+    assert (r is not None) == refused
+    if r is not None:
+        assert (r.code, r.status) == (550, "5.7.1") and "policy.from_header" in r.text
