@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from .queue_runner import QueueRunner
 
 log = logging.getLogger("relay.daemon")
+# How often finished messages past storage.finished_retention are deleted.
+PURGE_INTERVAL = 30.0
 
 
 def sd_notify(message: str) -> None:
@@ -143,13 +145,14 @@ class Daemon:
             loop.add_signal_handler(sig, handler)
         runner_task = asyncio.create_task(self.runner.run(), name="queue-runner") if self.runner else None
         gauges_task = asyncio.create_task(self._queue_gauges(), name="queue-gauges")
+        purge_task = asyncio.create_task(self._purge_finished(), name="queue-purge")
         event(log, "ready", version=__version__, hostname=cfg.server.hostname, pid=os.getpid(),
               listeners=",".join(f"{b.address}:{b.port}/{b.tls}" for b in self.bound))
         sd_notify("READY=1")
         await self.stop_event.wait()
         sd_notify("STOPPING=1")
         event(log, "stopping", grace=cfg.server.shutdown_grace)
-        await self._shutdown(runner_task, gauges_task)
+        await self._shutdown(runner_task, gauges_task, purge_task)
         event(log, "stopped")
         return 0
 
@@ -190,6 +193,17 @@ class Daemon:
                 log.debug("queue gauge refresh failed", exc_info=True)
             await asyncio.sleep(5)
 
+    async def _purge_finished(self) -> None:
+        """Finished messages stay for `relay queue history` for storage.finished_retention, then go."""
+        while True:
+            try:
+                before = time.time() - self.cfg.storage.finished_retention
+                while await self.queue.purge_finished(before) > 0:
+                    await asyncio.sleep(0)  # bounded batches: acceptance gets the writer in between
+            except Exception:  # noqa: BLE001 - a busy store now is fine: the next sweep catches up
+                log.debug("purging finished messages failed", exc_info=True)
+            await asyncio.sleep(PURGE_INTERVAL)
+
     def reload(self) -> None:
         """SIGHUP: re-read config; apply limits and certificate; keep sessions and listeners."""
         try:
@@ -209,7 +223,8 @@ class Daemon:
         self.cfg = new
         event(log, "reloaded", cert=new.tls.cert)
 
-    async def _shutdown(self, runner_task: asyncio.Task | None, gauges_task: asyncio.Task) -> None:
+    async def _shutdown(self, runner_task: asyncio.Task | None, gauges_task: asyncio.Task,
+                        purge_task: asyncio.Task) -> None:
         for b in self.bound:
             b.server.close()
         for s in self.refusal_servers:
@@ -231,7 +246,7 @@ class Daemon:
             await self.runner.stop(timeout=remaining)
         if self.delivery is not None:
             await self.delivery.stop(timeout=remaining)
-        tasks = [t for t in (runner_task, gauges_task) if t is not None]
+        tasks = [t for t in (runner_task, gauges_task, purge_task) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -242,6 +257,8 @@ class Daemon:
 
     async def _close_stores(self) -> None:
         # An open aiosqlite connection keeps its thread, and the process, alive.
+        if getattr(self, "credentials", None) is not None:
+            await self.credentials.flush_logins(final=True)
         if self.queue is not None:
             await self.queue.close()
         for conn in (self.queue_conn, self.cred_conn):
