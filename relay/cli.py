@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import getpass
 import json
-import logging
 import os
 import re
 import shlex
@@ -518,15 +517,9 @@ def cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
     from .server.listeners import ListenError
     from .tls import TLSError
     logs.setup(cfg.logging.format, cfg.logging.level)
-    log = logging.getLogger("relay.daemon")
     src: config_mod.ConfigSource = args.config_source
-    # Said at every start: which file, found how, and which database it leads to.
-    logs.event(log, "starting", config=str(src.path.absolute()), found_by=src.found_by,
-               database=str(Path(cfg.storage.path).absolute()))
-    for line in config_mod.dns_warnings(cfg):
-        logs.event(log, "config_warning", logging.WARNING, warning=line)
     try:
-        return serve(cfg, str(src.path))
+        return serve(cfg, str(src.path), found_by=src.found_by)
     except (ListenError, TLSError, ConfigError) as exc:
         raise CLIError(str(exc), EXIT_USAGE) from None
     except KeyboardInterrupt:

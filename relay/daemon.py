@@ -79,9 +79,10 @@ def ensure_certificate(cfg: Config) -> None:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, config_path: str | None):
+    def __init__(self, cfg: Config, config_path: str | None, found_by: str = "-c"):
         self.cfg = cfg
         self.config_path = config_path
+        self.found_by = found_by
         self.stop_event = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="relay-cpu")
         self.bound: list[listeners.Bound] = []
@@ -92,7 +93,12 @@ class Daemon:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         loop.set_default_executor(self.executor)
-        config_mod.check_files(cfg)
+        config_mod.check_files(cfg)  # before any log line: a refusal here is the one line printed
+        # Said at every start: which file, found how, and which database it leads to.
+        event(log, "starting", config=str(Path(self.config_path or "").absolute()), found_by=self.found_by,
+              database=str(Path(cfg.storage.path).absolute()))
+        for line in config_mod.dns_warnings(cfg):
+            event(log, "config_warning", logging.WARNING, warning=line)
         ensure_certificate(cfg)
         tls_context = tls.server_context(cfg.tls.cert, cfg.tls.key)
         self.tls_context = tls_context
@@ -268,9 +274,9 @@ class Daemon:
             self.writer_lock.close()
 
 
-def serve(cfg: Config, config_path: str | None) -> int:
+def serve(cfg: Config, config_path: str | None, found_by: str = "-c") -> int:
     # asyncio gives every TLS connection a zero-filled 256 KiB read buffer (SSLProtocol.max_size):
     # ~280 KB of RSS per idle TLS session. TLS records carry at most 16 KiB: 32 KiB is plenty.
     import asyncio.sslproto
     asyncio.sslproto.SSLProtocol.max_size = 32 * 1024
-    return asyncio.run(Daemon(cfg, config_path).run())
+    return asyncio.run(Daemon(cfg, config_path, found_by).run())

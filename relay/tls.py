@@ -124,8 +124,9 @@ def write_self_signed(cert_path: str, key_path: str, hostname: str, days: int = 
         sans.append(x509.DNSName(hostname))
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
+            # Backdated a little for clients with a slow clock; the whole span stays `days`.
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=days))
+            .not_valid_after(now - datetime.timedelta(minutes=5) + datetime.timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
