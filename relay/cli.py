@@ -9,6 +9,10 @@ import argparse
 import asyncio
 import getpass
 import json
+import os
+import re
+import shlex
+import shutil
 import sqlite3
 import sys
 import time
@@ -18,7 +22,8 @@ from typing import Any, Sequence
 
 from . import __version__, config as config_mod, db
 from .config import Config, ConfigError
-from .credentials import CredentialStore, NotFound, StoreError, display_domain, generate_password, normalize_username
+from .credentials import (CredentialStore, NotFound, StoreError, display_domain, generate_password, normalize_username,
+                          password_problem)
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -41,6 +46,29 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+# The command as the user ran it (set by main): hints must be pasteable as they are, and a bare
+# `relay` is wrong for someone who ran .venv/bin/relay, or who needed -c to reach this config.
+PROG = "relay"
+_HINT = re.compile(r"\brelay (?=(?:domain|user|queue|cert|check-config|status|serve)\b)")
+
+
+def invoked_as(argv0: str, config_flag: str | None) -> str:
+    name = os.path.basename(argv0)
+    if name == "__main__.py":
+        prog = f"{os.path.basename(sys.executable)} -m relay"
+    else:
+        found = shutil.which(name)
+        prog = name if found and os.path.realpath(found) == os.path.realpath(argv0) else shlex.quote(argv0)
+    if config_flag is not None:
+        prog += " -c " + shlex.quote(config_flag)
+    return prog
+
+
+def hint(text: str) -> str:
+    """Rewrite 'relay <command> ...' hints (ours and the stores') to the command actually run."""
+    return _HINT.sub(lambda m: PROG + " ", text)
+
+
 # ---------------------------------------------------------------- output helpers
 
 def _fmt_time(ts: float | None) -> str:
@@ -57,6 +85,20 @@ def _fmt_age(ts: float | None) -> str:
         if s >= n:
             return f"{s // n}{unit}"
     return f"{s}s"
+
+
+def _fmt_span(seconds: float) -> str:
+    s = int(seconds)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n and s % n == 0:
+            return f"{s // n}{unit}"
+    return f"{s}s"
+
+
+def warn(cfg: Config) -> None:
+    """DNS-facing settings receivers cannot use: one stderr line each (stdout stays parseable)."""
+    for line in config_mod.dns_warnings(cfg):
+        print(f"relay: warning: {line}", file=sys.stderr)
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:
@@ -89,6 +131,10 @@ def read_password(args: argparse.Namespace, username: str, min_length: int) -> t
         raise CLIError("no terminal to prompt for a password: use --password-stdin or --generate", EXIT_USAGE)
     try:
         first = getpass.getpass(f"Password for {username} (at least {min_length} characters): ")
+        # Say what is wrong with the first entry before asking for it a second time.
+        problem = password_problem(username, first, min_length)
+        if problem:
+            raise CLIError(problem)
         second = getpass.getpass("Repeat password: ")
     except EOFError:  # Ctrl-D at the prompt
         raise CLIError("no password entered", EXIT_USAGE) from None
@@ -99,8 +145,24 @@ def read_password(args: argparse.Namespace, username: str, min_length: int) -> t
 
 # ---------------------------------------------------------------- commands
 
-async def _with_stores(cfg: Config, fn):
+def require_database(cfg: Config) -> None:
+    """Only `serve` and `domain add` create the database: anything else finding none is looking
+    in the wrong place (another directory, another config), and an empty new one would answer
+    'no credentials' or 'queue is empty' as if all were well."""
+    path = Path(cfg.storage.path)
+    if not path.exists():
+        where = "" if path.is_absolute() else f", relative to the current directory {Path.cwd()}"
+        raise CLIError(f"database {path.absolute()} does not exist (storage.path in {CONFIG_PATH}{where}); "
+                       f"wrong directory or config? `{PROG} serve` or `{PROG} domain add <DOMAIN>` creates it")
+
+
+CONFIG_PATH = "?"  # the config file in use, for messages (set by main)
+
+
+async def _with_stores(cfg: Config, fn, create: bool = False):
     from .store.factory import open_stores
+    if not create:
+        require_database(cfg)
     stores = await open_stores(cfg, role="cli")
     try:
         return await fn(stores.credentials, stores.queue)
@@ -113,6 +175,9 @@ def _domain_records(cfg: Config, domain: str, keys) -> list:
     dm = cfg.domains
     spf = dkim_keys.spf_value(dm.public_addresses, cfg.server.hostname, dm.spf_include,
                               cfg.delivery.mode == "smarthost")
+    if config_mod.spf_relies_on_hostname(cfg) and not config_mod.is_public_name(cfg.server.hostname):
+        # 'a:localhost' would publish a record that authorises nothing: print what to fill in.
+        spf = "v=spf1 ip4:<PUBLIC-IPv4-OF-THIS-RELAY> ~all"
     return dkim_keys.records(domain, keys, spf=spf, dmarc_rua=dm.dmarc_rua, hostname=cfg.server.hostname,
                              public_addresses=dm.public_addresses)
 
@@ -133,9 +198,9 @@ def cmd_domain(args: argparse.Namespace, cfg: Config) -> int:
                         "dkim_algorithm": key.algorithm if key else None},
                  f"added domain {display_domain(d)}" + (f" ({d})" if display_domain(d) != d else "")
                  + (f" with DKIM key {key.selector} ({key.algorithm})" if key
-                    else " without a DKIM key (add one later: relay domain dkim rotate " + d + ")")
-                 + f"\nnext: publish the records `relay domain dns {d}` prints, then `relay domain verify {d}`,"
-                 + f"\n      and create a credential: relay user add app@{d}")
+                    else f" without a DKIM key (add one later: {PROG} domain dkim rotate {d})")
+                 + f"\nnext: publish the records `{PROG} domain dns {d}` prints, then `{PROG} domain verify {d}`,"
+                 + f"\n      and create a credential: {PROG} user add app@{d} --generate")
         elif args.action == "list":
             rows = await creds.list_domains()
             for r in rows:
@@ -145,7 +210,7 @@ def cmd_domain(args: argparse.Namespace, cfg: Config) -> int:
                 [[r["display"] + (f" ({r['domain']})" if r["display"] != r["domain"] else ""), r["credentials"],
                   r["state"] + (f" {_fmt_time(r['verified_at'])}" if r["verified_at"] else ""),
                   r["dkim_selector"] or "-", _fmt_time(r["created_at"])] for r in rows],
-                ["DOMAIN", "CREDENTIALS", "STATE", "DKIM", "CREATED"]) if rows else "no domains; add one: relay domain add DOMAIN")
+                ["DOMAIN", "CREDENTIALS", "STATE", "DKIM", "CREATED"]) if rows else f"no domains; add one: {PROG} domain add <DOMAIN>")
         elif args.action == "remove":
             d = normalize_domain(args.domain)
             queued = await queue.count_for_domain(d)
@@ -161,7 +226,7 @@ def cmd_domain(args: argparse.Namespace, cfg: Config) -> int:
                 emit(args, {"domain": d, "selector": key.selector, "algorithm": key.algorithm, "txt": key.txt},
                      f"new active DKIM key {key.selector} for {d}; publish:\n{key.record_name}. IN TXT "
                      f"{dkim_keys.txt_chunks(key.txt)}\nthe previous key stays published-but-unused until "
-                     f"`relay domain dkim remove {d} SELECTOR`; run `relay domain verify {d}` once published")
+                     f"`{PROG} domain dkim remove {d} <OLD-SELECTOR>`; run `{PROG} domain verify {d}` once published")
             elif args.dkim_action == "remove":
                 await dkim.remove(d, args.selector_name)
                 emit(args, {"domain": d, "removed": args.selector_name},
@@ -177,6 +242,7 @@ def cmd_domain(args: argparse.Namespace, cfg: Config) -> int:
             if not await creds.domain_exists(d):
                 raise NotFound(f"domain {d} not found")
             recs = _domain_records(cfg, d, await dkim.keys(d))
+            warn(cfg)
             if getattr(args, "json", False):
                 print(json.dumps([{"name": r.name, "type": r.type, "value": r.value, "purpose": r.purpose,
                                    "required": r.required} for r in recs], indent=2))
@@ -215,7 +281,7 @@ def cmd_domain(args: argparse.Namespace, cfg: Config) -> int:
 
     async def with_dkim(creds, queue):
         return await run(creds, queue, dkim_keys.DKIMStore(creds._conn))
-    return asyncio.run(_with_stores(cfg, with_dkim))
+    return asyncio.run(_with_stores(cfg, with_dkim, create=args.action == "add"))
 
 
 def cmd_user(args: argparse.Namespace, cfg: Config) -> int:
@@ -254,31 +320,73 @@ def cmd_user(args: argparse.Namespace, cfg: Config) -> int:
     return asyncio.run(_with_stores(cfg, lambda c, q: run(c, q)))
 
 
+def shorten(text: str | None, width: int = 60) -> str:
+    """Cut at a word boundary and say so with an ellipsis, so a cut reply is not misread as whole."""
+    if not text:
+        return "-"
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    cut = text[:width - 1]
+    if " " in cut[width // 2:]:
+        cut = cut[:cut.rindex(" ")]
+    return cut.rstrip(" ,;:") + "\u2026"
+
+
+def _signed_for(headers: str) -> str | None:
+    """The d= of a DKIM-Signature in stored headers (the copy kept after signing)."""
+    m = re.search(r"^DKIM-Signature:(?:.*\r?\n[ \t])*.*?\bd=([^;\s]+)", headers, re.I | re.M)
+    return m.group(1) if m else None
+
+
 def cmd_queue(args: argparse.Namespace, cfg: Config) -> int:
+    retention = cfg.storage.finished_retention
+
     async def run(creds, queue):
-        if args.action == "list":
+        if args.action == "list" and not args.all:
             rows = await queue.list()
-            emit(args, rows, table(
+            finished = bool(await queue.list(1, finished=True))
+            emit(args, rows, (table(
                 [[r["id"], _fmt_age(r["created_at"]), r["sender"] or "<>", ",".join(r["recipients"]), r["state"],
-                  _fmt_time(r["next_attempt_at"]), (r["last_error"] or "-")[:60]] for r in rows],
+                  _fmt_time(r["next_attempt_at"]), shorten(r["last_error"])] for r in rows],
                 ["ID", "AGE", "SENDER", "RECIPIENTS", "STATE", "NEXT ATTEMPT", "LAST ERROR"]) if rows else "queue is empty")
+                + (f"\n(finished in the last {_fmt_span(retention)}: {PROG} queue history)"
+                   if finished and not getattr(args, "json", False) else ""))
+            return EXIT_OK
+        if args.action in ("list", "history"):
+            # --all: what is queued, then what finished within storage.finished_retention.
+            rows = (await queue.list() if args.action == "list" else []) + await queue.list(finished=True)
+            emit(args, rows, table(
+                [[r["id"], _fmt_time(r["finished_at"]) if r["finished_at"] else "queued", r["sender"] or "<>",
+                  ",".join(r["recipients"]), r["state"], shorten(r["last_error"])] for r in rows],
+                ["ID", "FINISHED", "SENDER", "RECIPIENTS", "OUTCOME", "LAST REPLY"]) if rows else
+                 f"no messages queued or finished in the last {_fmt_span(retention)} (storage.finished_retention)")
             return EXIT_OK
         if args.action == "retry":
             if not args.all and not args.id:
                 raise CLIError("give a queue ID or --all", EXIT_USAGE)
             if args.id and not await queue.show(args.id):
                 raise NotFound(f"message {args.id} not in the queue")
+            # (a finished message has no recipient left to retry: 0 due now, said below)
             n = await queue.retry(None if args.all else args.id)
             emit(args, {"due_now": n}, f"{n} recipient(s) due now (a running relay picks them up within 2 s)")
             return EXIT_OK
         m = await queue.show(args.id)
         if m is None:
-            raise NotFound(f"message {args.id} not in the queue (delivered or bounced messages leave it; "
-                           f"grep {args.id} in the relay log)")
+            raise NotFound(f"message {args.id} not in the queue nor among the messages finished in the last "
+                           f"{_fmt_span(retention)}; grep {args.id} in the relay log")
         if args.action == "show":
+            # The signing domain is cleared once the signed copy is stored; the copy itself says it.
+            m["dkim_signed"] = m["dkim_domain"] is None and _signed_for(m["headers"]) is not None
+            m["dkim_domain"] = m["dkim_domain"] or _signed_for(m["headers"])
             lines = [f"id:        {m['id']}", f"sender:    <{m['sender']}>", f"created:   {_fmt_time(m['created_at'])}",
                      f"size:      {m['size']}", f"user:      {m['auth_user'] or '-'}", f"client:    {m['client_ip'] or '-'}",
-                     f"state:     {m['state']}", "", table(
+                     f"dkim:      " + (f"signed for {m['dkim_domain']}" if m["dkim_signed"] else
+                                       f"to be signed for {m['dkim_domain']}" if m["dkim_domain"] else "-"),
+                     f"state:     {m['state']}"
+                     + (f" (finished {_fmt_time(m['finished_at'])}; kept until "
+                        f"{_fmt_time(m['finished_at'] + retention)}, headers only)" if m["finished_at"] else ""),
+                     "", table(
                          [[r["rcpt"], r["state"] + (" (in flight)" if r["in_flight"] else ""), r["attempts"],
                            _fmt_time(r["next_attempt_at"]) if r["state"] in ("pending", "deferred") else "-",
                            r["last_error"] or "-"] for r in m["recipients"]],
@@ -328,6 +436,11 @@ def cmd_cert(args: argparse.Namespace, cfg: Config) -> int:
     if not config_mod.is_hostname(hostname):
         raise CLIError(f"--hostname: expected a host name or IP address, got {args.hostname or cfg.server.hostname!r}",
                        EXIT_USAGE)
+    default_dir = Path(config_mod.TLSConfig().cert).parent
+    for name, p in (("tls.cert", cert), ("tls.key", key)):
+        # Same rule as serve: a missing directory is a typo, not a place to create.
+        if p.parent != default_dir and not p.parent.is_dir():
+            raise CLIError(f"config error: {name}: directory {p.parent} does not exist (mistyped?)", EXIT_USAGE)
     if args.force:
         # An existing key file keeps its mode when rewritten in place (O_CREAT sets the mode
         # only for new files): remove it so the new key is created 0600.
@@ -341,6 +454,7 @@ def cmd_cert(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
     config_mod.check_files(cfg)
+    warn(cfg)
     data = config_mod.masked(cfg)
     if getattr(args, "json", False):
         print(json.dumps(data, indent=2))
@@ -350,14 +464,57 @@ def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    """Which config and database this command uses, and what is in them. Creates nothing."""
+    src: config_mod.ConfigSource = args.config_source
+    dbp = Path(cfg.storage.path)
+    data: dict[str, Any] = {"config": str(src.path.absolute()), "found_by": src.found_by,
+                            "database": str(dbp.absolute()), "database_exists": dbp.exists(),
+                            "cwd": str(Path.cwd()), "hostname": cfg.server.hostname,
+                            "tls_cert": str(Path(cfg.tls.cert).absolute()),
+                            "tls_cert_exists": Path(cfg.tls.cert).exists(),
+                            "warnings": config_mod.dns_warnings(cfg)}
+    if dbp.exists():
+        # Read-only, and without migrating: status must change nothing, even on an old file.
+        conn = sqlite3.connect(f"file:{dbp.absolute()}?mode=ro", uri=True, timeout=5.0)
+        try:
+            q = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
+            data["schema_version"] = q("PRAGMA user_version")
+            data["domains"] = q("SELECT COUNT(*) FROM domains")
+            data["credentials"] = q("SELECT COUNT(*) FROM credentials")
+            has_finished = any(r[1] == "finished_at" for r in conn.execute("PRAGMA table_info(messages)"))
+            data["queued_messages"] = q("SELECT COUNT(*) FROM messages"
+                                        + (" WHERE finished_at IS NULL" if has_finished else ""))
+            data["finished_messages"] = q("SELECT COUNT(*) FROM messages WHERE finished_at IS NOT NULL") \
+                if has_finished else 0
+        except sqlite3.Error as exc:
+            raise CLIError(f"database {dbp.absolute()}: {exc}") from None
+        finally:
+            conn.close()
+    lines = [f"config:    {data['config']} (found by {src.found_by})",
+             f"database:  {data['database']}" + ("" if dbp.exists() else
+                                                 f" (does not exist yet: `{PROG} serve` or `{PROG} domain add` creates it)")]
+    if dbp.exists():
+        lines += [f"           {data['domains']} domain(s), {data['credentials']} credential(s), "
+                  f"{data['queued_messages']} queued message(s), {data['finished_messages']} finished "
+                  f"(kept {_fmt_span(cfg.storage.finished_retention)}), schema {data['schema_version']}"]
+    lines += [f"hostname:  {cfg.server.hostname}",
+              f"tls:       {data['tls_cert']}" + ("" if data["tls_cert_exists"] else
+                                                  " (missing: serve writes a self-signed pair)")]
+    lines += [f"warning:   {w}" for w in data["warnings"]]
+    emit(args, data, "\n".join(lines))
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
     from . import logs
     from .daemon import serve
     from .server.listeners import ListenError
     from .tls import TLSError
     logs.setup(cfg.logging.format, cfg.logging.level)
+    src: config_mod.ConfigSource = args.config_source
     try:
-        return serve(cfg, args.config)
+        return serve(cfg, str(src.path), found_by=src.found_by)
     except (ListenError, TLSError, ConfigError) as exc:
         raise CLIError(str(exc), EXIT_USAGE) from None
     except KeyboardInterrupt:
@@ -369,8 +526,10 @@ def cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", default=argparse.SUPPRESS,
-                        help="config file (default: $RELAY_CONFIG or config/relay.toml)")
+                        help="config file (default: $RELAY_CONFIG, else ./config/relay.toml, else /etc/relay/relay.toml)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="say which config file and database are used (on stderr)")
 
     p = _Parser(prog="relay", description="Self-hosted SMTP submission relay.", parents=[common])
     p.add_argument("--version", action="version", version=f"relay {__version__}")
@@ -378,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", parents=[common], help="run the relay")
     sub.add_parser("check-config", parents=[common], help="validate and print the effective configuration")
+    sub.add_parser("status", parents=[common], help="which config and database are used, and what they hold")
 
     dom = sub.add_parser("domain", parents=[common], help="manage sending domains")
     dsub = dom.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -422,7 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("queue", parents=[common], help="inspect and manage the mail queue")
     qsub = q.add_subparsers(dest="action", required=True, metavar="ACTION")
-    qsub.add_parser("list", parents=[common], help="list queued messages")
+    ql = qsub.add_parser("list", parents=[common], help="list queued messages")
+    ql.add_argument("--all", action="store_true", help="also messages finished within storage.finished_retention")
+    qsub.add_parser("history", parents=[common], help="recently finished messages and their outcome")
     qs = qsub.add_parser("show", parents=[common], help="show one message")
     qs.add_argument("id")
     qr = qsub.add_parser("retry", parents=[common], help="make a message (or all) due now")
@@ -440,22 +602,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"serve": cmd_serve, "check-config": cmd_check_config, "domain": cmd_domain, "user": cmd_user,
-            "queue": cmd_queue, "cert": cmd_cert}
+COMMANDS = {"serve": cmd_serve, "check-config": cmd_check_config, "status": cmd_status, "domain": cmd_domain,
+            "user": cmd_user, "queue": cmd_queue, "cert": cmd_cert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global PROG, CONFIG_PATH
     args = build_parser().parse_args(argv)
     if not hasattr(args, "config"):
         args.config = None
+    PROG = invoked_as(sys.argv[0], args.config)
     try:
-        cfg = config_mod.load(args.config)
+        # One way to find the config (-c, $RELAY_CONFIG, ./config/relay.toml, /etc/relay/relay.toml);
+        # with none, refuse: defaults would mean a new, empty database wherever we happen to be.
+        src = config_mod.discover(args.config)
+        CONFIG_PATH = str(src.path)
+        cfg = config_mod.load(src.path)
+        args.config_source = src
+        if getattr(args, "verbose", False):
+            print(f"relay: config {src.path.absolute()} (found by {src.found_by}); "
+                  f"database {Path(cfg.storage.path).absolute()}", file=sys.stderr)
         return COMMANDS[args.command](args, cfg)
     except ConfigError as exc:
         print(f"relay: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except StoreError as exc:  # NotFound included
-        print(f"relay: {_one_line(exc)}", file=sys.stderr)
+        print(f"relay: {hint(_one_line(exc))}", file=sys.stderr)
         return EXIT_REFUSED
     except CLIError as exc:
         print(f"relay: {_one_line(exc)}", file=sys.stderr)

@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG_PATH = "config/relay.toml"
+SYSTEM_CONFIG_PATH = "/etc/relay/relay.toml"
+# Where a config is looked for when neither -c nor $RELAY_CONFIG names one, in order.
+SEARCH_PATHS = (DEFAULT_CONFIG_PATH, SYSTEM_CONFIG_PATH)
 TLS_MODES = ("starttls", "implicit")
 SMARTHOST_TLS_MODES = ("starttls", "implicit", "none")
 FROM_HEADER_MODES = ("domain", "off")
@@ -29,9 +32,35 @@ class ConfigError(Exception):
     """A bad configuration value; str() is the one line shown to the operator."""
 
     def __init__(self, key: str, problem: str):
-        super().__init__(f"config error: {key}: {problem}")
+        super().__init__(f"config error: {_with_block_number(key)}: {problem}")
         self.key = key
         self.problem = problem
+
+
+class NoConfigFile(ConfigError):
+    """No -c, no $RELAY_CONFIG and no file at any of SEARCH_PATHS: refuse rather than run on
+    defaults, which would open (and create) a database nobody else uses."""
+
+    def __init__(self, looked: list[str]):
+        Exception.__init__(self, "no config file: looked for " + ", ".join(looked)
+                           + "; name one with -c PATH or RELAY_CONFIG=PATH")
+        self.key = "config"
+        self.problem = str(self)
+        self.looked = looked
+
+
+_TABLE_ARRAYS = ("listeners", "trusted_networks")
+
+
+def _with_block_number(key: str) -> str:
+    # Keys index from 0 like the TOML arrays they name, but people count [[listeners]] blocks
+    # in the file from 1: say which block, so 'listeners[2]' is not mistaken for the second.
+    m = re.match(r"(\w+)\[(\d+)\]", key)
+    if not m or m.group(1) not in _TABLE_ARRAYS:
+        return key
+    n = int(m.group(2)) + 1
+    suffix = {1: "st", 2: "nd", 3: "rd"}.get(n % 10 if n % 100 not in (11, 12, 13) else 0, "th")
+    return f"{key} (the {n}{suffix} [[{m.group(1)}]] block)"
 
 
 @dataclass(frozen=True)
@@ -69,6 +98,9 @@ class TLSConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     path: str = "var/relay.db"
+    # Seconds a finished message (delivered, bounced, failed) stays visible to `relay queue
+    # history` and `queue show`, headers only; 0: purged at the next sweep (within a minute).
+    finished_retention: int = 86400
 
 
 @dataclass(frozen=True)
@@ -423,6 +455,7 @@ def _validate(cfg: Config) -> None:
                  "max_mx_sessions", "dead_destination_failures", "dead_destination_backoff"):
         _check_positive(f"delivery.{name}", getattr(d, name))
     _check_positive("delivery.delay_warning_after", d.delay_warning_after, allow_zero=True)
+    _check_positive("storage.finished_retention", cfg.storage.finished_retention, allow_zero=True)
     for i, ns in enumerate(cfg.dns.nameservers):
         try:
             host, port = parse_hostport(ns, 53)
@@ -486,15 +519,39 @@ def from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def load(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load and validate a config file; a missing file is an error only when named explicitly."""
+@dataclass(frozen=True)
+class ConfigSource:
+    """Which config file a command uses, and what found it (said out loud by --verbose/status)."""
+    path: Path
+    found_by: str          # "-c", "RELAY_CONFIG" or the search path that matched
+
+
+def discover(path: str | os.PathLike[str] | None = None,
+             search: tuple[str, ...] = SEARCH_PATHS) -> ConfigSource:
+    """-c, then $RELAY_CONFIG, then each of `search` (relative ones from the current directory).
+
+    A named file is returned even if missing (load() then says so); when nothing is named and
+    nothing is found, NoConfigFile lists every place looked at.
+    """
+    if path is not None:
+        return ConfigSource(Path(path), "-c")
     env = os.environ.get("RELAY_CONFIG") or None  # set but empty counts as unset
-    explicit = path is not None or env is not None
-    p = Path(path if path is not None else env or DEFAULT_CONFIG_PATH)
+    if env is not None:
+        return ConfigSource(Path(env), "RELAY_CONFIG")
+    shown = [c if os.path.isabs(c) else "./" + c for c in search]
+    for candidate, name in zip(search, shown):
+        if Path(candidate).exists():
+            return ConfigSource(Path(candidate), name)
+    looked = ["-c (not given)", "$RELAY_CONFIG (unset)"]
+    looked += [name if os.path.isabs(c) else f"{name} (in {Path.cwd()})" for c, name in zip(search, shown)]
+    raise NoConfigFile(looked)
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate the config `discover(path)` finds; no file at all is an error too."""
+    p = discover(path).path
     if not p.exists():
-        if explicit:
-            raise ConfigError(str(p), "config file not found")
-        return from_dict({})
+        raise ConfigError(str(p), "config file not found")
     try:
         with p.open("rb") as fh:
             data = tomllib.load(fh)
@@ -509,15 +566,55 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
 
 def check_files(cfg: Config) -> None:
-    """Certificate files: both present, or both absent (then serve makes a self-signed pair)."""
+    """Certificate files: both present, or both absent in an existing directory (then serve
+    writes a self-signed pair there). A missing directory is a typo until proven otherwise:
+    filling it with a self-signed pair would serve that to every client without a word."""
     cert, key = Path(cfg.tls.cert), Path(cfg.tls.key)
     if cert.exists() != key.exists():
         missing = "tls.key" if cert.exists() else "tls.cert"
         raise ConfigError(missing, f"file {cfg.tls.key if cert.exists() else cfg.tls.cert} not found "
                           "(the other one of the pair exists)")
+    if not cert.exists():
+        # The default certs/ may be created (a fresh install run from elsewhere has none).
+        default_dir = Path(TLSConfig().cert).parent
+        for key_name, p in (("tls.cert", cert), ("tls.key", key)):
+            if p.parent != default_dir and not p.parent.is_dir():
+                raise ConfigError(key_name, f"file {p} not found and its directory {p.parent} does not exist "
+                                  "(mistyped?); a self-signed pair is written only into an existing directory")
     for key_name, p in (("tls.cert", cert), ("tls.key", key)):
         if p.exists() and not os.access(p, os.R_OK):
             raise ConfigError(key_name, f"file {p} is not readable by this user")
+
+
+def is_public_name(hostname: str) -> bool:
+    """A fully qualified name other receivers can look up: not localhost, not one label, not an IP."""
+    h = hostname.rstrip(".").lower()
+    try:
+        ipaddress.ip_address(h)
+        return False
+    except ValueError:
+        pass
+    return "." in h and h != "localhost" and not h.endswith((".localhost", ".localdomain", ".local"))
+
+
+def spf_relies_on_hostname(cfg: Config) -> bool:
+    """The suggested SPF record would be 'a:server.hostname' (no public_addresses, no include)."""
+    d = cfg.domains
+    return not d.public_addresses and not (cfg.delivery.mode == "smarthost" and d.spf_include)
+
+
+def dns_warnings(cfg: Config) -> list[str]:
+    """One line per DNS-facing setting still at a value receivers cannot use."""
+    if is_public_name(cfg.server.hostname):
+        return []
+    out = [f"server.hostname is {cfg.server.hostname!r}, not this host's public name (FQDN): receivers see it "
+           "in EHLO and Received:, and the self-signed certificate carries it; set it to e.g. mail.example.com"]
+    if spf_relies_on_hostname(cfg):
+        what = "domains.spf_include (the smarthost's SPF include)" if cfg.delivery.mode == "smarthost" \
+            else "domains.public_addresses (this relay's public IP addresses)"
+        out.append(f"the SPF record would rely on server.hostname ('a:{cfg.server.hostname}'), which cannot "
+                   f"work: set {what}")
+    return out
 
 
 def masked(cfg: Config) -> dict[str, Any]:

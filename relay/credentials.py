@@ -118,6 +118,10 @@ class CredentialStore:
         # Verifying an unknown user against this costs the same as a wrong password. Made on
         # first need, in the executor: every CLI command builds a store and most never verify.
         self._dummy_hash: str | None = None
+        # LAST LOGIN of every successful login, cache hits included: collected here and written
+        # as one short transaction per LOGIN_FLUSH_DELAY, not one commit per login.
+        self._logins: dict[str, float] = {}
+        self._login_flush: asyncio.Task | None = None
 
     def configure(self, cfg: CredentialsConfig) -> None:
         """SIGHUP: new limits and argon2 parameters (old hashes are rehashed at next login)."""
@@ -205,7 +209,7 @@ class CredentialStore:
 
     def _limit_error(self, domain: str, n: int) -> StoreError:
         return StoreError(f"domain {domain} already has {n} credentials (limit {self._cfg.per_domain}); "
-                          "delete one first: relay user delete USER@DOMAIN")
+                          "delete one first: relay user delete <USER@DOMAIN>")
 
     async def add_user(self, username: str, password: str) -> str:
         user, domain = await self.check_can_add(username)
@@ -288,6 +292,7 @@ class CredentialStore:
             hit = self._cache.get(user)
             if hit and hit[0] == stored and hmac.compare_digest(hit[1], digest) and hit[2] > self._clock():
                 metrics.AUTH_CACHE.labels("hit").inc()
+                self._note_login(user)
                 return Principal(user, (domain,), generation=stored)
         loop = asyncio.get_running_loop()
         if stored is None and self._dummy_hash is None:
@@ -299,6 +304,7 @@ class CredentialStore:
         self._cache[user] = (stored, digest, self._clock() + self._cfg.verify_cache_ttl)
         if len(self._cache) > 10_000:  # bound memory under a credential-stuffing run
             self._cache.clear()
+        self._note_login(user)
         stored = await self._after_login(user, stored, pw)
         return Principal(user, (domain,), generation=stored)
 
@@ -309,20 +315,18 @@ class CredentialStore:
             return False
 
     async def _after_login(self, user: str, stored: str, password: str) -> str:
-        """Bookkeeping after a good login; the stored hash now (new when rehashed)."""
-        now = self._clock()
+        """Rehash with the current parameters when needed; the stored hash now (new when rehashed).
+        (LAST LOGIN is written in batches by `_note_login`.)"""
+        if not self._hasher.check_needs_rehash(stored):
+            return stored
         try:
-            if self._hasher.check_needs_rehash(stored):
-                new = await self._hash(password)
-                # Only replace the hash we verified: a concurrent CLI reset wins.
-                cur = await self._conn.execute(
-                    "UPDATE credentials SET hash = ?, last_login = ? WHERE username = ? AND hash = ?",
-                    (new, now, user, stored))
-                self._cache.pop(user, None)
-                await self._conn.commit()
-                return new if cur.rowcount == 1 else stored
-            await self._conn.execute("UPDATE credentials SET last_login = ? WHERE username = ?", (now, user))
+            new = await self._hash(password)
+            # Only replace the hash we verified: a concurrent CLI reset wins.
+            cur = await self._conn.execute("UPDATE credentials SET hash = ? WHERE username = ? AND hash = ?",
+                                           (new, user, stored))
             await self._conn.commit()
+            self._cache.pop(user, None)
+            return new if cur.rowcount == 1 else stored
         except aiosqlite.Error:
             pass  # bookkeeping only: a busy database must not fail a good login
         return stored
@@ -344,6 +348,7 @@ class CredentialStore:
         if stored is None or stored != hit[0]:
             return None
         metrics.AUTH_CACHE.labels("hit").inc()
+        self._note_login(user)
         return Principal(user, (domain,), generation=stored)
 
     async def generation(self, username: str) -> str | None:
@@ -353,3 +358,32 @@ class CredentialStore:
             "SELECT c.hash FROM credentials c JOIN domains d ON d.name = c.domain WHERE c.username = ?",
             (username,))
         return rows[0]["hash"] if rows else None
+
+    # ------------------------------------------------------------ LAST LOGIN (issue 13)
+
+    LOGIN_FLUSH_DELAY = 1.0
+
+    def _note_login(self, user: str) -> None:
+        self._logins[user] = self._clock()
+        if self._login_flush is None or self._login_flush.done():
+            self._login_flush = asyncio.get_running_loop().create_task(self._flush_later(), name="last-login")
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.LOGIN_FLUSH_DELAY)
+        await self.flush_logins()
+
+    async def flush_logins(self, final: bool = False) -> None:
+        """Write the collected LAST LOGIN times; `final` (shutdown) also stops the pending timer."""
+        if final and self._login_flush is not None and self._login_flush is not asyncio.current_task():
+            self._login_flush.cancel()
+        batch, self._logins = self._logins, {}
+        if not batch:
+            return
+        try:
+            # MAX: a slower batch from another process never moves a login back in time.
+            await self._conn.executemany(
+                "UPDATE credentials SET last_login = MAX(COALESCE(last_login, 0), ?) WHERE username = ?",
+                [(t, u) for u, t in batch.items()])
+            await self._conn.commit()
+        except aiosqlite.Error:
+            pass  # bookkeeping only: a busy database must not fail logins; the next login writes again

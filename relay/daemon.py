@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from .queue_runner import QueueRunner
 
 log = logging.getLogger("relay.daemon")
+# How often finished messages past storage.finished_retention are deleted.
+PURGE_INTERVAL = 30.0
 
 
 def sd_notify(message: str) -> None:
@@ -75,9 +77,10 @@ def ensure_certificate(cfg: Config) -> None:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, config_path: str | None):
+    def __init__(self, cfg: Config, config_path: str | None, found_by: str = "-c"):
         self.cfg = cfg
         self.config_path = config_path
+        self.found_by = found_by
         self.stop_event = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="relay-cpu")
         self.bound: list[listeners.Bound] = []
@@ -88,7 +91,12 @@ class Daemon:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         loop.set_default_executor(self.executor)
-        config_mod.check_files(cfg)
+        config_mod.check_files(cfg)  # before any log line: a refusal here is the one line printed
+        # Said at every start: which file, found how, and which database it leads to.
+        event(log, "starting", config=str(Path(self.config_path or "").absolute()), found_by=self.found_by,
+              database=str(Path(cfg.storage.path).absolute()))
+        for line in config_mod.dns_warnings(cfg):
+            event(log, "config_warning", logging.WARNING, warning=line)
         ensure_certificate(cfg)
         tls_context = tls.server_context(cfg.tls.cert, cfg.tls.key)
         self.tls_context = tls_context
@@ -142,13 +150,14 @@ class Daemon:
             loop.add_signal_handler(sig, handler)
         runner_task = asyncio.create_task(self.runner.run(), name="queue-runner") if self.runner else None
         gauges_task = asyncio.create_task(self._queue_gauges(), name="queue-gauges")
+        purge_task = asyncio.create_task(self._purge_finished(), name="queue-purge")
         event(log, "ready", version=__version__, hostname=cfg.server.hostname, pid=os.getpid(),
               listeners=",".join(f"{b.address}:{b.port}/{b.tls}" for b in self.bound))
         sd_notify("READY=1")
         await self.stop_event.wait()
         sd_notify("STOPPING=1")
         event(log, "stopping", grace=cfg.server.shutdown_grace)
-        await self._shutdown(runner_task, gauges_task)
+        await self._shutdown(runner_task, gauges_task, purge_task)
         event(log, "stopped")
         return 0
 
@@ -190,6 +199,17 @@ class Daemon:
                 log.debug("queue gauge refresh failed", exc_info=True)
             await asyncio.sleep(5)
 
+    async def _purge_finished(self) -> None:
+        """Finished messages stay for `relay queue history` for storage.finished_retention, then go."""
+        while True:
+            try:
+                before = time.time() - self.cfg.storage.finished_retention
+                while await self.queue.purge_finished(before) > 0:
+                    await asyncio.sleep(0)  # bounded batches: acceptance gets the writer in between
+            except Exception:  # noqa: BLE001 - a busy store now is fine: the next sweep catches up
+                log.debug("purging finished messages failed", exc_info=True)
+            await asyncio.sleep(PURGE_INTERVAL)
+
     def reload(self) -> None:
         """SIGHUP: re-read config; apply limits and certificate; keep sessions and listeners.
 
@@ -220,7 +240,8 @@ class Daemon:
         self.cfg = new
         event(log, "reloaded", cert=new.tls.cert)
 
-    async def _shutdown(self, runner_task: asyncio.Task | None, gauges_task: asyncio.Task) -> None:
+    async def _shutdown(self, runner_task: asyncio.Task | None, gauges_task: asyncio.Task,
+                        purge_task: asyncio.Task) -> None:
         for b in self.bound:
             b.server.close()
         for s in self.refusal_servers:
@@ -242,7 +263,7 @@ class Daemon:
             await self.runner.stop(timeout=remaining)
         if self.delivery is not None:
             await self.delivery.stop(timeout=remaining)
-        tasks = [t for t in (runner_task, gauges_task) if t is not None]
+        tasks = [t for t in (runner_task, gauges_task, purge_task) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -256,9 +277,9 @@ class Daemon:
             await self.stores.close()
 
 
-def serve(cfg: Config, config_path: str | None) -> int:
+def serve(cfg: Config, config_path: str | None, found_by: str = "-c") -> int:
     # asyncio gives every TLS connection a zero-filled 256 KiB read buffer (SSLProtocol.max_size):
     # ~280 KB of RSS per idle TLS session. TLS records carry at most 16 KiB: 32 KiB is plenty.
     import asyncio.sslproto
     asyncio.sslproto.SSLProtocol.max_size = 32 * 1024
-    return asyncio.run(Daemon(cfg, config_path).run())
+    return asyncio.run(Daemon(cfg, config_path, found_by).run())

@@ -95,6 +95,12 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE recipients ADD COLUMN lease_owner TEXT;
     """,
+    # 5: finished messages stay, headers only, for `relay queue history` until
+    # storage.finished_retention has passed; unfinished ones have finished_at NULL
+    """
+    ALTER TABLE messages ADD COLUMN finished_at REAL;
+    CREATE INDEX messages_finished ON messages(finished_at) WHERE finished_at IS NOT NULL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

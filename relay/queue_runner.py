@@ -541,7 +541,8 @@ class QueueRunner:
             updates.append(RecipientUpdate(r.id, state, next_at, None if state == "delivered" else o.reply,
                                            o.remote_mta))
             history.append((r.address, "expired" if expired else state, o.reply))
-            event(log, "delivery", logging.INFO if state != "failed" else logging.WARNING, qid=job.msg_id,
+            # Deferrals are warnings too: a log filtered at warning must still show mail not moving.
+            event(log, "delivery", logging.INFO if state == "delivered" else logging.WARNING, qid=job.msg_id,
                   rcpt=r.address, result=state, mx=o.remote_mta, tls=o.tls, reply=o.reply, attempt=r.attempts,
                   expired=expired or None, next_attempt=round(next_at - now) if state == "deferred" else None)
             # An MX or smarthost is not the final mailbox: success there is "relayed" (RFC 3461 5.2.2).

@@ -5,10 +5,15 @@ import pytest
 
 from tests.support.dns_server import DNSServer
 from tests.support.mx_sink import MXSink
+from tests.support import tools
 from tests.support.relay_instance import RelayInstance
 
 USER = "app@mg.example.com"
 PASSWORD = "correct horse battery staple"
+
+
+def pytest_runtest_setup(item):
+    tools.check_marker(item)  # tests marked tools.needs(...): skip, or fail under RELAY_REQUIRE_TOOLS=1
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ class Stores:
     _conns: list[aiosqlite.Connection] = field(default_factory=list)
 
     async def close(self) -> None:
+        await self.credentials.flush_logins(final=True)  # LAST LOGIN times still in memory
         await self.writer.close()
         # An open aiosqlite connection keeps its thread, and the process, alive.
         for conn in self._conns:

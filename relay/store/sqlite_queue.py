@@ -237,7 +237,13 @@ class QueueStore:
                 conn.execute("UPDATE messages SET warned = 1 WHERE id = ?", (job.msg_id,))
             for qid, b in zip(bounce_ids, bounces):
                 self._insert(conn, qid, b, now)
-            self._remove_if_final(conn, job.msg_id)
+            # What became of the failure report belongs to the message's story (queue show).
+            notes = [(job.msg_id, now, None, "bounce", f"report {qid} queued to <{b.recipients[0].address}>")
+                     for qid, b in zip(bounce_ids, bounces)]
+            if not job.sender and any(u.state == "failed" for u in updates):
+                notes.append((job.msg_id, now, None, "dropped", "a bounce that failed: no bounce for a bounce"))
+            conn.executemany("INSERT INTO history(msg_id, ts, rcpt, event, detail) VALUES (?, ?, ?, ?, ?)", notes)
+            self._finish_if_final(conn, job.msg_id, now)
             return bounce_ids
 
         result = await self._write(op)
@@ -245,15 +251,31 @@ class QueueStore:
             self._on_enqueue()
         return result
 
-    def _remove_if_final(self, conn: sqlite3.Connection, msg_id: str) -> bool:
+    def _finish_if_final(self, conn: sqlite3.Connection, msg_id: str, now: float) -> bool:
         rows = conn.execute(
             "SELECT COUNT(*) AS n FROM recipients WHERE msg_id = ? AND state NOT IN ('delivered', 'failed')", (msg_id,)).fetchall()
         if rows[0]["n"]:
             return False
-        # Every recipient is final: the message leaves the queue (its story stays in the log).
-        for table, col in (("history", "msg_id"), ("recipients", "msg_id"), ("bodies", "id"), ("messages", "id")):
-            conn.execute(f"DELETE FROM {table} WHERE {col} = ?", (msg_id,))
+        # Every recipient is final: the message leaves the queue but stays in its history
+        # (`relay queue history`, `queue show`) until purge_finished(); of the body only the
+        # header block is kept (what `queue show` prints), so retention costs little space.
+        conn.execute("UPDATE messages SET finished_at = ? WHERE id = ?", (now, msg_id))
+        conn.execute("UPDATE bodies SET data = CASE WHEN instr(data, X'0D0A0D0A') > 0 "
+                     "THEN substr(data, 1, instr(data, X'0D0A0D0A') + 3) ELSE substr(data, 1, 8192) END "
+                     "WHERE id = ?", (msg_id,))
         return True
+
+    async def purge_finished(self, before: float, limit: int = 1000) -> int:
+        """Delete up to `limit` messages finished before `before` (storage.finished_retention);
+        bounded, so a sweep after a busy day is several short transactions, not one long one."""
+        def op(conn: sqlite3.Connection) -> int:
+            ids = [(r[0],) for r in conn.execute(
+                "SELECT id FROM messages WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?", (before, limit))]
+            for table, col in (("history", "msg_id"), ("recipients", "msg_id"), ("bodies", "id"), ("messages", "id")):
+                conn.executemany(f"DELETE FROM {table} WHERE {col} = ?", ids)
+            return len(ids)
+
+        return await self._write(op)
 
     async def release(self, job: Job) -> None:
         """Give a lease back unattempted (shutdown): due now, attempt not counted."""
@@ -289,28 +311,41 @@ class QueueStore:
     # ------------------------------------------------------------ operations (CLI)
 
     async def stats(self) -> dict[str, Any]:
-        rows = await self._conn.execute_fetchall("SELECT state, COUNT(*) AS n FROM recipients GROUP BY state")
+        # The queue is what is unfinished; finished messages kept for history are not in it.
+        rows = await self._conn.execute_fetchall(
+            "SELECT state, COUNT(*) AS n FROM recipients WHERE msg_id IN "
+            "(SELECT id FROM messages WHERE finished_at IS NULL) GROUP BY state")
         by_state = {s: 0 for s in ACTIVE + FINAL}
         by_state.update({r["state"]: r["n"] for r in rows})
-        m = (await self._conn.execute_fetchall("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM messages"))[0]
+        m = (await self._conn.execute_fetchall(
+            "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM messages WHERE finished_at IS NULL"))[0]
         return {"recipients": by_state, "messages": m["n"], "oldest": m["oldest"]}
 
-    async def list(self, limit: int = 1000) -> list[dict[str, Any]]:
-        msgs = await self._conn.execute_fetchall(
-            "SELECT id, sender, created_at, size FROM messages ORDER BY created_at LIMIT ?", (limit,))
+    async def list(self, limit: int = 1000, *, finished: bool = False) -> list[dict[str, Any]]:
+        """Queued messages, oldest first; with `finished`, the finished ones kept for history,
+        most recent first, each with its outcome."""
+        if finished:
+            msgs = await self._conn.execute_fetchall(
+                "SELECT id, sender, created_at, size, finished_at FROM messages WHERE finished_at IS NOT NULL "
+                "ORDER BY finished_at DESC LIMIT ?", (limit,))
+        else:
+            msgs = await self._conn.execute_fetchall(
+                "SELECT id, sender, created_at, size, finished_at FROM messages WHERE finished_at IS NULL "
+                "ORDER BY created_at LIMIT ?", (limit,))
         out = []
         for m in msgs:
             rcpts = await self._conn.execute_fetchall(
-                "SELECT rcpt, state, attempts, next_attempt_at, last_error, lease_token FROM recipients "
+                "SELECT rcpt, state, attempts, next_attempt_at, last_error, lease_token, notify FROM recipients "
                 "WHERE msg_id = ? ORDER BY id", (m["id"],))
             active = [r for r in rcpts if r["state"] in ACTIVE]
             errors = [r["last_error"] for r in rcpts if r["last_error"]]
             out.append({
                 "id": m["id"], "sender": m["sender"], "created_at": m["created_at"], "size": m["size"],
                 "recipients": [r["rcpt"] for r in rcpts],
-                "state": _message_state(rcpts),
+                "state": _message_state(rcpts, m["sender"], m["finished_at"]),
                 "next_attempt_at": min((r["next_attempt_at"] for r in active), default=None),
                 "last_error": errors[-1] if errors else None,
+                "finished_at": m["finished_at"],
             })
         return out
 
@@ -336,7 +371,7 @@ class QueueStore:
             r.pop("lease_owner")
         m["history"] = [dict(h) for h in hist]
         m["headers"] = head
-        m["state"] = _message_state(rcpts)
+        m["state"] = _message_state(rcpts, m["sender"], m["finished_at"])
         return m
 
     async def retry(self, msg_id: str | None) -> int:
@@ -361,22 +396,27 @@ class QueueStore:
         now = self._clock()
 
         def op(conn: sqlite3.Connection) -> bool:
-            rows = conn.execute("SELECT 1 FROM messages WHERE id = ?", (msg_id,)).fetchall()
+            rows = conn.execute("SELECT finished_at FROM messages WHERE id = ?", (msg_id,)).fetchall()
             if not rows:
                 return False
+            if rows[0][0] is not None:  # finished: deleting it removes it from the history
+                for table, col in (("history", "msg_id"), ("recipients", "msg_id"), ("bodies", "id"), ("messages", "id")):
+                    conn.execute(f"DELETE FROM {table} WHERE {col} = ?", (msg_id,))
+                return True
             conn.execute("UPDATE recipients SET state = 'failed', lease_token = NULL, "
                                "last_error = 'deleted by the administrator' WHERE msg_id = ? "
                                "AND state IN ('pending', 'deferred')", (msg_id,))
             if bounce is not None:
                 self._insert(conn, bounce.queue_id or new_queue_id(), bounce, now)
-            self._remove_if_final(conn, msg_id)
+            self._finish_if_final(conn, msg_id, now)
             return True
 
         return await self._write(op)
 
     async def count_for_domain(self, domain: str) -> int:
         rows = await self._conn.execute_fetchall(
-            "SELECT COUNT(*) AS n FROM messages WHERE sender LIKE ? ESCAPE '\\' OR auth_user LIKE ? ESCAPE '\\'",
+            "SELECT COUNT(*) AS n FROM messages WHERE finished_at IS NULL "
+            "AND (sender LIKE ? ESCAPE '\\' OR auth_user LIKE ? ESCAPE '\\')",
             (f"%@{_like_escape(domain)}", f"%@{_like_escape(domain)}"))
         return rows[0]["n"]
 
@@ -385,7 +425,25 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _message_state(rcpts: list[Any]) -> str:
+def _outcome(rcpts: list[Any], sender: str) -> str:
+    """A finished message in a word or two: delivered, bounced, dropped bounce, failed, deleted."""
+    failed = [r for r in rcpts if r["state"] == "failed"]
+    if not failed:
+        return "delivered"
+    if all(r["last_error"] == "deleted by the administrator" for r in failed):
+        what = "deleted"
+    elif not sender:
+        what = "dropped bounce"  # it was a bounce itself: none is sent for it (RFC 5321 3.6.3)
+    elif any("NEVER" not in (r["notify"] or "").upper().split(",") for r in failed):
+        what = "bounced"
+    else:
+        what = "failed"  # NOTIFY=NEVER: the sender asked for no report
+    return what if len(failed) == len(rcpts) else f"partly delivered, {what}"
+
+
+def _message_state(rcpts: list[Any], sender: str = "", finished_at: float | None = None) -> str:
+    if finished_at is not None:
+        return _outcome(rcpts, sender)
     states = {r["state"] for r in rcpts}
     if any(r["lease_token"] for r in rcpts if r["state"] in ACTIVE):
         return "in-flight"

@@ -200,8 +200,10 @@ def test_password_stdin_takes_one_line_without_its_ending(inst):
 
 
 def test_user_add_unknown_domain(inst):
+    ok(inst.cli("domain", "add", "other.example"))
+    # The hint is the command as this test ran it (the venv's script, with -c), ready to paste.
     error_line(inst.cli("user", "add", USER, "--generate"), 1, "not a sending domain",
-               "relay domain add mg.example.com")
+               f"{relay_executable()[0]} -c {inst.config_path} domain add mg.example.com")
     error_line(inst.cli("user", "add", "not-an-address", "--generate"), 1, "full address")
 
 
@@ -244,9 +246,10 @@ def test_reset_password_and_delete(inst):
 
 
 def test_user_list_all_and_by_domain(inst):
-    assert ok(inst.cli("user", "list")).strip() == "no credentials"
     for d in ("a.example", "b.example"):
         ok(inst.cli("domain", "add", d))
+        if d == "a.example":
+            assert ok(inst.cli("user", "list")).strip() == "no credentials"
     add_user(inst, "x@a.example")
     add_user(inst, "y@b.example")
     add_user(inst, "z@a.example")
@@ -366,10 +369,11 @@ def test_relay_config_env_var_selects_the_file(inst, tmp_path):
     data = json.loads(ok(run("-c", str(other.config_path), "check-config", "--json",
                              RELAY_CONFIG=str(inst.config_path))))
     assert data["storage"]["path"] == other.config["storage"]["path"]
-    # A named file that does not exist is an error; no file and no name means the defaults.
+    # A named file that does not exist is an error, and so is no file at all (tests/integration/
+    # test_first_hour.py has the rest of the discovery).
     error_line(run("check-config", RELAY_CONFIG=str(workdir / "missing.toml")), 2,
                f"config error: {workdir / 'missing.toml'}: config file not found")
-    assert json.loads(ok(run("check-config", "--json")))["storage"]["path"] == "var/relay.db"
+    error_line(run("check-config", "--json"), 2, "no config file")
 
 
 COMMANDS = [

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import smtplib
 import socket
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PASSWORD, USER
+from tests.support import tools
 from tests.support.raw_smtp import metric
 from tests.support.relay_instance import client_tls_context
 
@@ -40,7 +40,7 @@ def test_dashboard_and_alerts_use_only_exported_metrics(relay):
     assert used <= exported, f"used but not exported: {sorted(used - exported)}"
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (CI installs Debian's prometheus)")
+@tools.needs("promtool", reason="CI installs Debian's prometheus")
 def test_alert_rules_pass_promtool():
     cp = subprocess.run(["promtool", "check", "rules", str(ROOT / "contrib" / "prometheus-alerts.yml")],
                         capture_output=True, text=True, timeout=60)
@@ -72,7 +72,7 @@ def _unit_for_verify(tmp_path: Path) -> Path:
     return p
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@tools.needs("systemd-analyze", reason="CI installs systemd")
 def test_systemd_unit_verifies_and_is_hardened(tmp_path):
     unit = _unit_for_verify(tmp_path)
     cp = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)

@@ -1,6 +1,6 @@
 """Clients we did not write, against the real relay: swaks, openssl s_client, msmtp, aiosmtplib.
 
-Each external tool is optional here (the test skips and says so) and installed in CI.
+Each external tool is optional here (the test skips and says so, or fails under RELAY_REQUIRE_TOOLS=1) and installed in CI.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from relay import headers
 from tests.conftest import PASSWORD, USER
+from tests.support import tools
 from tests.support.raw_smtp import message_fields, start_relay
 from tests.support.relay_instance import client_tls_context
 
@@ -31,9 +32,9 @@ def swaks_can_tls() -> bool:
     return "=== TLS supported" in out.stdout + out.stderr
 
 
-needs_swaks = pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed (CI installs it)")
-needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed (CI installs it)")
-needs_msmtp = pytest.mark.skipif(shutil.which("msmtp") is None, reason="msmtp not installed (CI installs it)")
+needs_swaks = tools.needs("swaks")
+needs_openssl = tools.needs("openssl")
+needs_msmtp = tools.needs("msmtp")
 
 
 def new_messages(relay, before: set[str]) -> list[dict]:
@@ -45,7 +46,7 @@ def new_messages(relay, before: set[str]) -> list[dict]:
 def swaks(relay, *extra: str, implicit: bool = False, password: str = PASSWORD,
           to: str = "bob@example.net") -> subprocess.CompletedProcess:
     if not swaks_can_tls():
-        pytest.skip("swaks cannot do TLS here (needs Net::SSLeay: apt-get install libnet-ssleay-perl)")
+        tools.missing("swaks cannot do TLS here (needs Net::SSLeay: apt-get install libnet-ssleay-perl)")
     port = relay.ports["implicit" if implicit else "starttls"]
     return subprocess.run(
         ["swaks", "--server", f"127.0.0.1:{port}", "--tls-on-connect" if implicit else "--tls",

@@ -288,10 +288,11 @@ class RelayInstance:
         return conn
 
     def queued(self) -> list[dict]:
+        """What is still in the queue (finished messages kept for `queue history` are not)."""
         with contextlib.closing(self.db()) as conn:
             return [dict(r) for r in conn.execute(
                 "SELECT m.id, m.sender, r.rcpt, r.state, r.attempts, r.last_error FROM messages m "
-                "JOIN recipients r ON r.msg_id = m.id ORDER BY m.created_at, r.id")]
+                "JOIN recipients r ON r.msg_id = m.id WHERE m.finished_at IS NULL ORDER BY m.created_at, r.id")]
 
     def body(self, qid: str) -> bytes | None:
         with contextlib.closing(self.db()) as conn:

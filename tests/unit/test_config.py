@@ -34,10 +34,32 @@ def write(tmp_path: Path, text: str, name: str = "relay.toml") -> Path:
 
 # ------------------------------------------------------------------ defaults and the shipped file
 
-def test_defaults_load_with_no_file(tmp_path, monkeypatch):
+def test_no_file_anywhere_is_refused_and_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no config/relay.toml here
-    cfg = config.load()
-    assert cfg == Config() == config.from_dict({})
+    with pytest.raises(config.NoConfigFile) as info:
+        config.discover(None, search=(config.DEFAULT_CONFIG_PATH, str(tmp_path / "etc" / "relay.toml")))
+    text = str(info.value)
+    assert "-c (not given)" in text and "$RELAY_CONFIG (unset)" in text
+    assert f"./config/relay.toml (in {tmp_path})" in text and str(tmp_path / "etc" / "relay.toml") in text
+    assert "\n" not in text
+
+
+def test_discovery_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    system = write(tmp_path, "", "system.toml")
+    search = (config.DEFAULT_CONFIG_PATH, str(system))
+    assert config.discover(None, search) == config.ConfigSource(system, str(system))
+    (tmp_path / "config").mkdir()
+    local = write(tmp_path / "config", "")
+    assert config.discover(None, search) == config.ConfigSource(Path("config/relay.toml"), "./config/relay.toml")
+    monkeypatch.setenv("RELAY_CONFIG", str(tmp_path / "env.toml"))  # named: returned even if missing
+    assert config.discover(None, search) == config.ConfigSource(tmp_path / "env.toml", "RELAY_CONFIG")
+    assert config.discover(local, search) == config.ConfigSource(local, "-c")
+
+
+def test_defaults_are_the_empty_file():
+    cfg = config.from_dict({})
+    assert cfg == Config()
     assert cfg.credentials.per_domain == 5
     assert cfg.credentials.min_password_length == 12
     assert [(lst.port, lst.tls) for lst in cfg.listeners] == [
@@ -185,7 +207,9 @@ def test_bad_value_names_the_key(tmp_path, text, key, problem):
     err = info.value
     assert err.key == key
     assert problem in err.problem
-    assert str(err) == f"config error: {key}: {err.problem}"
+    # Arrays of tables also say which block, counting from 1 as people do.
+    block = config._with_block_number(key)
+    assert str(err) == f"config error: {block}: {err.problem}"
     assert "\n" not in str(err)
 
 
@@ -243,7 +267,9 @@ def test_relay_config_env_missing_file_is_an_error(tmp_path, monkeypatch):
 def test_empty_relay_config_env_means_unset(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RELAY_CONFIG", "")
-    assert config.load() == Config()
+    (tmp_path / "config").mkdir()
+    write(tmp_path / "config", "[limits]\nrecipients = 9\n")
+    assert config.load().limits.recipients == 9
 
 
 # ------------------------------------------------------------------ accepted values and normalisation
@@ -330,6 +356,52 @@ def test_check_files_neither_or_both_is_fine(tmp_path):
     (tmp_path / "relay.crt").write_text("cert")
     (tmp_path / "relay.key").write_text("key")
     config.check_files(cfg)
+
+
+def test_check_files_refuses_a_missing_directory(tmp_path):
+    cfg = config.from_dict({"tls": {"cert": str(tmp_path / "nonexistent" / "relay.crt"),
+                                    "key": str(tmp_path / "relay.key")}})
+    with pytest.raises(ConfigError) as info:
+        config.check_files(cfg)
+    assert info.value.key == "tls.cert" and f"directory {tmp_path / 'nonexistent'} does not exist" in info.value.problem
+    cfg = config.from_dict({"tls": {"cert": str(tmp_path / "relay.crt"), "key": "/nonexistent/dir/relay.key"}})
+    with pytest.raises(ConfigError, match="tls.key: .*/nonexistent/dir does not exist"):
+        config.check_files(cfg)
+
+
+def test_check_files_allows_the_default_directory_missing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no certs/ here: serve may create the default one
+    config.check_files(config.from_dict({}))
+    config.check_files(config.from_dict({"tls": {"cert": "./certs/relay.crt"}}))
+
+
+@pytest.mark.parametrize("hostname,public_addresses,warnings", [
+    ("localhost", [], 2), ("relay", [], 2), ("192.0.2.1", [], 2), ("mail.localdomain", [], 2),
+    ("localhost", ["192.0.2.1"], 1), ("mail.example.com", [], 0), ("mail.example.com.", ["192.0.2.1"], 0),
+])
+def test_dns_warnings(hostname, public_addresses, warnings):
+    cfg = config.from_dict({"server": {"hostname": hostname}, "domains": {"public_addresses": public_addresses}})
+    found = config.dns_warnings(cfg)
+    assert len(found) == warnings, found
+    if warnings:
+        assert found[0].startswith(f"server.hostname is {hostname!r}")
+    if warnings == 2:
+        assert "domains.public_addresses" in found[1] and f"a:{hostname}" in found[1]
+
+
+def test_smarthost_spf_warning_names_the_include():
+    cfg = config.from_dict({"delivery": {"mode": "smarthost", "smarthost": {"host": "smtp.example.net"}}})
+    assert "domains.spf_include" in config.dns_warnings(cfg)[1]
+    cfg = config.from_dict({"delivery": {"mode": "smarthost", "smarthost": {"host": "smtp.example.net"}},
+                            "domains": {"spf_include": "_spf.example.net"}})
+    assert len(config.dns_warnings(cfg)) == 1
+
+
+def test_listener_errors_say_which_block_counting_from_one(tmp_path):
+    text = "".join(f'[[listeners]]\nport = {p}\n' for p in (25, 587, 70000))
+    with pytest.raises(ConfigError) as info:
+        config.load(write(tmp_path, text))
+    assert str(info.value).startswith("config error: listeners[2].port (the 3rd [[listeners]] block): port 70000")
 
 
 def test_check_files_cert_without_key(tmp_path):

@@ -121,10 +121,17 @@ async def test_recipients_settle_independently_and_delivered_is_never_claimed_ag
     [again] = await store.claim(100)
     assert [(r.address, r.attempts) for r in again.recipients] == [("dave@example.net", 2)]
     await store.settle(again, done(again))
-    # Every recipient final: the message, body, recipients and history leave the queue.
+    # Every recipient final: the message leaves the queue, but stays in its history (headers
+    # only) until purged after storage.finished_retention.
+    assert await store.list() == [] and (await store.stats())["messages"] == 0 and await store.next_due() is None
+    [finished] = await store.list(finished=True)
+    assert (finished["id"], finished["state"], finished["finished_at"]) == (qid, "delivered", clock.t)
+    assert await store.body(qid) == b"Subject: t\r\n\r\n"
+    assert await store.purge_finished(before=clock.t) == 0  # not older than that yet
+    assert await store.purge_finished(before=clock.t + 1) == 1
     for table in ("messages", "bodies", "recipients", "history"):
         assert await rows(conn, f"SELECT * FROM {table}") == [], table
-    assert await store.show(qid) is None and await store.next_due() is None
+    assert await store.show(qid) is None
 
 
 async def test_settle_with_a_stale_token_raises_lease_lost_and_changes_nothing(store, conn, clock):
@@ -141,16 +148,16 @@ async def test_settle_with_a_stale_token_raises_lease_lost_and_changes_nothing(s
     after = (await rows(conn), await rows(conn, "SELECT * FROM history"), await rows(conn, "SELECT * FROM messages"))
     assert after == before  # no state change, no history, no bounce, not marked warned
     await store.settle(new, done(new))
-    assert await store.show(qid) is None
+    assert (await store.show(qid))["state"] == "delivered"
 
 
 async def test_settle_queues_its_dsns_atomically(store, conn, clock):
     await store.enqueue(message("bob@example.net"))
     [job] = await store.claim(100)
     [dsn_id] = await store.settle(job, done(job, "failed"), bounces=(message("alice@example.com", sender=""),))
-    [m] = await rows(conn, "SELECT id, sender FROM messages")
+    [m] = await rows(conn, "SELECT id, sender FROM messages WHERE finished_at IS NULL")
     assert m == {"id": dsn_id, "sender": ""}
-    [r] = await rows(conn)
+    [r] = await rows(conn, "SELECT * FROM recipients WHERE msg_id = ?", dsn_id)
     assert (r["rcpt"], r["state"]) == ("alice@example.com", "pending")
 
 
@@ -232,9 +239,32 @@ async def test_delete_fails_the_recipients_and_can_queue_a_bounce(store, conn, c
     assert await store.delete(qid, bounce=message("alice@example.com", sender="")) is True
     with pytest.raises(LeaseLost):  # the worker that held it changes nothing afterwards
         await store.settle(job, done(job))
-    msgs = await rows(conn, "SELECT id, sender FROM messages")
+    msgs = await rows(conn, "SELECT id, sender FROM messages WHERE finished_at IS NULL")
     assert [m["sender"] for m in msgs] == [""]
+    assert (await store.show(qid))["state"] == "deleted"
+    assert await store.delete(qid) is True  # a finished one: gone from the history too
+    assert await store.show(qid) is None
     assert await store.delete("NOSUCH") is False
+
+
+@pytest.mark.parametrize("sender,notify,states,outcome", [
+    ("alice@example.com", None, ["delivered", "delivered"], "delivered"),
+    ("alice@example.com", None, ["failed", "failed"], "bounced"),
+    ("alice@example.com", None, ["delivered", "failed"], "partly delivered, bounced"),
+    ("", None, ["failed", "failed"], "dropped bounce"),
+    ("alice@example.com", "NEVER", ["failed", "failed"], "failed"),
+])
+async def test_finished_messages_say_their_outcome(store, clock, sender, notify, states, outcome):
+    msg = NewMessage(sender=sender, data=b"Subject: t\r\n\r\nhi\r\n", recipients=tuple(
+        NewRecipient(r, "example.net", notify=notify) for r in ("bob@example.net", "carol@example.net")))
+    qid = await store.enqueue(msg)
+    [job] = await store.claim(100)
+    await store.settle(job, [RecipientUpdate(r.id, st, clock.t, None if st == "delivered" else "550 5.1.1 no such user")
+                             for r, st in zip(job.recipients, states)])
+    shown = await store.show(qid)
+    assert shown["state"] == outcome and shown["finished_at"] == clock.t
+    events = [h["event"] for h in shown["history"]]
+    assert ("dropped" in events) == (outcome == "dropped bounce")
 
 
 async def test_list_show_and_stats(store, clock):
