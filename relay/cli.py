@@ -159,12 +159,14 @@ def require_database(cfg: Config) -> None:
 CONFIG_PATH = "?"  # the config file in use, for messages (set by main)
 
 
-async def _with_stores(cfg: Config, fn, create: bool = False):
+async def _with_stores(cfg: Config, fn, create: bool = False, dkim: bool = False):
     from .store.factory import open_stores
     if not create:
         require_database(cfg)
     stores = await open_stores(cfg, role="cli")
     try:
+        if dkim:
+            return await fn(stores.credentials, stores.queue, stores.dkim)
         return await fn(stores.credentials, stores.queue)
     finally:
         await stores.close()
@@ -279,9 +281,7 @@ def cmd_domain(args: argparse.Namespace, cfg: Config) -> int:
             return EXIT_OK if ok else EXIT_REFUSED
         return EXIT_OK
 
-    async def with_dkim(creds, queue):
-        return await run(creds, queue, dkim_keys.DKIMStore(creds._conn))
-    return asyncio.run(_with_stores(cfg, with_dkim, create=args.action == "add"))
+    return asyncio.run(_with_stores(cfg, run, create=args.action == "add", dkim=True))
 
 
 def cmd_user(args: argparse.Namespace, cfg: Config) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sqlite3
 import hmac
 import os
 import secrets
@@ -21,9 +22,11 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from . import metrics
 from .config import CredentialsConfig
+from .store.contract import StoreRefusal, StoreUnavailable
+from .store.writer import GroupWriter
 
 
-class StoreError(Exception):
+class StoreError(StoreRefusal):
     """A refused or impossible operation; str() is the one line for the operator."""
 
 
@@ -105,8 +108,12 @@ def generate_password() -> str:
 
 class CredentialStore:
     def __init__(self, conn: aiosqlite.Connection, cfg: CredentialsConfig,
-                 executor: Executor | None = None, clock=time.time):
-        self._conn = conn
+                 executor: Executor | None = None, clock=time.time, writer: GroupWriter | None = None):
+        self._conn = conn          # reads
+        # Writes: the process's shared group-commit writer (the factory passes it), so no
+        # transaction is held on `conn` across awaits; a store built alone gets a private one.
+        self._own_writer = writer is None
+        self._writer = writer or GroupWriter(reader=conn)
         self._cfg = cfg
         self._executor = executor
         self._clock = clock
@@ -134,13 +141,22 @@ class CredentialStore:
 
     # ------------------------------------------------------------ domains
 
+    async def close(self) -> None:
+        await self.flush_logins(final=True)
+        if self._own_writer:
+            await self._writer.close()
+
     async def add_domain(self, domain: str) -> str:
         d = normalize_domain(domain)
-        try:
-            await self._conn.execute("INSERT INTO domains(name, created_at) VALUES (?, ?)", (d, self._clock()))
-            await self._conn.commit()
-        except aiosqlite.IntegrityError:
-            raise StoreError(f"domain {d} already exists") from None
+        now = self._clock()
+
+        def op(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute("INSERT INTO domains(name, created_at) VALUES (?, ?)", (d, now))
+            except sqlite3.IntegrityError:
+                raise StoreError(f"domain {d} already exists") from None
+
+        await self._writer.write(op)
         return d
 
     async def list_domains(self) -> list[dict]:
@@ -160,22 +176,21 @@ class CredentialStore:
         d = normalize_domain(domain)
         # One write transaction: the count we refuse on is the count we delete, even with a
         # `user add` running at the same time, and a crash never leaves half a removal.
-        await self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            if not (await self._conn.execute_fetchall("SELECT 1 FROM domains WHERE name = ?", (d,))):
+        from .dkim_keys import forget_domain_keys  # its table, its SQL (dkim_keys imports us)
+
+        def op(conn: sqlite3.Connection) -> int:
+            if not conn.execute("SELECT 1 FROM domains WHERE name = ?", (d,)).fetchall():
                 raise NotFound(f"domain {d} not found")
-            creds = (await self._conn.execute_fetchall(
-                "SELECT COUNT(*) AS n FROM credentials WHERE domain = ?", (d,)))[0]["n"]
-            if not force and (creds or queued):
-                raise StoreError(f"domain {d} still has {creds} credential(s) and {queued} queued message(s); "
+            n = conn.execute("SELECT COUNT(*) AS n FROM credentials WHERE domain = ?", (d,)).fetchone()["n"]
+            if not force and (n or queued):
+                raise StoreError(f"domain {d} still has {n} credential(s) and {queued} queued message(s); "
                                  "use --force to remove it anyway")
-            await self._conn.execute("DELETE FROM credentials WHERE domain = ?", (d,))
-            await self._conn.execute("DELETE FROM dkim_keys WHERE domain = ?", (d,))
-            await self._conn.execute("DELETE FROM domains WHERE name = ?", (d,))
-            await self._conn.commit()
-        except BaseException:
-            await self._conn.rollback()
-            raise
+            conn.execute("DELETE FROM credentials WHERE domain = ?", (d,))
+            forget_domain_keys(conn, d)
+            conn.execute("DELETE FROM domains WHERE name = ?", (d,))
+            return n
+
+        creds = await self._writer.write(op)
         self._cache.clear()
         return creds
 
@@ -216,19 +231,22 @@ class CredentialStore:
         self._check_password(user, password)
         hashed = await self._hash(password)
         now = self._clock()
-        try:
+        def op(conn: sqlite3.Connection) -> int:
             # The limit is checked inside the INSERT itself: two concurrent `user add` commands
             # (hashing takes a while) cannot both pass a separate count and exceed it.
-            cur = await self._conn.execute(
+            return conn.execute(
                 "INSERT INTO credentials(username, domain, hash, created_at, updated_at) "
                 "SELECT ?, ?, ?, ?, ? WHERE (SELECT COUNT(*) FROM credentials WHERE domain = ?) < ?",
-                (user, domain, hashed, now, now, domain, self._cfg.per_domain))
-            await self._conn.commit()
-        except aiosqlite.IntegrityError:
-            # Lost a race: another process added this user, or removed the domain, meanwhile.
+                (user, domain, hashed, now, now, domain, self._cfg.per_domain)).rowcount
+
+        try:
+            added = await self._writer.write(op)
+        except StoreUnavailable:
+            # Lost a race (another process added this user, or removed the domain, meanwhile:
+            # a constraint failed), or the store failed: say which.
             await self.check_can_add(user)
             raise
-        if cur.rowcount == 0:
+        if added == 0:
             raise self._limit_error(domain, await self._count(domain))
         return user
 
@@ -251,16 +269,16 @@ class CredentialStore:
             raise NotFound(f"credential {user} not found")
         self._check_password(user, password)
         hashed = await self._hash(password)
-        await self._conn.execute("UPDATE credentials SET hash = ?, updated_at = ? WHERE username = ?",
-                                 (hashed, self._clock(), user))
-        await self._conn.commit()
+        now = self._clock()
+        await self._writer.write(lambda conn: conn.execute(
+            "UPDATE credentials SET hash = ?, updated_at = ? WHERE username = ?", (hashed, now, user)))
         return user
 
     async def delete_user(self, username: str) -> str:
         user, _ = normalize_username(username)
-        cur = await self._conn.execute("DELETE FROM credentials WHERE username = ?", (user,))
-        await self._conn.commit()
-        if cur.rowcount == 0:
+        deleted = await self._writer.write(
+            lambda conn: conn.execute("DELETE FROM credentials WHERE username = ?", (user,)).rowcount)
+        if deleted == 0:
             raise NotFound(f"credential {user} not found")
         self._cache.pop(user, None)
         return user
@@ -322,12 +340,11 @@ class CredentialStore:
         try:
             new = await self._hash(password)
             # Only replace the hash we verified: a concurrent CLI reset wins.
-            cur = await self._conn.execute("UPDATE credentials SET hash = ? WHERE username = ? AND hash = ?",
-                                           (new, user, stored))
-            await self._conn.commit()
+            changed = await self._writer.write(lambda conn: conn.execute(
+                "UPDATE credentials SET hash = ? WHERE username = ? AND hash = ?", (new, user, stored)).rowcount)
             self._cache.pop(user, None)
-            return new if cur.rowcount == 1 else stored
-        except aiosqlite.Error:
+            return new if changed == 1 else stored
+        except StoreUnavailable:
             pass  # bookkeeping only: a busy database must not fail a good login
         return stored
 
@@ -381,9 +398,8 @@ class CredentialStore:
             return
         try:
             # MAX: a slower batch from another process never moves a login back in time.
-            await self._conn.executemany(
+            await self._writer.write(lambda conn: conn.executemany(
                 "UPDATE credentials SET last_login = MAX(COALESCE(last_login, 0), ?) WHERE username = ?",
-                [(t, u) for u, t in batch.items()])
-            await self._conn.commit()
-        except aiosqlite.Error:
+                [(t, u) for u, t in batch.items()]))
+        except StoreUnavailable:
             pass  # bookkeeping only: a busy database must not fail logins; the next login writes again

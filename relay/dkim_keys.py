@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     import dns.asyncresolver
 
 from .credentials import NotFound, StoreError, normalize_domain
+from .store.writer import GroupWriter
 
 ALGORITHMS = ("rsa", "ed25519")
 
@@ -72,10 +74,21 @@ def _row(r) -> DKIMKey:
                    bool(r["active"]))
 
 
+def forget_domain_keys(conn: sqlite3.Connection, domain: str) -> None:
+    """Inside a write transaction (a domain's removal): its keys go with it."""
+    conn.execute("DELETE FROM dkim_keys WHERE domain = ?", (domain,))
+
+
 class DKIMStore:
-    def __init__(self, conn: aiosqlite.Connection, clock=time.time):
-        self._conn = conn
+    def __init__(self, conn: aiosqlite.Connection, clock=time.time, writer: GroupWriter | None = None):
+        self._conn = conn          # reads
+        self._own_writer = writer is None
+        self._writer = writer or GroupWriter(reader=conn)  # writes, as every store's
         self._clock = clock
+
+    async def close(self) -> None:
+        if self._own_writer:
+            await self._writer.close()
 
     async def create(self, domain: str, *, algorithm: str = "rsa", rsa_bits: int = 2048,
                      selector: str = "") -> DKIMKey:
@@ -93,13 +106,16 @@ class DKIMStore:
             chosen = f"{base}{chr(ord('a') + n - 1)}" if n <= 26 else f"{base}-{n}"
         private, public = await asyncio.get_running_loop().run_in_executor(None, generate, algorithm, rsa_bits)
         now = self._clock()
-        await self._conn.execute("UPDATE dkim_keys SET active = 0 WHERE domain = ?", (d,))
-        await self._conn.execute(
-            "INSERT INTO dkim_keys(domain, selector, algorithm, private_key, public_key, created_at, active) "
-            "VALUES (?, ?, ?, ?, ?, ?, 1)", (d, chosen, algorithm, private, public, now))
-        # A new key must be published and verified again before mail relies on it.
-        await self._conn.execute("UPDATE domains SET verified_at = NULL WHERE name = ?", (d,))
-        await self._conn.commit()
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE dkim_keys SET active = 0 WHERE domain = ?", (d,))
+            conn.execute(
+                "INSERT INTO dkim_keys(domain, selector, algorithm, private_key, public_key, created_at, active) "
+                "VALUES (?, ?, ?, ?, ?, ?, 1)", (d, chosen, algorithm, private, public, now))
+            # A new key must be published and verified again before mail relies on it.
+            conn.execute("UPDATE domains SET verified_at = NULL WHERE name = ?", (d,))
+
+        await self._writer.write(op)
         return DKIMKey(d, chosen, algorithm, private, public, now, True)
 
     async def keys(self, domain: str) -> list[DKIMKey]:
@@ -120,13 +136,13 @@ class DKIMStore:
             raise NotFound(f"no DKIM key {selector} for {d}")
         if rows[0]["active"]:
             raise StoreError(f"{selector} is the active key of {d}; rotate first: relay domain dkim rotate {d}")
-        await self._conn.execute("DELETE FROM dkim_keys WHERE domain = ? AND selector = ?", (d, selector))
-        await self._conn.commit()
+        await self._writer.write(
+            lambda conn: conn.execute("DELETE FROM dkim_keys WHERE domain = ? AND selector = ?", (d, selector)))
 
     async def mark_verified(self, domain: str, verified: bool) -> None:
-        await self._conn.execute("UPDATE domains SET verified_at = ? WHERE name = ?",
-                                 (self._clock() if verified else None, normalize_domain(domain)))
-        await self._conn.commit()
+        when, d = (self._clock() if verified else None), normalize_domain(domain)
+        await self._writer.write(lambda conn: conn.execute("UPDATE domains SET verified_at = ? WHERE name = ?",
+                                                           (when, d)))
 
     async def is_verified(self, domain: str) -> bool:
         rows = await self._conn.execute_fetchall("SELECT verified_at FROM domains WHERE name = ?", (domain,))

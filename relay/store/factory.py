@@ -13,6 +13,8 @@ import aiosqlite
 
 from .. import db
 from ..config import Config
+from ..credentials import CredentialStore
+from ..dkim_keys import DKIMStore
 from .contract import LeaseOwner
 from .sqlite_queue import QueueStore
 from .writer import GroupWriter
@@ -27,13 +29,13 @@ def lease_owner(cfg: Config) -> LeaseOwner:
 class Stores:
     writer: GroupWriter
     queue: QueueStore
-    credentials: "object"
-    dkim: "object"
+    credentials: CredentialStore
+    dkim: DKIMStore
     lock: db.WriterLock
     _conns: list[aiosqlite.Connection] = field(default_factory=list)
 
     async def close(self) -> None:
-        await self.credentials.flush_logins(final=True)  # LAST LOGIN times still in memory
+        await self.credentials.close()  # LAST LOGIN times still in memory go first
         await self.writer.close()
         # An open aiosqlite connection keeps its thread, and the process, alive.
         for conn in self._conns:
@@ -45,9 +47,6 @@ async def open_stores(cfg: Config, *, role: str, executor: Executor | None = Non
                       on_enqueue: Callable[[], None] | None = None) -> Stores:
     """role: "serve" (acceptance: synchronous commits, its 250 promises the disk), "delivery"
     (bookkeeping: commits without their own fsync, see below) or "cli"."""
-    from ..credentials import CredentialStore
-    from ..dkim_keys import DKIMStore
-
     # Reads go through aiosqlite; the queue and the credential side get a connection each so a
     # long queue listing never delays an AUTH lookup.
     queue_conn = await db.open_async(cfg.storage.path)
@@ -63,8 +62,8 @@ async def open_stores(cfg: Config, *, role: str, executor: Executor | None = Non
         writer = GroupWriter(cfg.storage.path, writer_lock=lock, sync_commits=role != "delivery")
         queue = QueueStore(queue_conn, lease_seconds=cfg.delivery.lease_seconds, on_enqueue=on_enqueue,
                            writer=writer, owner=lease_owner(cfg))
-        creds = CredentialStore(cred_conn, cfg.credentials, executor)
-        dkim = DKIMStore(cred_conn)
+        creds = CredentialStore(cred_conn, cfg.credentials, executor, writer=writer)
+        dkim = DKIMStore(cred_conn, writer=writer)
     except BaseException:
         for conn in conns:
             await conn.close()

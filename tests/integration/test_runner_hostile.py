@@ -108,11 +108,13 @@ async def settled(store: QueueStore, qid: str, state: str, timeout: float = 20.0
 
 
 async def gone(store: QueueStore, qid: str, timeout: float = 20.0) -> None:
-    await until(lambda: _is_gone(store, qid), timeout, f"{qid} delivered and removed")
+    await until(lambda: _is_gone(store, qid), timeout, f"{qid} finished")
 
 
 async def _is_gone(store, qid):
-    return await store.show(qid) is None
+    """Out of the active queue: every recipient final (kept a while for `queue history`)."""
+    shown = await store.show(qid)
+    return shown is None or shown.get("finished_at") is not None
 
 
 def counter(c) -> float:

@@ -103,12 +103,14 @@ def submit_many(relay: RelayInstance, rcpt: str, n: int, prefix: str, threads: i
 
 
 def queue_show(relay: RelayInstance, qid: str) -> dict | None:
-    """`relay queue show QID --json`, or None once the message has left the queue."""
+    """`relay queue show QID --json` while the message is queued; None once it has left the
+    active queue (finished: kept a while for `relay queue history`, or purged)."""
     cp = relay.cli("queue", "show", qid, "--json")
     if cp.returncode == 1:
         return None
     assert cp.returncode == 0, cp.stderr
-    return json.loads(cp.stdout)
+    shown = json.loads(cp.stdout)
+    return None if shown.get("finished_at") is not None else shown
 
 
 def queue_list(relay: RelayInstance) -> list[dict]:

@@ -86,8 +86,8 @@ def test_asyncio_sslproto_internals():
     assert "self._app_transport" in src, "SSLProtocol._app_transport (the TLS transport sessions write to) is gone"
 
 
-def test_asyncio_stream_reader_internals():
-    reader = asyncio.StreamReader()
+async def test_asyncio_stream_reader_internals():
+    reader = asyncio.StreamReader()  # on a running loop: after other tests there is no default one
     assert isinstance(need(reader, "_buffer", "aiosmtpd clears it after STARTTLS"), bytearray)
     assert hasattr(reader, "_transport"), "StreamReader._transport is gone (aiosmtpd re-points it after STARTTLS)"
     need(reader, "feed_eof", "Session.eof_received")
@@ -103,6 +103,18 @@ def test_aiosmtplib_protocol_write_and_read_response():
     assert "timeout" in inspect.signature(read).parameters
     assert "self.transport = " in inspect.getsource(aiosmtplib.SMTP), \
         "aiosmtplib.SMTP.transport is gone (delivery.outbound reads the TLS version from it)"
+
+
+def test_aiosmtplib_flow_control_and_reply_internals():
+    """delivery.outbound._data times the body by write progress and keeps an early reply."""
+    proto_attrs = self_attributes(aiosmtplib.protocol.SMTPProtocol.__init__) | \
+        self_attributes(aiosmtplib.protocol.FlowControlMixin.__init__) | \
+        self_attributes(aiosmtplib.protocol.SMTPProtocol.connection_made)
+    for attr, why in (("_paused", "a paused writer means the kernel took no more: wait for progress"),
+                      ("_response_waiter", "an early reply mid-body ends the transfer"),
+                      ("_response_pending", "armed before the body so an early reply is kept")):
+        assert attr in proto_attrs, f"aiosmtplib SMTPProtocol.{attr} is gone: {why}"
+    need(aiosmtplib.protocol.FlowControlMixin, "_drain_helper", "the progress wait of _data")
 
 
 # ---------------------------------------------------------------- dkimpy
