@@ -54,7 +54,9 @@ def settings_from(cfg: Config) -> Settings:
     return Settings(
         hostname=cfg.server.hostname, limits=cfg.limits,
         trusted=tuple((ipaddress.ip_network(t.network, strict=False), tuple(t.domains)) for t in cfg.trusted_networks),
-        unverified_domains_refused=cfg.domains.require_verified, from_header=cfg.policy.from_header)
+        unverified_domains_refused=cfg.domains.require_verified, from_header=cfg.policy.from_header,
+        own_names=frozenset(n.lower() for n in (cfg.server.hostname, cfg.helo_hostname)
+                            if "." in n and n.lower() != "localhost"))
 
 
 def raise_fd_limit() -> None:

@@ -46,6 +46,9 @@ class Settings:
     trusted: tuple[tuple[Any, tuple[str, ...]], ...] = ()   # (ip_network, allowed domains)
     unverified_domains_refused: bool = False
     from_header: str = "domain"  # policy.from_header
+    # Our own host names (when they are real FQDNs): a client that says EHLO with one of them is
+    # our own outbound side come back (a loop through NAT or a forwarder), never a trusted client.
+    own_names: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -63,7 +66,9 @@ class ServerState:
     # Optional hook: (domain) -> awaitable bool, True when the domain has verified its DNS.
     domain_verified: Any = None
 
-    def trusted_principal(self, ip: str) -> Principal | None:
+    def trusted_principal(self, ip: str, helo: str | None = None) -> Principal | None:
+        if helo and helo.lower().rstrip(".") in self.settings.own_names:
+            return None
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
@@ -673,7 +678,7 @@ class Session(SMTP):
     def _principal_for_mail(self) -> Principal | Reply:
         if self.principal is not None:
             return self.principal
-        trusted = self.state.trusted_principal(self.client_ip)
+        trusted = self.state.trusted_principal(self.client_ip, self.helo)
         if trusted is not None:
             return trusted
         if not self.tls_active:
@@ -750,7 +755,7 @@ class Session(SMTP):
     async def smtp_RCPT(self, arg: str | None) -> None:
         if self.txn is None:
             if self._principal_for_mail() is not self.principal and self.principal is None \
-                    and self.state.trusted_principal(self.client_ip) is None:
+                    and self.state.trusted_principal(self.client_ip, self.helo) is None:
                 await self.reply(self._reject("auth_required", self._principal_for_mail()))
             else:
                 await self.reply(replies.NEED_MAIL)

@@ -518,6 +518,17 @@ def test_trusted_network_sends_without_auth_for_its_domains(trusted_relay):
     assert metric(inst, "relay_trusted_sessions_total") == before + 2
 
 
+def test_a_client_naming_us_in_ehlo_is_never_trusted(trusted_relay):
+    """Our own outbound side come back (a loop through a forwarder or NAT) says EHLO with our
+    name: inside a trusted network or not, it must authenticate like anyone else."""
+    with connect(trusted_relay, source="127.0.0.2") as c:
+        c.ehlo("relay.test")
+        assert c.cmd("MAIL FROM:<app@mg.example.com>").code == 530
+        c.cmd("RSET")
+        c.ehlo("app-server.internal")
+        assert c.cmd("MAIL FROM:<app@mg.example.com>").is_(replies.SENDER_OK)
+
+
 def test_outside_the_trusted_network_auth_is_still_required(trusted_relay):
     with connect(trusted_relay, source="127.0.0.9") as c:
         c.ehlo()
