@@ -22,7 +22,7 @@ from aiosmtpd.smtp import SMTP, sslproto
 
 from .. import headers, metrics, policy, replies
 from ..config import LimitsConfig
-from ..credentials import CredentialStore, Principal
+from ..credentials import CredentialStore, Principal, StoreError, normalize_username
 from ..logs import event
 from ..queue_store import NewMessage, NewRecipient, QueueStore, StorageFull, StoreUnavailable, new_queue_id
 from ..replies import Reply
@@ -72,6 +72,16 @@ class ServerState:
             if addr in net:
                 return Principal(f"trusted:{net}", domains, kind="trusted")
         return None
+
+
+def budget_username(login: bytes) -> str:
+    """The key a login's failures are counted under: the credential's normal form (case and
+    Unicode/IDNA domain folded), so spelling one username several ways buys no extra guesses."""
+    text = login.decode("utf-8", "replace")
+    try:
+        return normalize_username(text)[0]
+    except StoreError:
+        return text.strip().lower()[:320]
 
 
 @dataclass
@@ -563,8 +573,7 @@ class Session(SMTP):
             metrics.AUTH_ATTEMPTS.labels(mech, "aborted").inc()
             return
         login, password = (b"", b"") if isinstance(creds, Reply) else creds
-        # The budget key: the login as typed, folded like usernames are (case-insensitive).
-        username = login.decode("utf-8", "replace").strip().lower()[:320]
+        username = budget_username(login)
         refused = await throttle.acquire(self.client_ip, username)  # may wait for attempts in flight
         if refused is not None:
             await self._auth_refused(mech, username, refused)

@@ -86,8 +86,8 @@ def test_asyncio_sslproto_internals():
     assert "self._app_transport" in src, "SSLProtocol._app_transport (the TLS transport sessions write to) is gone"
 
 
-def test_asyncio_stream_reader_internals():
-    reader = asyncio.StreamReader()
+async def test_asyncio_stream_reader_internals():
+    reader = asyncio.StreamReader()  # in a running loop: 3.11 wants one
     assert isinstance(need(reader, "_buffer", "aiosmtpd clears it after STARTTLS"), bytearray)
     assert hasattr(reader, "_transport"), "StreamReader._transport is gone (aiosmtpd re-points it after STARTTLS)"
     need(reader, "feed_eof", "Session.eof_received")
