@@ -125,7 +125,7 @@ class Daemon:
                                      tls_context=tls_context,
                                      throttle=AuthThrottle(cfg.limits),
                                      domain_verified=self.dkim.is_verified)
-            self.bound = await listeners.start(self.state, cfg.listeners, tls_context)
+            self.bound = await listeners.start(self.state, cfg.listeners)
             self.refusal_servers = await refusal.start(cfg.refusal, self.state)
             # Delivery starts once the listeners are bound: it must know their real addresses
             # and ports (port 0 included) to recognise an MX that is this relay (a mail loop).

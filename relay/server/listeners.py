@@ -17,7 +17,6 @@ import asyncio
 import errno
 import logging
 import socket
-import ssl
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -148,7 +147,8 @@ def listen_socket(what: str, address: str, port: int) -> socket.socket:
         raise bind_error(what, address, port, exc) from None
 
 
-async def start(state: ServerState, listeners: tuple[Listener, ...], tls_context: ssl.SSLContext) -> list[Bound]:
+async def start(state: ServerState, listeners: tuple[Listener, ...]) -> list[Bound]:
+    """Bind and start accepting on every listener; sessions take their TLS context from `state`."""
     bound: list[Bound] = []
     try:
         for lst in listeners:

@@ -22,7 +22,7 @@ from aiosmtpd.smtp import SMTP, sslproto
 
 from .. import headers, metrics, policy, replies
 from ..config import LimitsConfig
-from ..credentials import CredentialStore, Principal
+from ..credentials import CredentialStore, Principal, StoreError, normalize_username
 from ..logs import event
 from ..store.contract import NewMessage, NewRecipient, QueueStore, StorageFull, StoreUnavailable, new_queue_id
 from ..replies import Reply
@@ -62,6 +62,22 @@ class ServerState:
     sessions: set = field(default_factory=set)
     per_ip: dict[str, int] = field(default_factory=dict)
     handshakes: int = 0  # TLS handshakes in progress, capped by limits.tls_handshakes
+    # (client, reason) -> [last logged (monotonic), refusals not logged since]: see refusal_logged.
+    refusals_logged: dict[tuple[str, str], list] = field(default_factory=dict)
+
+    def refusal_logged(self, ip: str, reason: str, now: float, interval: float = 60.0) -> int | None:
+        """Rate-limits connection_refused lines to one per client and reason per interval: a flood
+        of connections past a cap must not bury the lines fail2ban reads. None: stay quiet;
+        otherwise log now, with this many refusals since the last line."""
+        entry = self.refusals_logged.get((ip, reason))
+        if entry is not None and now - entry[0] < interval:
+            entry[1] += 1
+            return None
+        if entry is None and len(self.refusals_logged) >= 10_000:
+            self.refusals_logged.clear()
+        suppressed = entry[1] if entry is not None else 0
+        self.refusals_logged[(ip, reason)] = [now, 0]
+        return suppressed
     draining: bool = False
     # Optional hook: (domain) -> awaitable bool, True when the domain has verified its DNS.
     domain_verified: Any = None
@@ -77,6 +93,16 @@ class ServerState:
             if addr in net:
                 return Principal(f"trusted:{net}", domains, kind="trusted")
         return None
+
+
+def budget_username(login: bytes) -> str:
+    """The key a login's failures are counted under: the credential's normal form (case and
+    Unicode/IDNA domain folded), so spelling one username several ways buys no extra guesses."""
+    text = login.decode("utf-8", "replace")
+    try:
+        return normalize_username(text)[0]
+    except StoreError:
+        return text.strip().lower()[:320]
 
 
 @dataclass
@@ -193,7 +219,7 @@ class Session(SMTP):
         limits = st.settings.limits
         refuse = None
         if st.draining:
-            refuse = replies.SHUTTING_DOWN
+            refuse, reason = replies.SHUTTING_DOWN, "draining"
         elif len(st.sessions) >= limits.connections:
             refuse, reason = replies.TOO_MANY_CONNECTIONS, "global"
         elif st.per_ip.get(self.client_ip, 0) >= limits.connections_per_ip:
@@ -201,7 +227,10 @@ class Session(SMTP):
         if refuse is not None:
             if refuse is not replies.SHUTTING_DOWN:
                 metrics.CONNECTIONS_REFUSED.labels(reason).inc()
-            event(log, "connection_refused", client=self.client_ip, listener=self.listener_name, reply=str(refuse))
+            suppressed = st.refusal_logged(self.client_ip, reason, time.monotonic())
+            if suppressed is not None:
+                event(log, "connection_refused", client=self.client_ip, listener=self.listener_name, reason=reason,
+                      reply=str(refuse), unlogged_since_last=suppressed or None)
             if self._handler_coroutine is not None:
                 self._handler_coroutine.cancel()
             if not self.implicit_tls:  # a TLS client would read a plain-text reply as a protocol error
@@ -568,8 +597,7 @@ class Session(SMTP):
             metrics.AUTH_ATTEMPTS.labels(mech, "aborted").inc()
             return
         login, password = (b"", b"") if isinstance(creds, Reply) else creds
-        # The budget key: the login as typed, folded like usernames are (case-insensitive).
-        username = login.decode("utf-8", "replace").strip().lower()[:320]
+        username = budget_username(login)
         refused = await throttle.acquire(self.client_ip, username)  # may wait for attempts in flight
         if refused is not None:
             await self._auth_refused(mech, username, refused)

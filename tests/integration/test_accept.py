@@ -49,6 +49,8 @@ def test_silent_implicit_tls_flood_is_capped_per_ip_at_accept(relay):
         wait_until(lambda: metric(relay, "relay_sessions_active") == 0, timeout=20, what="silent sessions dropped")
         assert len(relay.events_named("tls_failed", client=flooder, error="deadline")) == 5
         assert len(held) == 40
+    # 35 refusals, one log line (rate-limited per client and reason): the flood does not bury the log.
+    assert len(relay.events_named("connection_refused", client=flooder, reason="per_ip")) == 1
     # No traceback reached the log.
     assert not [line for line in relay.raw_log if "Traceback" in line]
 

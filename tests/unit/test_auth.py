@@ -226,3 +226,15 @@ async def test_acquire_waits_for_attempts_in_flight_instead_of_refusing():
     th.failure("ip", "u")            # second failure in the window: locked
     th.end("ip", "u")
     assert await th.acquire("ip", "u") == PAIR
+
+
+@pytest.mark.parametrize("login, key", [
+    (b"App@MG.Example.com", "app@mg.example.com"),
+    (" app@bücher.example".encode(), "app@xn--bcher-kva.example"),   # one username, one budget
+    (b"app@xn--bcher-kva.example", "app@xn--bcher-kva.example"),
+    (b"Not A Username", "not a username"),
+    (b"\xff\xfe", "\ufffd\ufffd"),
+])
+def test_failures_are_counted_under_the_credentials_normal_form(login, key):
+    from relay.server.session import budget_username
+    assert budget_username(login) == key
