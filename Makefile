@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 CONFIG ?= config/relay.toml
+# `make install`: relay in a virtualenv of its own under $(PREFIX)/lib/relay, and the
+# `relay` command linked into $(PREFIX)/bin (on PATH); DESTDIR for staged installs.
+PREFIX ?= /usr/local
 
-.PHONY: run test bench venv test-venv clean
+.PHONY: run test bench venv test-venv install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +34,14 @@ test: $(VENV)/.installed-test
 BENCH_ARGS ?= --compare-postfix
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+install:
+	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)/lib/relay
+	$(DESTDIR)$(PREFIX)/lib/relay/bin/pip install -q --upgrade pip
+	$(DESTDIR)$(PREFIX)/lib/relay/bin/pip install -q .
+	install -d $(DESTDIR)$(PREFIX)/bin
+	ln -sf $(PREFIX)/lib/relay/bin/relay $(DESTDIR)$(PREFIX)/bin/relay
+	@echo "installed: $(PREFIX)/bin/relay (run it where config/relay.toml is, or give -c / RELAY_CONFIG)"
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

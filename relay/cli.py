@@ -46,8 +46,9 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-# The command as the user ran it (set by main): hints must be pasteable as they are, and a bare
-# `relay` is wrong for someone who ran .venv/bin/relay, or who needed -c to reach this config.
+# The command as the user ran it (set once by main, like argparse's prog): hints must be
+# pasteable as they are, and a bare `relay` is wrong for someone who ran .venv/bin/relay, or
+# who needed -c to reach this config.
 PROG = "relay"
 _HINT = re.compile(r"\brelay (?=(?:domain|user|queue|cert|check-config|status|serve)\b)")
 
@@ -367,7 +368,6 @@ def cmd_queue(args: argparse.Namespace, cfg: Config) -> int:
                 raise CLIError("give a queue ID or --all", EXIT_USAGE)
             if args.id and not await queue.show(args.id):
                 raise NotFound(f"message {args.id} not in the queue")
-            # (a finished message has no recipient left to retry: 0 due now, said below)
             n = await queue.retry(None if args.all else args.id)
             emit(args, {"due_now": n}, f"{n} recipient(s) due now (a running relay picks them up within 2 s)")
             return EXIT_OK

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay.daemon")
 # How often finished messages past storage.finished_retention are deleted.
 PURGE_INTERVAL = 30.0
+PURGE_BATCH, PURGE_PAUSE = 200, 0.05
 
 
 def sd_notify(message: str) -> None:
@@ -206,8 +207,10 @@ class Daemon:
         while True:
             try:
                 before = time.time() - self.cfg.storage.finished_retention
-                while await self.queue.purge_finished(before) > 0:
-                    await asyncio.sleep(0)  # bounded batches: acceptance gets the writer in between
+                # Small batches with a pause between: this shares the writer (and the writer
+                # lock) with acceptance, and 200 deletions hold it ~5-25 ms (1000: ~70 ms).
+                while await self.queue.purge_finished(before, limit=PURGE_BATCH) > 0:
+                    await asyncio.sleep(PURGE_PAUSE)
             except Exception:  # noqa: BLE001 - a busy store now is fine: the next sweep catches up
                 log.debug("purging finished messages failed", exc_info=True)
             await asyncio.sleep(PURGE_INTERVAL)

@@ -188,6 +188,19 @@ def test_unresolvable_recipient_shows_in_the_queue_history(make_relay, dns_serve
     assert {e["level"] for e in relay.events_named("delivery", qid=qid)} == {"warning"}
 
 
+def test_finished_messages_are_purged_after_the_retention(make_relay, dns_server):
+    relay = make_relay(start=False, dns=dns_server.address, config={"storage": {"finished_retention": 0}})
+    relay.add_user(USER, PASSWORD)
+    relay.start()
+    qid = relay.submit(USER, PASSWORD, USER, ["you@nowhere.example"], b"Subject: gone\r\n\r\nhello\r\n")
+    assert relay.wait_event("delivery", qid=qid, result="failed")
+    assert relay.wait_event("bounce_dropped")  # its bounce finished too: nothing left to finish later
+    relay.restart()  # the daemon sweeps at start (then every 30 s)
+    wait_until(lambda: json.loads(relay.cli("queue", "history", "--json", check=True).stdout) == [],
+               what="the finished messages to be purged")
+    error_line(relay.cli("queue", "show", qid), 1, "not in the queue nor among the messages finished in the last 0s")
+
+
 # ------------------------------------------------------------------ 5. hints print the command run
 
 def test_hints_print_the_command_actually_run(tmp_path):
