@@ -101,6 +101,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE messages ADD COLUMN finished_at REAL;
     CREATE INDEX messages_finished ON messages(finished_at) WHERE finished_at IS NOT NULL;
     """,
+    # 6: large bodies live in files in the spool directory (path: the file's name there; data
+    # then holds only the header block, for `queue show` and DSNs); the DKIM-Signature field is
+    # kept apart (prefix) and sent before the content, so signing never rewrites the body
+    """
+    ALTER TABLE bodies ADD COLUMN path TEXT;
+    ALTER TABLE bodies ADD COLUMN prefix BLOB;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
