@@ -107,6 +107,7 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE bodies ADD COLUMN path TEXT;
     ALTER TABLE bodies ADD COLUMN prefix BLOB;
+    ALTER TABLE bodies ADD COLUMN ascii INTEGER;               -- spooled content all ASCII (1), or 0
     """,
 ]
 

@@ -149,26 +149,37 @@ def signature(head: bytes, body_hash: bytes, key: DKIMKey, now: float | None = N
     return b"DKIM-Signature: " + d.gen_header(fields, include, canon, b"DKIM-Signature", pk)
 
 
+class _HeadSplit:
+    """Splits the content's pieces into the header block (kept, with its empty line) and the
+    body (handed on for hashing): the empty line may straddle two pieces."""
+
+    def __init__(self) -> None:
+        self.head = bytearray()
+        self.in_head = True
+
+    def feed(self, piece: bytes) -> bytes:
+        """What of `piece` is body (b"" while the header block goes on)."""
+        if not self.in_head:
+            return piece
+        start = max(0, len(self.head) - 3)
+        self.head += piece
+        i = self.head.find(b"\r\n\r\n", start)
+        if i < 0:
+            return b""  # no empty line yet (or at all: then all is header, the body empty)
+        rest = bytes(self.head[i + 4:])
+        del self.head[i + 4:]
+        self.in_head = False
+        return rest
+
+
 def _head_and_hash(pieces) -> tuple[bytes, bytes]:
     """(header block with its empty line, relaxed body hash) from the content's pieces."""
-    head = bytearray()
-    h = RelaxedBodyHash()
-    in_head = True
+    split, h = _HeadSplit(), RelaxedBodyHash()
     for piece in pieces:
-        if in_head:
-            start = max(0, len(head) - 3)
-            head += piece
-            i = head.find(b"\r\n\r\n", start)
-            if i < 0:
-                continue
-            rest = bytes(head[i + 4:])
-            del head[i + 4:]
-            in_head = False
-            if rest:
-                h.update(rest)
-        else:
-            h.update(piece)
-    return bytes(head), h.digest()  # no empty line at all: all header, an empty body
+        body = split.feed(piece)
+        if body:
+            h.update(body)
+    return bytes(split.head), h.digest()
 
 
 def sign(message: bytes, key: DKIMKey) -> bytes:
@@ -199,21 +210,10 @@ class Signer:
         loop = asyncio.get_running_loop()
         if body.data is not None:  # in memory (small): one hop does it all
             return await loop.run_in_executor(self._executor, self._sign_whole, body.data, key), key.selector
-        head = bytearray()
-        h = RelaxedBodyHash()
-        in_head = True
+        split, h = _HeadSplit(), RelaxedBodyHash()
         async for piece in body.chunks():
-            if in_head:
-                start = max(0, len(head) - 3)
-                head += piece
-                i = head.find(b"\r\n\r\n", start)
-                if i < 0:
-                    continue
-                piece = bytes(head[i + 4:])
-                del head[i + 4:]
-                in_head = False
-                if not piece:
-                    continue
-            await loop.run_in_executor(self._executor, h.update, piece)
-        sig = await loop.run_in_executor(self._executor, signature, bytes(head), h.digest(), key)
+            rest = split.feed(piece)
+            if rest:
+                await loop.run_in_executor(self._executor, h.update, rest)
+        sig = await loop.run_in_executor(self._executor, signature, bytes(split.head), h.digest(), key)
         return sig, key.selector

@@ -28,6 +28,7 @@ class Body:
     data: bytes | None = None
     path: str | None = None
     size: int = 0  # of the content, without the prefix
+    ascii: bool | None = None  # known at acceptance for a spooled body; None: look
 
     @classmethod
     def of(cls, data: "bytes | Body") -> "Body":
@@ -68,6 +69,8 @@ class Body:
             await asyncio.to_thread(f.close)
 
     async def is_ascii(self) -> bool:
+        if self.ascii is not None:
+            return self.ascii and self.prefix.isascii()
         async for piece in self.chunks():
             if not piece.isascii():
                 return False

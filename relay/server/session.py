@@ -89,6 +89,7 @@ class Transaction:
 # A header section is parsed whole (Bcc removal, Message-ID, DKIM): past this much without its
 # end the message is refused rather than held (Postfix's header_size_limit is 100 KB).
 HEADER_LIMIT = 1_048_576
+DATA_READ_LIMIT = 65_536
 
 
 class _Incoming:
@@ -108,6 +109,7 @@ class _Incoming:
         self.file: SpoolFile | None = None
         self.fields: list[bytes] = []        # the header fields as received, once spooled
         self.head = b""                      # the prepared header block, kept in the row
+        self.ascii = True                    # every spooled byte so far is ASCII (BODY=8BITMIME later)
         self.enqueued = False
 
     def step_count(self, data: policy.DataState) -> None:
@@ -150,16 +152,21 @@ class _Incoming:
                 del buf, parts
                 data.discard()
                 self.file = SpoolFile(self.state.spool_dir, self.qid)
-                await self.file.write(prepared)
+                await self._write(prepared)
             else:
                 chunk = bytes(data.buf)
                 data.discard()
-                await self.file.write(chunk)
+                await self._write(chunk)
         except OSError as exc:
-            event(log, "spool_failed", logging.ERROR, qid=self.qid, error=str(exc))
-            data.problem = (replies.STORAGE_FULL if exc.errno in (errno.ENOSPC, errno.EDQUOT)
-                            else replies.INTERNAL_ERROR)
+            full = self._failed(exc)
+            data.problem = replies.STORAGE_FULL if full else replies.INTERNAL_ERROR
             data.discard()
+
+    async def _write(self, chunk: bytes) -> None:
+        # Known now, so delivery need not read the file once more to choose BODY=8BITMIME.
+        self.ascii = self.ascii and chunk.isascii()
+        assert self.file is not None
+        await self.file.write(chunk)
 
     async def finish(self, data: policy.DataState) -> None:
         """The end of DATA: the rest goes to the file (if spooling), then the file is synced."""
@@ -169,12 +176,18 @@ class _Incoming:
             if data.buf:
                 chunk = bytes(data.buf)
                 data.discard()
-                await self.file.write(chunk)
+                await self._write(chunk)
             await self.file.commit()
         except OSError as exc:
-            event(log, "spool_failed", logging.ERROR, qid=self.qid, error=str(exc))
-            raise (StorageFull(str(exc)) if exc.errno in (errno.ENOSPC, errno.EDQUOT)
-                   else StoreUnavailable(f"spool: {exc}")) from None
+            raise (StorageFull(str(exc)) if self._failed(exc) else StoreUnavailable(f"spool: {exc}")) from None
+
+    def _failed(self, exc: OSError) -> bool:
+        """Log and count a spool write that failed (the store's own error metric: the operator
+        watches one); True when the disk is full."""
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        metrics.STORE_ERRORS.labels("full" if full else "unavailable").inc()
+        event(log, "spool_failed", logging.ERROR, qid=self.qid, error=str(exc))
+        return full
 
     async def drop(self) -> None:
         """Not queued (refused, failed, disconnected): the file goes."""
@@ -894,6 +907,18 @@ class Session(SMTP):
         ends DATA: "\n.\n", "\r.\r" and friends are content.
         """
         reader = self._reader
+        # A larger reader limit while DATA runs: with the command-line limit (12 KB) a 1 MB body
+        # took ~85 LimitOverrunError round trips and as many transport pause/resume pairs. The
+        # reader holds at most twice this before it stops reading the socket.
+        saved_limit = reader._limit
+        reader._limit = max(saved_limit, DATA_READ_LIMIT)
+        try:
+            return await self._read_data_blocks(reader, data, hard_cap, incoming)
+        finally:
+            reader._limit = saved_limit
+
+    async def _read_data_blocks(self, reader: asyncio.StreamReader, data: policy.DataState, hard_cap: int,
+                                incoming: _Incoming) -> bool:
         pending = bytearray()
         # `pending` begins right after a CRLF (or at the start of DATA), so a lone ".\r\n" in it ends DATA.
         after_crlf = True
@@ -1031,7 +1056,8 @@ class Session(SMTP):
             recipients=tuple(NewRecipient(str(a), a.ascii_domain, p.notify, p.orcpt) for a, p in txn.recipients),
             data=message, auth_user=txn.principal.username, client_ip=self.client_ip,
             ret=txn.params.ret, envid=txn.params.envid, smtputf8=txn.params.smtputf8, queue_id=qid,
-            dkim_domain=sign_domain, spool_file=qid if spooled else None, spool_size=size if spooled else 0)
+            dkim_domain=sign_domain, spool_file=qid if spooled else None, spool_size=size if spooled else 0,
+            spool_ascii=incoming.ascii)
         await self.state.queue.enqueue(new)
         incoming.enqueued = True
         metrics.MESSAGE_SIZE.observe(size)

@@ -79,6 +79,7 @@ class NewMessage:
     # directory and its size; `data` then holds only the header block.
     spool_file: str | None = None
     spool_size: int = 0
+    spool_ascii: bool = False      # the spooled bytes are all ASCII (delivery then skips a scan)
 
     @property
     def size(self) -> int:

@@ -79,7 +79,8 @@ class QueueStore:
             "dkim_domain) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (qid, msg.sender, now, msg.size, msg.auth_user, msg.client_ip, msg.ret, msg.envid, int(msg.smtputf8),
              msg.dkim_domain))
-        conn.execute("INSERT INTO bodies(id, data, path) VALUES (?, ?, ?)", (qid, msg.data, msg.spool_file))
+        conn.execute("INSERT INTO bodies(id, data, path, ascii) VALUES (?, ?, ?, ?)",
+                     (qid, msg.data, msg.spool_file, int(msg.spool_ascii) if msg.spool_file else None))
         conn.executemany(
             "INSERT INTO recipients(msg_id, rcpt, route, state, next_attempt_at, notify, orcpt, updated_at) "
             "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
@@ -212,13 +213,15 @@ class QueueStore:
             return spool.Body(prefix, data, None, len(data))
         if self.spool_dir is None:
             raise StoreUnavailable("a spooled body, but this store has no spool directory")
-        return spool.Body(prefix, None, os.path.join(self.spool_dir, row["path"]), row["size"] - len(prefix))
+        return spool.Body(prefix, None, os.path.join(self.spool_dir, row["path"]), row["size"] - len(prefix),
+                          ascii=bool(row["ascii"]) if row["ascii"] is not None else None)
 
     async def body(self, msg_id: str, limit: int = 1_048_576) -> bytes | None:
         """The message as sent (signature included): whole when at most `limit` bytes (or held in
         the row), else the header block only (what `queue show` and a DSN's RET=HDRS need)."""
         rows = await self._conn.execute_fetchall(
-            "SELECT b.data, b.path, b.prefix, m.size FROM bodies b JOIN messages m ON m.id = b.id WHERE b.id = ?",
+            "SELECT b.data, b.path, b.prefix, b.ascii, m.size FROM bodies b JOIN messages m ON m.id = b.id "
+            "WHERE b.id = ?",
             (msg_id,))
         if not rows:
             return None
@@ -235,7 +238,7 @@ class QueueStore:
         """(body, domain to DKIM-sign for if it is still unsigned), read together: a job of the same
         message for another destination may have stored the signature since this job's claim."""
         rows = await self._conn.execute_fetchall(
-            "SELECT b.data, b.path, b.prefix, m.size, m.dkim_domain FROM bodies b JOIN messages m ON m.id = b.id "
+            "SELECT b.data, b.path, b.prefix, b.ascii, m.size, m.dkim_domain FROM bodies b JOIN messages m ON m.id = b.id "
             "WHERE b.id = ? AND m.finished_at IS NULL", (msg_id,))
         return (self._body_of(rows[0]), rows[0]["dkim_domain"]) if rows else (None, None)
 
