@@ -14,6 +14,10 @@ Scenarios (see README "Benchmark"):
   6  hostile destination: a backlog of 2,400 messages to a tarpit that stalls at RCPT, then a
      steady flow to a healthy domain (MX mode, loopback DNS): the healthy flow's latency p50/p99
      and throughput, the tarpit's most concurrent connections; sink counts checked
+  7  large messages, relay and Postfix interleaved rep by rep (trusted network, no TLS/AUTH, both
+     relaying to the sink): (a) 50 clients each send one 10 MB message at once: peak PSS of all
+     processes of each MTA, how long after the last delivery it came back within 50 MB of the
+     start (watched up to 60 s; pss_end: when the watch ended); (b) `smtp-source -s 20 -l 1048576`: msgs/s end to end and CPU-ms a message
 """
 from __future__ import annotations
 
@@ -477,6 +481,168 @@ async def _idle(port: int, n: int, pid: int) -> dict:
             "banner_p50_ms": pct(lat, 50) * 1000, "banner_max_ms": max(lat) * 1000}
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU of a process and of its children, live (their own and their reaped children's) and
+    reaped (cutime/cstime): Postfix's smtpd/cleanup/smtp come and go during a run."""
+    def cpu_of(p: int) -> float:
+        f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in family(pid):
+        try:
+            total += cpu_of(p)
+        except OSError:
+            pass
+    return total
+
+
+class PssSampler:
+    """Samples the summed PSS of a process family (re-listed each time: children come and go)."""
+
+    def __init__(self, pid_of) -> None:
+        self.pid_of = pid_of
+        self.samples: list[tuple[float, float]] = []  # (monotonic time, MB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def now_mb(self) -> float:
+        pid = self.pid_of()
+        return family_pss_kb(family(pid)) / 1024 if pid else 0.0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), self.now_mb()))
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> "PssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self) -> float:
+        return max((mb for _, mb in self.samples), default=0.0)
+
+
+async def _plain_burst(port: int, clients: int, data: bytes, time_limit: float) -> tuple[int, int]:
+    """`clients` connections at once, each one message (no TLS/AUTH: a trusted network). (accepted, errors)."""
+    accepted = errors = 0
+    stuffed = data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+    async def one() -> None:
+        nonlocal accepted, errors
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+            try:
+                await _expect(r, b"220")
+                w.write(b"EHLO bench.client\r\n")
+                await _expect(r, b"250")
+                w.write(f"MAIL FROM:<{USER}>\r\nRCPT TO:<{RCPT}>\r\nDATA\r\n".encode())
+                await _expect(r, b"250")
+                await _expect(r, b"250")
+                await _expect(r, b"354")
+                w.write(stuffed)
+                await w.drain()
+                await _expect(r, b"250")
+                accepted += 1
+                w.write(b"QUIT\r\n")
+                await _reply(r)
+            finally:
+                w.close()
+        except (OSError, RuntimeError, ConnectionError) as exc:
+            errors += 1
+            if errors <= 3:
+                print(f"  client error: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    await asyncio.wait_for(asyncio.gather(*(one() for _ in range(clients))), time_limit)
+    return accepted, errors
+
+
+def large_burst(port: int, pid_of, sink: Sink, clients: int, size: int, settle: float) -> dict:
+    """Scenario 7a against whatever listens on `port` (its processes: family(pid_of()))."""
+    data = make_message(size, 0)
+    base = sink.count
+    sampler = PssSampler(pid_of)
+    start_mb = sampler.now_mb()
+    with sampler:
+        t0 = time.monotonic()
+        accepted, errors = asyncio.run(_plain_burst(port, clients, data, 600))
+        end = sink.wait_for(base + accepted, timeout=600)
+        delivered = sink.count - base
+        done = time.monotonic()
+        # After the burst: how far memory comes back within `settle` seconds.
+        # Watched until it is back within 50 MB of the start, for at most `settle` seconds.
+        back_at = None
+        while time.monotonic() < done + settle:
+            if sampler.now_mb() <= start_mb + 50:
+                back_at = time.monotonic() - done
+                break
+            time.sleep(0.5)
+    after = sampler.now_mb()
+    return {"accepted": accepted, "errors": errors, "delivered": delivered,
+            "seconds": (end or done) - t0, "start_pss_mb": start_mb, "peak_pss_mb": sampler.peak(),
+            "pss_end_mb": after, "back_within_50mb_s": back_at}
+
+
+def scenario7a_relay(workdir: Path, sink: Sink, clients: int, size: int, settle: float, dkim: bool) -> dict:
+    relay = start_relay(workdir, sink, trusted=True, dkim=dkim)
+    try:
+        r = large_burst(relay.port, lambda: relay.proc.pid, sink, clients, size, settle)
+        db = relay.config["storage"]["path"]
+        r["db_mb_after"] = sum(os.path.getsize(p) for p in (db, db + "-wal") if os.path.exists(p)) / 1e6
+        spool = Path(db + ".spool")
+        # The sink counts a message before the relay has settled it (and unlinked its file).
+        deadline = time.monotonic() + 10
+        while spool.exists() and os.listdir(spool) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        r["spool_files_after"] = len(os.listdir(spool)) if spool.exists() else 0
+        return r
+    finally:
+        relay.stop()
+
+
+def scenario7a_postfix(workdir: Path, sink: Sink, clients: int, size: int, settle: float) -> dict:
+    pf = Postfix(workdir, sink)
+    try:
+        return large_burst(pf.port, pf.master_pid, sink, clients, size, settle)
+    finally:
+        pf.stop()
+
+
+def scenario7b(port: int, pid: int, sink: Sink, messages: int, size: int) -> dict:
+    cpu0 = tree_cpu(pid)
+    acc, e2e = run_smtp_source(port, sink, messages, 20, size)
+    cpu = tree_cpu(pid) - cpu0
+    return {"accepted_per_s": acc, "end_to_end_per_s": e2e, "cpu_ms_per_msg": cpu / messages * 1000}
+
+
+def scenario7b_relay(workdir: Path, sink: Sink, messages: int, size: int) -> dict:
+    relay = start_relay(workdir, sink, trusted=True, dkim=False)
+    try:
+        return scenario7b(relay.port, relay.proc.pid, sink, messages, size)
+    finally:
+        relay.stop()
+
+
+def scenario7b_postfix(workdir: Path, sink: Sink, messages: int, size: int) -> dict:
+    pf = Postfix(workdir, sink)
+    try:
+        pid = pf.master_pid()
+        assert pid is not None
+        return scenario7b(pf.port, pid, sink, messages, size)
+    finally:
+        pf.stop()
+
+
+def _median_line(runs: list[dict], key: str) -> str:
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    if not vals:
+        return f"{key} -"
+    return f"{key} {fmt(statistics.median(vals))} [{fmt(min(vals))}-{fmt(max(vals))}]"
+
+
 def scenario5(workdir: Path, sink: Sink, n: int) -> dict:
     relay = start_relay(workdir, sink)
     try:
@@ -672,6 +838,12 @@ def main() -> int:
     p.add_argument("--hostile-rate", type=float, default=20.0, help="healthy msgs/s for scenario 6")
     p.add_argument("--hostile-seconds", type=float, default=30.0, help="length of the healthy flow (scenario 6)")
     p.add_argument("--hostile-repeat", type=int, default=3, help="repetitions of scenario 6 (median [min-max])")
+    p.add_argument("--large-clients", type=int, default=50, help="scenario 7a: concurrent large messages")
+    p.add_argument("--large-size", type=int, default=10_000_000, help="scenario 7a: bytes a message")
+    p.add_argument("--large-settle", type=float, default=60.0, help="scenario 7a: seconds watched after the burst")
+    p.add_argument("--mb-messages", type=int, default=500, help="scenario 7b: 1 MB messages a run")
+    p.add_argument("--large-repeat", type=int, default=3, help="repetitions of scenario 7 (median [min-max])")
+    p.add_argument("--large-dkim", action="store_true", help="scenario 7a: also the relay signing DKIM")
     p.add_argument("--compare-postfix", action="store_true")
     p.add_argument("--json", help="also write results to this file")
     args = p.parse_args()
@@ -766,6 +938,40 @@ def main() -> int:
                 print(f"[6] rep {i + 1} relay: " + ", ".join(f"{k}={fmt(v)}" for k, v in r.items()))
             results["scenario6"] = runs
             print_scenario6("relay", runs["relay"], cmd)
+        if 7 in scen:
+            cmd = (f"bench/run.py --scenarios 7 --large-clients {args.large_clients} --large-size {args.large_size} "
+                   f"--large-settle {args.large_settle:g} --mb-messages {args.mb_messages} --large-repeat "
+                   f"{args.large_repeat}" + (" --large-dkim" if args.large_dkim else "")
+                   + (" --compare-postfix" if args.compare_postfix else ""))
+            print(f"[7] {cmd}")
+            pf_ok = args.compare_postfix and shutil.which("postfix") and shutil.which("smtp-source")
+            kinds = ["relay"] + (["relay+dkim"] if args.large_dkim else []) + (["postfix"] if pf_ok else [])
+            a_runs: dict[str, list[dict]] = {k: [] for k in kinds}
+            b_runs: dict[str, list[dict]] = {k: [] for k in kinds if k != "relay+dkim"}
+            for i in range(args.large_repeat):  # interleaved: each rep runs every MTA once
+                for k in kinds:
+                    wd = tmp / f"s7a-{k}-{i}"
+                    if k == "postfix":
+                        r = scenario7a_postfix(wd, sink, args.large_clients, args.large_size, args.large_settle)
+                    else:
+                        r = scenario7a_relay(wd, sink, args.large_clients, args.large_size, args.large_settle,
+                                             dkim=k == "relay+dkim")
+                    a_runs[k].append(r)
+                    print(f"[7a] rep {i + 1} {k}: " + ", ".join(f"{x}={fmt(v)}" for x, v in r.items()))
+                for k in b_runs:
+                    wd = tmp / f"s7b-{k}-{i}"
+                    r = (scenario7b_postfix if k == "postfix" else scenario7b_relay)(
+                        wd, sink, args.mb_messages, 1_048_576)
+                    b_runs[k].append(r)
+                    print(f"[7b] rep {i + 1} {k}: " + ", ".join(f"{x}={fmt(v)}" for x, v in r.items()))
+            for k, runs7 in a_runs.items():
+                print(f"[7a] {k:<10} {args.large_clients} x {args.large_size} B at once: " + "; ".join(
+                    _median_line(runs7, key) for key in ("peak_pss_mb", "start_pss_mb", "pss_end_mb",
+                                                         "back_within_50mb_s", "seconds", "delivered")))
+            for k, runs7 in b_runs.items():
+                print(f"[7b] {k:<10} smtp-source -s 20 -m {args.mb_messages} -l 1048576: " + "; ".join(
+                    _median_line(runs7, key) for key in ("end_to_end_per_s", "accepted_per_s", "cpu_ms_per_msg")))
+            results["scenario7"] = {"burst": a_runs, "one_mb": b_runs, "command": cmd}
     finally:
         sink.stop()
         shutil.rmtree(tmp, ignore_errors=True)

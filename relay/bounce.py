@@ -166,7 +166,9 @@ def build_dsn(*, reporting_mta: str, original_sender: str, original_message: byt
               recipients: Sequence[DSNRecipient], ret: str = "HDRS", envid: str | None = None,
               arrival_date: datetime | None = None, queue_id: str | None = None,
               now: datetime | None = None, message_id: str | None = None,
-              max_full: int = 1_048_576) -> bytes:
+              max_full: int = 1_048_576, original_size: int | None = None) -> bytes:
+    """`original_size`: the message's real size when `original_message` is only its header
+    block (a spooled body larger than `max_full` is not read back for a DSN)."""
     mta = _clean(reporting_mta).replace(" ", "")
     sender = _clean(original_sender)
     if not mta:
@@ -198,9 +200,10 @@ def build_dsn(*, reporting_mta: str, original_sender: str, original_message: byt
     headers = _header_section(norm)
     full = ret.upper() == "FULL"
     note = "Your original message is attached." if full else "The headers of your original message are attached."
-    if full and len(original_message) > max_full:
+    size = max(len(original_message), original_size or 0)
+    if full and size > max_full:
         full = False
-        note = (f"Your original message ({len(original_message)} bytes) is larger than the {max_full}-byte "
+        note = (f"Your original message ({size} bytes) is larger than the {max_full}-byte "
                 "limit for returning it in full, so only its headers are attached.")
     if full:
         returned = _limit_lines(headers, True) + _limit_lines(norm[len(headers):], False)

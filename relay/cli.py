@@ -411,7 +411,7 @@ def cmd_queue(args: argparse.Namespace, cfg: Config) -> int:
                                                     "deleted from the queue by the administrator",
                                                     original_recipient=r["orcpt"], diagnostic_type="X-Relay")
                                 for r in notified],
-                    ret=m["ret"] or "HDRS", envid=m["envid"], queue_id=m["id"])
+                    ret=m["ret"] or "HDRS", envid=m["envid"], queue_id=m["id"], original_size=m["size"])
                 dsn = NewMessage("", (NewRecipient(m["sender"], route_of(m["sender"])),), dsn_data,
                                  smtputf8=not m["sender"].isascii())
             await queue.delete(args.id, bounce=dsn)

@@ -101,6 +101,13 @@ class StorageConfig:
     # Seconds a finished message (delivered, bounced, failed) stays visible to `relay queue
     # history` and `queue show`, headers only; 0: purged at the next sweep (within a minute).
     finished_retention: int = 86400
+    # Directory for message bodies too large to keep in the database (see limits.data_in_memory);
+    # empty: "<path>.spool" beside the database file. Relay serve removes files no row refers to
+    # at start (a crash between writing a body and committing its row).
+    spool_dir: str = ""
+
+    def resolved_spool_dir(self) -> str:
+        return self.spool_dir or f"{self.path}.spool"
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,12 @@ class LimitsConfig:
     max_commands: int = 1000
     max_errors: int = 10
     max_received_headers: int = 50
+    # DATA larger than this goes to a file in storage.spool_dir as it arrives (and is signed and
+    # sent from there in chunks): no process holds more than this much of any one message.
+    data_in_memory: int = 262_144
+    # Bytes of DATA being received at once, all sessions together; past it, the session that
+    # crosses it (and any DATA command meanwhile) gets 451 4.3.1 and the client tries again.
+    max_data_in_flight: int = 1_073_741_824
 
 
 @dataclass(frozen=True)
@@ -455,6 +468,8 @@ def _validate(cfg: Config) -> None:
                  "max_mx_sessions", "dead_destination_failures", "dead_destination_backoff"):
         _check_positive(f"delivery.{name}", getattr(d, name))
     _check_positive("delivery.delay_warning_after", d.delay_warning_after, allow_zero=True)
+    _check_positive("limits.data_in_memory", cfg.limits.data_in_memory)
+    _check_positive("limits.max_data_in_flight", cfg.limits.max_data_in_flight)
     _check_positive("storage.finished_retention", cfg.storage.finished_retention, allow_zero=True)
     for i, ns in enumerate(cfg.dns.nameservers):
         try:

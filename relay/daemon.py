@@ -115,6 +115,11 @@ class Daemon:
             self.dkim = self.stores.dkim
             self.queue = self.stores.queue
             await self._recover()
+            # Before any session: a spool file without a row is from a crash (written, never
+            # committed; or finished, not yet unlinked). Only `relay serve` writes spool files.
+            orphans = await self.queue.remove_orphan_files()
+            if orphans:
+                event(log, "spool_orphans_removed", files=orphans)
             if not cfg.delivery.separate_process:
                 # Imported here only: with a delivery process, this one never loads dnspython,
                 # aiosmtplib or dkimpy (~25 MB of RSS).
@@ -123,6 +128,7 @@ class Daemon:
                 from .signing import Signer
                 self.runner = QueueRunner(self.queue, Router(cfg), cfg, signer=Signer(self.dkim, self.executor))
             self.state = ServerState(settings=settings_from(cfg), credentials=self.credentials, queue=self.queue,
+                                     spool_dir=cfg.storage.resolved_spool_dir(),
                                      tls_context=tls_context,
                                      throttle=AuthThrottle(cfg.limits),
                                      domain_verified=self.dkim.is_verified)

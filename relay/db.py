@@ -101,6 +101,14 @@ MIGRATIONS: list[str] = [
     ALTER TABLE messages ADD COLUMN finished_at REAL;
     CREATE INDEX messages_finished ON messages(finished_at) WHERE finished_at IS NOT NULL;
     """,
+    # 6: large bodies live in files in the spool directory (path: the file's name there; data
+    # then holds only the header block, for `queue show` and DSNs); the DKIM-Signature field is
+    # kept apart (prefix) and sent before the content, so signing never rewrites the body
+    """
+    ALTER TABLE bodies ADD COLUMN path TEXT;
+    ALTER TABLE bodies ADD COLUMN prefix BLOB;
+    ALTER TABLE bodies ADD COLUMN ascii INTEGER;               -- spooled content all ASCII (1), or 0
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

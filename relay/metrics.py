@@ -19,6 +19,10 @@ CONNECTIONS = Counter("relay_connections_total", "SMTP connections accepted, by 
                       ["listener"], registry=REGISTRY)
 CONNECTIONS_REFUSED = Counter("relay_connections_refused_total",
                               "Connections refused by a connection cap", ["reason"], registry=REGISTRY)
+DATA_IN_FLIGHT = Gauge("relay_data_in_flight_bytes", "Bytes of DATA being received now, all sessions",
+                       registry=REGISTRY)
+SPOOLED = Counter("relay_messages_spooled_total", "Messages whose body went to a spool file",
+                  registry=REGISTRY)
 SESSIONS_ACTIVE = Gauge("relay_sessions_active", "Open SMTP sessions", registry=REGISTRY)
 TLS_HANDSHAKES = Counter("relay_tls_handshakes_total", "TLS handshakes on SMTP listeners, by result",
                          ["mode", "result"], registry=REGISTRY)

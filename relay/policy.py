@@ -319,9 +319,11 @@ class DataState:
         """Many lines at once (`block` starts at a line start and ends with LF): the same verdicts
         as feeding them one by one, but a clean block is checked and unstuffed by C-level scans."""
         if self.problem is None and b"\x00" not in block:
-            crlf = block.count(b"\r\n")
+            # The split counts the CRLFs too (one scan of the block fewer: at 1 MB messages these
+            # scans were a fifth of the acceptance process's CPU).
+            lines = block.split(b"\r\n")
+            crlf = len(lines) - 1
             if crlf == block.count(b"\n") == block.count(b"\r"):  # no bare CR or LF anywhere
-                lines = block.split(b"\r\n")
                 longest = max(map(len, lines))
                 size = self.size + len(block)
                 if size <= self.size_limit and (longest < 999 or (

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import dataclasses
 import re
 import time
 from collections import deque
@@ -29,6 +30,7 @@ from . import bounce, metrics
 from .config import Config
 from .delivery import DELIVERED, PERMANENT, TRANSIENT, Envelope, Fenced, OutRecipient, RcptOutcome, Router
 from .logs import event
+from .spool import Body
 from .store.sqlite_queue import Job, LeaseLost, NewMessage, NewRecipient, QueueStore, RecipientUpdate
 
 log = logging.getLogger("relay.queue")
@@ -432,12 +434,12 @@ class QueueRunner:
             self._finish(job)
             return
         if dkim_domain is not None and self.signer is not None:
-            signed = await self._sign(job, dkim_domain, body)
-            if signed is None:  # not sent unsigned (DMARC could reject it): try again later
+            prefix = await self._sign(job, dkim_domain, body)
+            if prefix is None:  # not sent unsigned (DMARC could reject it): try again later
                 outcome = RcptOutcome(TRANSIENT, "DKIM signing failed; see the relay's log", "4.3.0")
-                self._spawn_settle(job, {r.address: outcome for r in job.recipients}, body)
+                self._spawn_settle(job, {r.address: outcome for r in job.recipients}, None)
                 return
-            body = signed
+            body = dataclasses.replace(body, prefix=prefix)
         env = Envelope(job.sender, tuple(OutRecipient(r.address, r.notify, r.orcpt) for r in job.recipients),
                        body, job.smtputf8, job.ret, job.envid, job.msg_id)
         loop = asyncio.get_running_loop()
@@ -475,7 +477,8 @@ class QueueRunner:
             outcomes = {r.address: RcptOutcome(TRANSIENT, f"internal error: {type(exc).__name__}", "4.3.0")
                         for r in job.recipients}
         self._observe(dest, outcomes)
-        self._spawn_settle(job, outcomes, body)
+        # The body is not kept for the settle: a DSN reads what it needs (bounded) from the store.
+        self._spawn_settle(job, outcomes, None)
 
     def _spawn_settle(self, job: Job, outcomes: dict[str, RcptOutcome], body: bytes | None,
                       not_before: float = 0.0) -> None:
@@ -483,9 +486,10 @@ class QueueRunner:
         self._settling.add(t)
         t.add_done_callback(self._settling.discard)
 
-    async def _sign(self, job: Job, domain: str, body: bytes) -> bytes | None:
-        """DKIM-sign before the first attempt and store the signed copy (retries send it as is).
-        None when signing failed: the attempt is deferred rather than made unsigned."""
+    async def _sign(self, job: Job, domain: str, body: Body) -> bytes | None:
+        """DKIM-sign before the first attempt and store the signature (retries send it as is).
+        The DKIM-Signature field (b"" without a key), or None when signing failed: the attempt is
+        deferred rather than made unsigned."""
         assert self.signer is not None
         try:
             signed, selector = await self.signer(domain, body)
@@ -591,6 +595,7 @@ class QueueRunner:
     def _dsn(self, job: Job, body: bytes, rcpts: list[bounce.DSNRecipient]) -> NewMessage:
         data = bounce.build_dsn(
             reporting_mta=self.cfg.server.hostname, original_sender=job.sender, original_message=body,
+            original_size=job.size,
             recipients=rcpts, ret=job.ret or "HDRS", envid=job.envid,
             arrival_date=datetime.fromtimestamp(job.created_at, timezone.utc), queue_id=job.msg_id)
         return NewMessage(sender="", recipients=(NewRecipient(job.sender, route_of(job.sender)),), data=data,

@@ -123,3 +123,6 @@ QUEUED = Reply(250, "2.0.0", "Ok: queued as")  # text gets the queue id appended
 # Internal trouble: always transient, never details
 INTERNAL_ERROR = Reply(451, "4.3.0", "Local error in processing; try again later")
 STORAGE_FULL = Reply(452, "4.3.1", "Insufficient system storage; try again later")
+# limits.max_data_in_flight: too much mail arriving at this moment; nothing is wrong with this one.
+DATA_IN_FLIGHT = Reply(451, "4.3.1", "Too much mail arriving at once; try again in a few minutes")
+HEADERS_TOO_LARGE = Reply(552, "5.3.4", "Header section too large")

@@ -1,13 +1,19 @@
-"""DKIM signing at acceptance time (dkimpy), once per message so retries never re-sign.
+"""DKIM signing (dkimpy) in the delivery process, once per message so retries never re-sign.
 
 Relaxed/relaxed canonicalization, the usual header set, From oversigned (listed once more
-than it occurs, so a second From added in transit breaks the signature). Signing is CPU work:
-it runs in the thread pool so other sessions keep their latency.
+than it occurs, so a second From added in transit breaks the signature). The result is the
+DKIM-Signature field alone, sent before the unchanged message. The body is hashed as it is
+read, in chunks cut at line ends (`RelaxedBodyHash`), so a spooled body is never held whole:
+only the header block and a hash are in memory. Hashing and RSA run in threads (the loop
+keeps serving other deliveries).
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import hashlib
+import time
 from concurrent.futures import Executor
 
 import dkim
@@ -17,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from .dkim_keys import DKIMKey, DKIMStore
 from .headers import field_name, split
+from .spool import Body
 
 SIGNED_HEADERS = ("from", "to", "cc", "subject", "date", "message-id", "mime-version", "content-type",
                   "reply-to", "in-reply-to", "references")
@@ -69,33 +76,144 @@ def _register(key: DKIMKey) -> None:
         _OPENSSL_KEYS.setdefault(loaded.private_numbers().public_numbers.n, loaded)
 
 
-def sign(message: bytes, key: DKIMKey) -> bytes:
-    """The message with a DKIM-Signature field prepended."""
+class RelaxedBodyHash:
+    """SHA-256 of the relaxed canonical body (RFC 6376 3.4.4), fed in pieces that each end at a
+    line end (the last may not). WSP rules are per line, so each piece is canonicalized on its
+    own (by dkimpy's functions); only "ignore all empty lines at the end of the body" reaches
+    across pieces: empty lines are counted, not hashed, until a non-empty line follows them."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._pending = 0   # empty lines seen after the last non-empty one, not hashed yet
+
+    def update(self, piece: bytes) -> None:
+        if b"\t" in piece or b"  " in piece or b" \r\n" in piece:
+            piece = _CANON.compress_whitespace(_CANON.strip_trailing_whitespace(piece))
+        end = len(piece)
+        while end >= 2 and piece[end - 2:end] == b"\r\n":
+            end -= 2
+        if end == 0:  # nothing but empty lines: they count only if something follows
+            self._pending += len(piece) // 2
+            return
+        if self._pending:
+            self._h.update(b"\r\n" * self._pending)
+        self._h.update(memoryview(piece)[:end])
+        # The last non-empty line's own CRLF (added when the body does not end in one, as
+        # dkimpy's strip_trailing_lines does); the empty lines after it wait.
+        self._h.update(b"\r\n")
+        self._pending = max(0, (len(piece) - end) // 2 - 1)
+
+    def digest(self) -> bytes:
+        # An empty canonical body (nothing, or only empty lines) hashes as "" (RFC 6376 3.4.4).
+        return self._h.digest()
+
+
+_CANON = dkim.canonicalization
+
+
+def _include(head: bytes) -> list[bytes]:
+    present = {field_name(f) for f in split(head).fields}
+    return [h.encode() for h in SIGNED_HEADERS if h in present] + [b"from"]
+
+
+def signature(head: bytes, body_hash: bytes, key: DKIMKey, now: float | None = None) -> bytes:
+    """The DKIM-Signature field for header block `head` (ending in its empty line) and the body
+    hash from RelaxedBodyHash. The steps of dkimpy's DKIM.sign after its body hash, with ours:
+    its own gen_header computes the header hash and the signature (the same bytes as dkim.sign
+    over the whole message; a test compares them)."""
     _register(key)
-    present = {field_name(f) for f in split(message).fields}
-    include = [h.encode() for h in SIGNED_HEADERS if h in present] + [b"from"]
-    # dkimpy's parser splits the whole message into a list of lines and joins the body back: ~45x
-    # the size of a message of short lines. Give it the header section only, and the body as is.
-    head, sep, body = message.partition(b"\r\n\r\n")
-    d = dkim.DKIM(head + sep, linesep=b"\r\n",
-                  signature_algorithm=b"ed25519-sha256" if key.algorithm == "ed25519" else b"rsa-sha256")
-    d.body = body
-    sig = d.sign(key.selector.encode(), key.domain.encode(), key.private_key.encode(),
-                 canonicalize=(b"relaxed", b"relaxed"), include_headers=include)
-    return sig + message
+    alg = b"ed25519-sha256" if key.algorithm == "ed25519" else b"rsa-sha256"
+    # dkimpy's parser gets the header section only: it splits what it is given into lines.
+    d = dkim.DKIM(head, linesep=b"\r\n", signature_algorithm=alg)
+    if alg == b"rsa-sha256":
+        try:
+            pk = dkim.parse_pem_private_key(key.private_key.encode())
+        except dkim.UnparsableKeyError as e:
+            raise dkim.KeyFormatError(str(e)) from None
+    else:
+        import nacl.encoding
+        import nacl.signing
+        pk = nacl.signing.SigningKey(key.private_key.encode(), encoder=nacl.encoding.Base64Encoder)
+    include = tuple(h.lower() for h in _include(head))
+    d.include_headers = include
+    d.hasher = dkim.HASH_ALGORITHMS[alg]
+    canon = dkim.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+    domain, selector = key.domain.encode(), key.selector.encode()
+    fields = [
+        (b"v", b"1"), (b"a", alg), (b"c", canon.to_c_value()), (b"d", domain), (b"i", b"@" + domain),
+        (b"q", b"dns/txt"), (b"s", selector), (b"t", str(int(time.time() if now is None else now)).encode()),
+        (b"h", b" : ".join(include)), (b"bh", base64.b64encode(body_hash)),
+        # As dkimpy does: b= folds onto a line of its own, so refolding after adding it changes nothing.
+        (b"b", b"0" * 60),
+    ]
+    return b"DKIM-Signature: " + d.gen_header(fields, include, canon, b"DKIM-Signature", pk)
+
+
+class _HeadSplit:
+    """Splits the content's pieces into the header block (kept, with its empty line) and the
+    body (handed on for hashing): the empty line may straddle two pieces."""
+
+    def __init__(self) -> None:
+        self.head = bytearray()
+        self.in_head = True
+
+    def feed(self, piece: bytes) -> bytes:
+        """What of `piece` is body (b"" while the header block goes on)."""
+        if not self.in_head:
+            return piece
+        start = max(0, len(self.head) - 3)
+        self.head += piece
+        i = self.head.find(b"\r\n\r\n", start)
+        if i < 0:
+            return b""  # no empty line yet (or at all: then all is header, the body empty)
+        rest = bytes(self.head[i + 4:])
+        del self.head[i + 4:]
+        self.in_head = False
+        return rest
+
+
+def _head_and_hash(pieces) -> tuple[bytes, bytes]:
+    """(header block with its empty line, relaxed body hash) from the content's pieces."""
+    split, h = _HeadSplit(), RelaxedBodyHash()
+    for piece in pieces:
+        body = split.feed(piece)
+        if body:
+            h.update(body)
+    return bytes(split.head), h.digest()
+
+
+def sign(message: bytes, key: DKIMKey) -> bytes:
+    """The message with a DKIM-Signature field prepended (in-memory messages, tests)."""
+    head, digest = _head_and_hash([message])
+    return signature(head, digest, key) + message
 
 
 class Signer:
     """Signs for the domains that have an active key; others pass through unsigned."""
 
+    @staticmethod
+    def _sign_whole(data: bytes, key: DKIMKey) -> bytes:
+        head, digest = _head_and_hash([data])
+        return signature(head, digest, key)
+
     def __init__(self, store: DKIMStore, executor: Executor | None = None):
         self._store = store
         self._executor = executor
 
-    async def __call__(self, domain: str, message: bytes) -> tuple[bytes, str | None]:
-        """(message, selector used or None)."""
+    async def __call__(self, domain: str, body: Body) -> tuple[bytes, str | None]:
+        """(the DKIM-Signature field, or b"" without a key; selector used or None). The body is
+        read piece by piece; each piece is hashed in a thread, so only the header block, one
+        piece and the hash state are in memory."""
         key = await self._store.active(domain)
         if key is None:
-            return message, None
-        signed = await asyncio.get_running_loop().run_in_executor(self._executor, sign, message, key)
-        return signed, key.selector
+            return b"", None
+        loop = asyncio.get_running_loop()
+        if body.data is not None:  # in memory (small): one hop does it all
+            return await loop.run_in_executor(self._executor, self._sign_whole, body.data, key), key.selector
+        split, h = _HeadSplit(), RelaxedBodyHash()
+        async for piece in body.chunks():
+            rest = split.feed(piece)
+            if rest:
+                await loop.run_in_executor(self._executor, h.update, rest)
+        sig = await loop.run_in_executor(self._executor, signature, bytes(split.head), h.digest(), key)
+        return sig, key.selector

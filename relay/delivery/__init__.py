@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..spool import Body
+
 DELIVERED, TRANSIENT, PERMANENT = "delivered", "transient", "permanent"
 
 
@@ -40,7 +42,7 @@ class OutRecipient:
 class Envelope:
     sender: str
     recipients: tuple[OutRecipient, ...]
-    data: bytes
+    data: "bytes | Body"       # a spool.Body for what the queue holds (maybe in a file)
     smtputf8: bool = False
     ret: str | None = None
     envid: str | None = None

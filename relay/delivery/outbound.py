@@ -21,6 +21,7 @@ import aiosmtplib
 from .. import metrics
 from ..logs import event
 from ..policy import xtext_encode
+from ..spool import Body
 from . import DELIVERED, PERMANENT, TRANSIENT, Envelope, Fenced, RcptOutcome, all_same
 
 log = logging.getLogger("relay.delivery")
@@ -166,10 +167,11 @@ class Session:
         an encoding error) leaves the SMTP state unknown: the connection is aborted, never reused,
         so the next message cannot inherit a half-open transaction (a `503 nested MAIL`)."""
         c = self.client
+        body = Body.of(env.data)
         opts: list[str] = []
         if c.supports_extension("size"):
-            opts.append(f"SIZE={len(env.data)}")
-        if not env.data.isascii() and c.supports_extension("8bitmime"):
+            opts.append(f"SIZE={body.total}")
+        if c.supports_extension("8bitmime") and not await body.is_ascii():
             opts.append("BODY=8BITMIME")
         if env.smtputf8:
             if not c.supports_extension("smtputf8"):
@@ -221,7 +223,7 @@ class Session:
             if fence is not None:
                 await fence()
             try:
-                resp = await _data(c, env.data, xfer_timeout=xfer_timeout, done_timeout=done_timeout,
+                resp = await _data(c, body, xfer_timeout=xfer_timeout, done_timeout=done_timeout,
                                    transfer=transfer)
                 code, message = resp.code, resp.message
             except _RefusedMidBody as exc:
@@ -326,6 +328,34 @@ def _stuffed(data: bytes) -> bytes:
     return (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
 
 
+def _stuff_piece(piece: bytes, before: bytes) -> bytes:
+    """Dot-stuff one piece of a body read in pieces; `before` is the (up to) two bytes that
+    preceded it on the wire, b"\r\n" at the start. Joined with them, a line start that
+    straddles the border (CRLF | ".", or CR | LF ".") is seen like any other."""
+    return (before + piece).replace(b"\r\n.", b"\r\n..")[len(before):]
+
+
+async def _wire_pieces(body: Body, chunk: int = _CHUNK):
+    """The body as it goes on the wire, in pieces: dot-stuffed, ending in CRLF.CRLF. A body in
+    memory is one piece (as before spooling); a spooled one comes from its file a chunk at a
+    time, so at most a chunk (and its stuffed copy) is in memory."""
+    if body.data is not None:
+        yield _stuffed(body.prefix + body.data if body.prefix else body.data)
+        return
+    before = b"\r\n"
+    first = body.prefix
+    async for piece in body.chunks(chunk):
+        if first:
+            piece, first = first + piece, b""
+        yield _stuff_piece(piece, before)
+        before = (before + piece)[-2:]
+    if first:  # an empty content (cannot come from DATA, but be whole)
+        yield _stuff_piece(first, before)
+        before = (before + first)[-2:]
+    # Spool files hold checked DATA (CRLF lines only); still, never let the dot join a last line.
+    yield b".\r\n" if before == b"\r\n" else b"\r\n.\r\n"
+
+
 def _unacknowledged(transport: asyncio.BaseTransport) -> int | None:
     """Bytes the kernel has sent (or holds) that the receiver's TCP has not acknowledged yet
     (Linux SIOCOUTQ); None where that cannot be known."""
@@ -360,7 +390,7 @@ async def _until_acknowledged(proto, transport: asyncio.BaseTransport, xfer_time
     transfer.dot_sent = True
 
 
-async def _data(c: aiosmtplib.SMTP, data: bytes, *, xfer_timeout: float, done_timeout: float,
+async def _data(c: aiosmtplib.SMTP, data: "bytes | Body", *, xfer_timeout: float, done_timeout: float,
                 transfer: _Transfer) -> aiosmtplib.SMTPResponse:
     """DATA with two clocks, as Postfix has (smtp_data_xfer_timeout, smtp_data_done_timeout):
     the body must keep moving (no progress for `xfer_timeout` s is a failure), and the reply to
@@ -385,25 +415,28 @@ async def _data(c: aiosmtplib.SMTP, data: bytes, *, xfer_timeout: float, done_ti
     # A reply that comes before the dot (a receiver refusing mid-body) must be kept, not
     # dropped as unsolicited: arm the protocol's reply flag as read_response would.
     proto._response_pending = True
-    payload = memoryview(_stuffed(data))
     loop = asyncio.get_running_loop()
     early: asyncio.Future | None = None
-    for off in range(0, len(payload), _CHUNK):
-        proto.write(payload[off:off + _CHUNK])
-        if not proto._paused:
-            continue
-        drain = loop.create_task(proto._drain_helper())
-        early = early or proto._response_waiter
-        done, _ = await asyncio.wait({drain, early}, timeout=xfer_timeout, return_when=asyncio.FIRST_COMPLETED)
-        if drain not in done:
-            drain.cancel()
-            await asyncio.gather(drain, return_exceptions=True)
-            if early in done:
-                # The receiver answered before the dot: whatever it said, this body is over.
-                resp = early.result()
-                raise _RefusedMidBody(resp.code if resp.code >= 400 else 451, resp.message)
-            raise DataStalled(f"no progress sending the message for {xfer_timeout:g}s")
-        drain.result()  # raises if the connection was lost meanwhile
+    # A spooled body is read from its file between writes; reading is not sending, so the
+    # progress clock only runs while a write waits for the kernel, as before.
+    async for piece in _wire_pieces(Body.of(data)):
+        payload = memoryview(piece)
+        for off in range(0, len(payload), _CHUNK):
+            proto.write(payload[off:off + _CHUNK])
+            if not proto._paused:
+                continue
+            drain = loop.create_task(proto._drain_helper())
+            early = early or proto._response_waiter
+            done, _ = await asyncio.wait({drain, early}, timeout=xfer_timeout, return_when=asyncio.FIRST_COMPLETED)
+            if drain not in done:
+                drain.cancel()
+                await asyncio.gather(drain, return_exceptions=True)
+                if early in done:
+                    # The receiver answered before the dot: whatever it said, this body is over.
+                    resp = early.result()
+                    raise _RefusedMidBody(resp.code if resp.code >= 400 else 451, resp.message)
+                raise DataStalled(f"no progress sending the message for {xfer_timeout:g}s")
+            drain.result()  # raises if the connection was lost meanwhile
     done_by = loop.time() + done_timeout
     await _until_acknowledged(proto, transport, xfer_timeout, transfer)
     resp = await proto.read_response(timeout=max(0.0, done_by - loop.time()))

@@ -10,6 +10,7 @@ Every reply carries an enhanced status code (RFC 2034) and comes from `replies`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
@@ -21,6 +22,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, sslproto
 
 from .. import headers, metrics, policy, replies
+from ..spool import SpoolFile
 from ..config import LimitsConfig
 from ..credentials import CredentialStore, Principal, StoreError, normalize_username
 from ..logs import event
@@ -79,6 +81,8 @@ class ServerState:
         self.refusals_logged[(ip, reason)] = [now, 0]
         return suppressed
     draining: bool = False
+    data_in_flight: int = 0  # bytes of DATA being received now, all sessions (limits.max_data_in_flight)
+    spool_dir: str | None = None  # where DATA past limits.data_in_memory goes; None: kept in memory
     # Optional hook: (domain) -> awaitable bool, True when the domain has verified its DNS.
     domain_verified: Any = None
 
@@ -111,6 +115,119 @@ class Transaction:
     params: policy.MailParams
     principal: Principal
     recipients: list[tuple[policy.Address, policy.RcptParams]] = field(default_factory=list)
+
+
+# A header section is parsed whole (Bcc removal, Message-ID, DKIM): past this much without its
+# end the message is refused rather than held (Postfix's header_size_limit is 100 KB).
+HEADER_LIMIT = 1_048_576
+DATA_READ_LIMIT = 65_536
+
+
+class _Incoming:
+    """One DATA transfer's bytes: counted against limits.max_data_in_flight as they arrive, and
+    past limits.data_in_memory moved out of memory into a spool file: first the header block,
+    once it is complete, prepared (our Received, Bcc gone, Message-ID/Date added), then the rest
+    as it comes. At most about data_in_memory of the message is ever held here."""
+
+    def __init__(self, state: "ServerState", qid: str, prepare: Any):
+        self.state = state
+        self.qid = qid
+        self.prepare = prepare               # content-so-far -> prepared bytes (headers.prepare)
+        limits = state.settings.limits
+        self.threshold = limits.data_in_memory
+        self.cap = limits.max_data_in_flight
+        self.counted = 0
+        self.file: SpoolFile | None = None
+        self.fields: list[bytes] = []        # the header fields as received, once spooled
+        self.head = b""                      # the prepared header block, kept in the row
+        self.ascii = True                    # every spooled byte so far is ASCII (BODY=8BITMIME later)
+        self.enqueued = False
+
+    def step_count(self, data: policy.DataState) -> None:
+        grown = data.size - self.counted
+        if grown <= 0:
+            return
+        self.counted = data.size
+        self.state.data_in_flight += grown
+        metrics.DATA_IN_FLIGHT.inc(grown)
+        if self.state.data_in_flight > self.cap and data.problem is None:
+            # Whoever crosses the cap is refused (after reading to the end: the rest of DATA
+            # must not be taken for commands); its bytes are dropped, not held.
+            data.problem = replies.DATA_IN_FLIGHT
+            data.discard()
+
+    def release(self) -> None:
+        self.state.data_in_flight -= self.counted
+        metrics.DATA_IN_FLIGHT.dec(self.counted)
+        self.counted = 0
+
+    async def step(self, data: policy.DataState) -> None:
+        """After each run of lines: count them; spill to the spool file past the threshold."""
+        self.step_count(data)
+        if data.problem is None and len(data.buf) >= self.threshold and self.state.spool_dir is not None:
+            await self._spill(data)
+
+    async def _spill(self, data: policy.DataState) -> None:
+        try:
+            if self.file is None:
+                buf = bytes(data.buf)
+                parts = headers.split(buf)
+                if not parts.body:  # the header block has not ended yet: its fields may go on
+                    if len(buf) > HEADER_LIMIT:
+                        data.problem = replies.HEADERS_TOO_LARGE
+                        data.discard()
+                    return
+                self.fields = parts.fields
+                prepared = self.prepare(buf)
+                self.head = prepared.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+                del buf, parts
+                data.discard()
+                self.file = SpoolFile(self.state.spool_dir, self.qid)
+                await self._write(prepared)
+            else:
+                chunk = bytes(data.buf)
+                data.discard()
+                await self._write(chunk)
+        except OSError as exc:
+            full = self._failed(exc)
+            data.problem = replies.STORAGE_FULL if full else replies.INTERNAL_ERROR
+            data.discard()
+
+    async def _write(self, chunk: bytes) -> None:
+        # Known now, so delivery need not read the file once more to choose BODY=8BITMIME.
+        self.ascii = self.ascii and chunk.isascii()
+        assert self.file is not None
+        await self.file.write(chunk)
+
+    async def finish(self, data: policy.DataState) -> None:
+        """The end of DATA: the rest goes to the file (if spooling), then the file is synced."""
+        if self.file is None:
+            return
+        try:
+            if data.buf:
+                chunk = bytes(data.buf)
+                data.discard()
+                await self._write(chunk)
+            await self.file.commit()
+        except OSError as exc:
+            raise (StorageFull(str(exc)) if self._failed(exc) else StoreUnavailable(f"spool: {exc}")) from None
+
+    def _failed(self, exc: OSError) -> bool:
+        """Log and count a spool write that failed (the store's own error metric: the operator
+        watches one); True when the disk is full."""
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        metrics.STORE_ERRORS.labels("full" if full else "unavailable").inc()
+        event(log, "spool_failed", logging.ERROR, qid=self.qid, error=str(exc))
+        return full
+
+    async def drop(self) -> None:
+        """Not queued (refused, failed, disconnected): the file goes."""
+        if self.file is not None and not self.enqueued:
+            f, self.file = self.file, None
+            try:
+                await f.discard()
+            except OSError as exc:  # an orphan then, removed at the next start
+                event(log, "spool_failed", logging.WARNING, qid=self.qid, error=str(exc))
 
 
 class _NoHandler:
@@ -815,7 +932,7 @@ class Session(SMTP):
 
     # ---------------------------------------------------------------- DATA
 
-    async def _read_data(self, data: policy.DataState, hard_cap: int) -> bool:
+    async def _read_data(self, data: policy.DataState, hard_cap: int, incoming: _Incoming) -> bool:
         """Read DATA up to CRLF "." CRLF into `data`; False if the session was closed for size.
 
         Reads up to each ".\r\n" (or what the buffer holds) rather than line by line, and hands
@@ -823,6 +940,18 @@ class Session(SMTP):
         ends DATA: "\n.\n", "\r.\r" and friends are content.
         """
         reader = self._reader
+        # A larger reader limit while DATA runs: with the command-line limit (12 KB) a 1 MB body
+        # took ~85 LimitOverrunError round trips and as many transport pause/resume pairs. The
+        # reader holds at most twice this before it stops reading the socket.
+        saved_limit = reader._limit
+        reader._limit = max(saved_limit, DATA_READ_LIMIT)
+        try:
+            return await self._read_data_blocks(reader, data, hard_cap, incoming)
+        finally:
+            reader._limit = saved_limit
+
+    async def _read_data_blocks(self, reader: asyncio.StreamReader, data: policy.DataState, hard_cap: int,
+                                incoming: _Incoming) -> bool:
         pending = bytearray()
         # `pending` begins right after a CRLF (or at the start of DATA), so a lone ".\r\n" in it ends DATA.
         after_crlf = True
@@ -833,6 +962,7 @@ class Session(SMTP):
                 if (n >= 5 and pending[-5:-3] == b"\r\n") or (n == 3 and after_crlf):
                     if n > 3:
                         data.feed_block(bytes(pending[:-3]))
+                    incoming.step_count(data)
                     self._reset_timeout()
                     return True
             except asyncio.LimitOverrunError as exc:
@@ -843,6 +973,7 @@ class Session(SMTP):
                 data.feed_block(bytes(pending[:cut]))
                 after_crlf = pending[cut - 2:cut] == b"\r\n"
                 del pending[:cut]
+                await incoming.step(data)
             elif len(pending) > 4096:
                 # One line longer than any limit: count it, keep only its end (a CR that a LF may complete).
                 data.size += len(pending) - 2
@@ -851,6 +982,7 @@ class Session(SMTP):
                 data.discard()
                 del pending[:-2]
                 after_crlf = False
+                incoming.step_count(data)
             if data.size > hard_cap:
                 self._close_with(replies.SIZE_EXCEEDED)
                 return False
@@ -866,38 +998,17 @@ class Session(SMTP):
         if arg:
             await self.reply(replies.DATA_SYNTAX)
             return
-        await self.push(replies.START_DATA)
         limits = self.state.settings.limits
-        data = policy.DataState(limits.message_size)
-        # Past this much a client is not uploading a message but streaming at us: hang up.
-        hard_cap = 2 * limits.message_size + 1_048_576
-        self._in_data = True
-        try:
-            if not await self._read_data(data, hard_cap):
-                return
-        finally:
-            self._in_data = False
-        txn, self.txn = self.txn, None
-        if data.problem is not None:
-            reason = {replies.SIZE_EXCEEDED: "size", replies.DATA_LINE_TOO_LONG: "line_length"}.get(
-                data.problem, "bare_line_ending")
-            event(log, "data_refused", client=self.client_ip, user=txn.principal.username, reason=reason)
-            await self.reply(self._reject(reason, data.problem))
+        declared = self.txn.params.size or 0
+        if self.state.data_in_flight >= limits.max_data_in_flight or \
+                self.state.data_in_flight + declared > limits.max_data_in_flight:
+            # Before 354: the client has sent nothing yet and simply tries again later.
+            event(log, "data_refused", client=self.client_ip, user=self.txn.principal.username, reason="in_flight")
+            await self.reply(self._reject("in_flight", replies.DATA_IN_FLIGHT))
             return
-        t0 = time.perf_counter()
-        content = data.content()
-        data.discard()
-        fields = headers.split(content).fields
-        if policy.check_received_count(sum(1 for f in fields if headers.field_name(f) == "received"),
-                                       limits.max_received_headers):
-            await self.reply(self._reject("loop", replies.LOOP_DETECTED))
-            return
-        refused = policy.check_from_header(headers.from_domains(fields), txn.principal.domains,
-                                           self.state.settings.from_header)
-        if refused is not None:
-            event(log, "data_refused", client=self.client_ip, user=txn.principal.username, reason="from_header")
-            await self.reply(self._reject("from_header", refused))
-            return
+        txn = self.txn
+        # The queue id and our Received field are known before the first byte: a large message's
+        # header block is prepared and written out as soon as it is complete.
         qid = new_queue_id()
         hostname = self.state.settings.hostname
         protocol = ("UTF8SMTP" if txn.params.smtputf8 else "ESMTP" if self.esmtp else "SMTP") + \
@@ -908,10 +1019,69 @@ class Session(SMTP):
             helo=self.helo or "unknown", client_ip=self.client_ip, hostname=hostname, protocol=protocol,
             queue_id=qid, tls=self.tls_info,
             recipient=str(txn.recipients[0][0]) if len(txn.recipients) == 1 else None)
-        message = headers.prepare(content, received=received, hostname=hostname, queue_id=qid)
+
+        def prepare(content: bytes) -> bytes:
+            return headers.prepare(content, received=received, hostname=hostname, queue_id=qid)
+
+        incoming = _Incoming(self.state, qid, prepare)
+        try:
+            await self.push(replies.START_DATA)
+            await self._data_transaction(txn, incoming, prepare)
+        finally:
+            incoming.release()
+            await incoming.drop()
+
+    async def _data_transaction(self, txn: Transaction, incoming: _Incoming, prepare: Any) -> None:
+        limits = self.state.settings.limits
+        qid = incoming.qid
+        data = policy.DataState(limits.message_size)
+        # Past this much a client is not uploading a message but streaming at us: hang up.
+        hard_cap = 2 * limits.message_size + 1_048_576
+        self._in_data = True
+        try:
+            if not await self._read_data(data, hard_cap, incoming):
+                return
+        finally:
+            self._in_data = False
+        self.txn = None
+        if data.problem is not None:
+            reason = {replies.SIZE_EXCEEDED: "size", replies.DATA_LINE_TOO_LONG: "line_length",
+                      replies.DATA_IN_FLIGHT: "in_flight", replies.HEADERS_TOO_LARGE: "header_size",
+                      replies.STORAGE_FULL: "storage", replies.INTERNAL_ERROR: "spool"}.get(
+                data.problem, "bare_line_ending")
+            event(log, "data_refused", client=self.client_ip, user=txn.principal.username, reason=reason)
+            await self.reply(self._reject(reason, data.problem))
+            return
+        t0 = time.perf_counter()
+        spooled = incoming.file is not None
+        if spooled:
+            fields = incoming.fields
+            content = b""
+        else:
+            content = data.content()
+            data.discard()
+            fields = headers.split(content).fields
+        if policy.check_received_count(sum(1 for f in fields if headers.field_name(f) == "received"),
+                                       limits.max_received_headers):
+            await self.reply(self._reject("loop", replies.LOOP_DETECTED))
+            return
+        refused = policy.check_from_header(headers.from_domains(fields), txn.principal.domains,
+                                           self.state.settings.from_header)
+        if refused is not None:
+            event(log, "data_refused", client=self.client_ip, user=txn.principal.username, reason="from_header")
+            await self.reply(self._reject("from_header", refused))
+            return
+        if spooled:
+            await incoming.finish(data)  # the rest written, file and directory fsynced: before the commit
+            assert incoming.file is not None
+            message, size = incoming.head, incoming.file.size
+            metrics.SPOOLED.inc()
+        else:
+            message = prepare(content)
+            size = len(message)
         # DKIM: signed by the delivery process before the first attempt (CPU the acceptance
         # side does not spend while clients wait for 250), for the credential's domain the
-        # sender belongs to; the signed copy is stored, so retries send the same bytes.
+        # sender belongs to; the signature is stored, so retries send the same bytes.
         sign_domain = next((d for d in txn.principal.domains if policy.domain_allowed(txn.sender.ascii_domain, (d,))),
                            None)
         new = NewMessage(
@@ -919,10 +1089,12 @@ class Session(SMTP):
             recipients=tuple(NewRecipient(str(a), a.ascii_domain, p.notify, p.orcpt) for a, p in txn.recipients),
             data=message, auth_user=txn.principal.username, client_ip=self.client_ip,
             ret=txn.params.ret, envid=txn.params.envid, smtputf8=txn.params.smtputf8, queue_id=qid,
-            dkim_domain=sign_domain)
+            dkim_domain=sign_domain, spool_file=qid if spooled else None, spool_size=size if spooled else 0,
+            spool_ascii=incoming.ascii)
         await self.state.queue.enqueue(new)
-        metrics.MESSAGE_SIZE.observe(len(message))
+        incoming.enqueued = True
+        metrics.MESSAGE_SIZE.observe(size)
         metrics.ACCEPT_LATENCY.observe(time.perf_counter() - t0)
         event(log, "queued", qid=qid, client=self.client_ip, user=txn.principal.username, sender=str(txn.sender),
-              rcpts=len(txn.recipients), size=len(message))
+              rcpts=len(txn.recipients), size=size, spooled=spooled or None)
         await self.reply(replies.QUEUED.with_text(f"{replies.QUEUED.text} {qid}"))

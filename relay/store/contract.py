@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
+from ..spool import Body
+
 ACTIVE = ("pending", "deferred")
 FINAL = ("delivered", "failed")
 
@@ -73,6 +75,15 @@ class NewMessage:
     smtputf8: bool = False
     queue_id: str | None = None    # preassigned so the Received header can carry it
     dkim_domain: str | None = None  # sign for this domain before the first delivery attempt
+    # A body spooled to a file (spool.SpoolFile, already fsynced): its name in the spool
+    # directory and its size; `data` then holds only the header block.
+    spool_file: str | None = None
+    spool_size: int = 0
+    spool_ascii: bool = False      # the spooled bytes are all ASCII (delivery then skips a scan)
+
+    @property
+    def size(self) -> int:
+        return self.spool_size if self.spool_file else len(self.data)
 
 
 @dataclass
@@ -127,8 +138,9 @@ class QueueStore(Protocol):
                      history: list[tuple[str | None, str, str]] = (), mark_warned: bool = False) -> list[str]: ...
     async def release(self, job: Job) -> None: ...
     async def recover(self) -> int: ...
-    async def store_signed(self, msg_id: str, data: bytes) -> None: ...
-    async def body_to_send(self, msg_id: str) -> tuple[bytes | None, str | None]: ...
+    async def store_signed(self, msg_id: str, prefix: bytes) -> None: ...
+    async def body_to_send(self, msg_id: str) -> tuple[Body | None, str | None]: ...
+    async def body(self, msg_id: str, limit: int = 1_048_576) -> bytes | None: ...
     async def next_due(self, exclude_routes: Iterable[str] = ()) -> float | None: ...
     async def stats(self) -> dict[str, Any]: ...
     async def list(self, limit: int = 1000) -> list[dict[str, Any]]: ...

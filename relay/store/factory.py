@@ -61,7 +61,8 @@ async def open_stores(cfg: Config, *, role: str, executor: Executor | None = Non
         # a lost message. Acceptance and the CLI keep synchronous=FULL.
         writer = GroupWriter(cfg.storage.path, writer_lock=lock, sync_commits=role != "delivery")
         queue = QueueStore(queue_conn, lease_seconds=cfg.delivery.lease_seconds, on_enqueue=on_enqueue,
-                           writer=writer, owner=lease_owner(cfg))
+                           writer=writer, owner=lease_owner(cfg),
+                           spool_dir=cfg.storage.resolved_spool_dir())
         creds = CredentialStore(cred_conn, cfg.credentials, executor, writer=writer)
         dkim = DKIMStore(cred_conn, writer=writer)
     except BaseException:

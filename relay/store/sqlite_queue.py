@@ -8,6 +8,7 @@ and the lease's owner so that recovery takes back only this node's leases.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
@@ -17,7 +18,7 @@ from typing import Any, Callable, Iterable
 
 import aiosqlite
 
-from .. import metrics
+from .. import metrics, spool
 from ..db import WriterLock
 from .contract import (ACTIVE, FINAL, ClaimedRecipient, Job, LeaseLost, LeaseOwner, NewMessage, NewRecipient,
                        RecipientUpdate, StorageFull, StoreUnavailable, new_queue_id)
@@ -31,7 +32,7 @@ class QueueStore:
                  lease_seconds: float = 600, on_enqueue: Callable[[], None] | None = None,
                  crash_point: str | None = None, writer: GroupWriter | None = None,
                  writer_lock: WriterLock | None = None, sync_commits: bool = True,
-                 owner: LeaseOwner | None = None):
+                 owner: LeaseOwner | None = None, spool_dir: str | None = None):
         self._conn = conn          # reads (aiosqlite's thread)
         # Writes: the process's shared writer (the factory passes it); a store built on its own
         # (tests) gets a private one.
@@ -41,6 +42,8 @@ class QueueStore:
         self.lease_seconds = lease_seconds
         self.owner = owner or LeaseOwner(socket.gethostname(), secrets.token_hex(4))
         self._on_enqueue = on_enqueue
+        # Where spooled bodies (bodies.path) live; a store without one (tests) keeps every body in rows.
+        self.spool_dir = spool_dir
         # Test hook (RELAY_CRASH_POINT): die at a named point to prove recovery.
         self._crash_point = crash_point if crash_point is not None else os.environ.get("RELAY_CRASH_POINT")
 
@@ -74,15 +77,16 @@ class QueueStore:
         conn.execute(
             "INSERT INTO messages(id, sender, created_at, size, auth_user, client_ip, ret, envid, smtputf8, "
             "dkim_domain) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (qid, msg.sender, now, len(msg.data), msg.auth_user, msg.client_ip, msg.ret, msg.envid, int(msg.smtputf8),
+            (qid, msg.sender, now, msg.size, msg.auth_user, msg.client_ip, msg.ret, msg.envid, int(msg.smtputf8),
              msg.dkim_domain))
-        conn.execute("INSERT INTO bodies(id, data) VALUES (?, ?)", (qid, msg.data))
+        conn.execute("INSERT INTO bodies(id, data, path, ascii) VALUES (?, ?, ?, ?)",
+                     (qid, msg.data, msg.spool_file, int(msg.spool_ascii) if msg.spool_file else None))
         conn.executemany(
             "INSERT INTO recipients(msg_id, rcpt, route, state, next_attempt_at, notify, orcpt, updated_at) "
             "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
             [(qid, r.address, r.route, now, r.notify, r.orcpt, now) for r in msg.recipients])
         conn.execute("INSERT INTO history(msg_id, ts, event, detail) VALUES (?, ?, 'queued', ?)",
-                           (qid, now, f"from=<{msg.sender}> rcpts={len(msg.recipients)} size={len(msg.data)}"))
+                           (qid, now, f"from=<{msg.sender}> rcpts={len(msg.recipients)} size={msg.size}"))
 
     # ------------------------------------------------------------ claim / settle
 
@@ -183,14 +187,15 @@ class QueueStore:
             job.lost = True
         return held
 
-    async def store_signed(self, msg_id: str, data: bytes) -> None:
-        """Keep the signed copy (`data`; unchanged when there was no key), so retries send the
-        same bytes; the first job of a message to get here wins, a later one changes nothing."""
+    async def store_signed(self, msg_id: str, prefix: bytes) -> None:
+        """Keep the DKIM-Signature field (`prefix`; empty when there was no key), sent before the
+        content from now on, so retries send the same bytes; the body itself is never rewritten
+        (a spooled one stays where it is). The first job of a message to get here wins."""
         def op(conn: sqlite3.Connection) -> None:
-            cur = conn.execute("UPDATE messages SET dkim_domain = NULL, size = ? WHERE id = ? "
-                               "AND dkim_domain IS NOT NULL", (len(data), msg_id))
+            cur = conn.execute("UPDATE messages SET dkim_domain = NULL, size = size + ? WHERE id = ? "
+                               "AND dkim_domain IS NOT NULL", (len(prefix), msg_id))
             if cur.rowcount:
-                conn.execute("UPDATE bodies SET data = ? WHERE id = ?", (data, msg_id))
+                conn.execute("UPDATE bodies SET prefix = ? WHERE id = ?", (prefix, msg_id))
 
         await self._write(op)
 
@@ -201,16 +206,59 @@ class QueueStore:
             f"SELECT MIN(next_attempt_at) AS t FROM recipients WHERE state IN ('pending', 'deferred'){skip}", excluded)
         return rows[0]["t"] if rows else None
 
-    async def body(self, msg_id: str) -> bytes | None:
-        rows = await self._conn.execute_fetchall("SELECT data FROM bodies WHERE id = ?", (msg_id,))
-        return bytes(rows[0]["data"]) if rows else None
+    def _body_of(self, row: Any) -> spool.Body:
+        prefix = bytes(row["prefix"] or b"")
+        if row["path"] is None:
+            data = bytes(row["data"])
+            return spool.Body(prefix, data, None, len(data))
+        if self.spool_dir is None:
+            raise StoreUnavailable("a spooled body, but this store has no spool directory")
+        return spool.Body(prefix, None, os.path.join(self.spool_dir, row["path"]), row["size"] - len(prefix),
+                          ascii=bool(row["ascii"]) if row["ascii"] is not None else None)
 
-    async def body_to_send(self, msg_id: str) -> tuple[bytes | None, str | None]:
-        """(body, domain to DKIM-sign for if it is still unsigned), read together: a job of the same
-        message for another destination may have stored the signed copy since this job's claim."""
+    async def body(self, msg_id: str, limit: int = 1_048_576) -> bytes | None:
+        """The message as sent (signature included): whole when at most `limit` bytes (or held in
+        the row), else the header block only (what `queue show` and a DSN's RET=HDRS need)."""
         rows = await self._conn.execute_fetchall(
-            "SELECT b.data, m.dkim_domain FROM bodies b JOIN messages m ON m.id = b.id WHERE b.id = ?", (msg_id,))
-        return (bytes(rows[0]["data"]), rows[0]["dkim_domain"]) if rows else (None, None)
+            "SELECT b.data, b.path, b.prefix, b.ascii, m.size FROM bodies b JOIN messages m ON m.id = b.id "
+            "WHERE b.id = ?",
+            (msg_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        prefix = bytes(r["prefix"] or b"")
+        if r["path"] is None or r["size"] > limit or self.spool_dir is None:
+            return prefix + bytes(r["data"])
+        try:
+            return await self._body_of(r).read_all()
+        except FileNotFoundError:  # finished meanwhile: the row keeps the header block
+            return prefix + bytes(r["data"])
+
+    async def body_to_send(self, msg_id: str) -> tuple[spool.Body | None, str | None]:
+        """(body, domain to DKIM-sign for if it is still unsigned), read together: a job of the same
+        message for another destination may have stored the signature since this job's claim."""
+        rows = await self._conn.execute_fetchall(
+            "SELECT b.data, b.path, b.prefix, b.ascii, m.size, m.dkim_domain FROM bodies b JOIN messages m ON m.id = b.id "
+            "WHERE b.id = ? AND m.finished_at IS NULL", (msg_id,))
+        return (self._body_of(rows[0]), rows[0]["dkim_domain"]) if rows else (None, None)
+
+    async def _unlink(self, names: list[str]) -> None:
+        """Remove finished bodies' files, after the commit that let them go (a crash in between
+        leaves an orphan, which the next start removes)."""
+        if names and self.spool_dir is not None:
+            paths = [os.path.join(self.spool_dir, n) for n in names]
+            await asyncio.to_thread(spool.unlink_all, paths)
+
+    async def spooled_names(self) -> set[str]:
+        rows = await self._conn.execute_fetchall("SELECT path FROM bodies WHERE path IS NOT NULL")
+        return {r["path"] for r in rows}
+
+    async def remove_orphan_files(self) -> int:
+        """At start, before any session: spool files without a row (see spool.remove_orphans)."""
+        if self.spool_dir is None:
+            return 0
+        keep = await self.spooled_names()
+        return await asyncio.to_thread(spool.remove_orphans, self.spool_dir, keep)
 
     async def settle(self, job: Job, updates: list[RecipientUpdate], *, bounces: tuple[NewMessage, ...] = (),
                      history: list[tuple[str | None, str, str]] = (), mark_warned: bool = False) -> list[str]:
@@ -220,8 +268,10 @@ class QueueStore:
         """
         now = self._clock()
         bounce_ids = [b.queue_id or new_queue_id() for b in bounces]
+        freed: list[str] = []
 
         def op(conn: sqlite3.Connection) -> list[str]:
+            freed.clear()  # a batch that failed and is retried starts over
             for u in updates:
                 cur = conn.execute(
                     "UPDATE recipients SET state = ?, next_attempt_at = ?, lease_token = NULL, lease_owner = NULL, "
@@ -243,15 +293,16 @@ class QueueStore:
             if not job.sender and any(u.state == "failed" for u in updates):
                 notes.append((job.msg_id, now, None, "dropped", "a bounce that failed: no bounce for a bounce"))
             conn.executemany("INSERT INTO history(msg_id, ts, rcpt, event, detail) VALUES (?, ?, ?, ?, ?)", notes)
-            self._finish_if_final(conn, job.msg_id, now)
+            self._finish_if_final(conn, job.msg_id, now, freed)
             return bounce_ids
 
         result = await self._write(op)
+        await self._unlink(freed)
         if bounces and self._on_enqueue:
             self._on_enqueue()
         return result
 
-    def _finish_if_final(self, conn: sqlite3.Connection, msg_id: str, now: float) -> bool:
+    def _finish_if_final(self, conn: sqlite3.Connection, msg_id: str, now: float, freed: list[str]) -> bool:
         rows = conn.execute(
             "SELECT COUNT(*) AS n FROM recipients WHERE msg_id = ? AND state NOT IN ('delivered', 'failed')", (msg_id,)).fetchall()
         if rows[0]["n"]:
@@ -260,6 +311,10 @@ class QueueStore:
         # (`relay queue history`, `queue show`) until purge_finished(); of the body only the
         # header block is kept (what `queue show` prints), so retention costs little space.
         conn.execute("UPDATE messages SET finished_at = ? WHERE id = ?", (now, msg_id))
+        # A spooled body's row already holds just its header block; the file goes after the commit.
+        freed.extend(r[0] for r in conn.execute("SELECT path FROM bodies WHERE id = ? AND path IS NOT NULL",
+                                                (msg_id,)))
+        conn.execute("UPDATE bodies SET path = NULL WHERE id = ? AND path IS NOT NULL", (msg_id,))
         conn.execute("UPDATE bodies SET data = CASE WHEN instr(data, X'0D0A0D0A') > 0 "
                      "THEN substr(data, 1, instr(data, X'0D0A0D0A') + 3) ELSE substr(data, 1, 8192) END "
                      "WHERE id = ?", (msg_id,))
@@ -360,7 +415,7 @@ class QueueStore:
             "FROM recipients WHERE msg_id = ? ORDER BY id", (msg_id,))
         hist = await self._conn.execute_fetchall(
             "SELECT ts, rcpt, event, detail FROM history WHERE msg_id = ? ORDER BY ts, rowid", (msg_id,))
-        body = await self.body(msg_id) or b""
+        body = await self.body(msg_id, limit=0) or b""  # the header block is all it shows
         head = body.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
         now = self._clock()
         # In flight: leased, and the lease has not run out (a crashed holder's rows are just due).
@@ -394,8 +449,10 @@ class QueueStore:
 
     async def delete(self, msg_id: str, *, bounce: NewMessage | None = None) -> bool:
         now = self._clock()
+        freed: list[str] = []
 
         def op(conn: sqlite3.Connection) -> bool:
+            freed.clear()
             rows = conn.execute("SELECT finished_at FROM messages WHERE id = ?", (msg_id,)).fetchall()
             if not rows:
                 return False
@@ -408,10 +465,12 @@ class QueueStore:
                                "AND state IN ('pending', 'deferred')", (msg_id,))
             if bounce is not None:
                 self._insert(conn, bounce.queue_id or new_queue_id(), bounce, now)
-            self._finish_if_final(conn, msg_id, now)
+            self._finish_if_final(conn, msg_id, now, freed)
             return True
 
-        return await self._write(op)
+        result = await self._write(op)
+        await self._unlink(freed)
+        return result
 
     async def count_for_domain(self, domain: str) -> int:
         rows = await self._conn.execute_fetchall(

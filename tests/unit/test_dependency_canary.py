@@ -91,6 +91,7 @@ async def test_asyncio_stream_reader_internals():
     assert isinstance(need(reader, "_buffer", "aiosmtpd clears it after STARTTLS"), bytearray)
     assert hasattr(reader, "_transport"), "StreamReader._transport is gone (aiosmtpd re-points it after STARTTLS)"
     need(reader, "feed_eof", "Session.eof_received")
+    assert isinstance(need(reader, "_limit", "Session._read_data raises it while DATA runs"), int)
 
 
 # ---------------------------------------------------------------- aiosmtplib
@@ -131,6 +132,15 @@ def test_dkimpy_internals_the_signer_replaces():
     # dkimpy must still look these up as module globals at call time, or the swap does nothing.
     module_src = inspect.getsource(dkim)
     assert "RSASSA_PKCS1_v1_5_sign(" in module_src and "parse_pem_private_key(" in module_src
+    # signing.signature: dkimpy's own gen_header over our streamed body hash, as its sign() calls it.
+    for attr in ("HASH_ALGORITHMS", "CanonicalizationPolicy", "UnparsableKeyError", "KeyFormatError"):
+        need(dkim, attr, "signing.signature")
+    assert list(inspect.signature(dkim.DKIM.gen_header).parameters)[:6] == \
+        ["self", "fields", "include_headers", "canon_policy", "header_name", "pk"], "DKIM.gen_header changed"
+    assert "canonicalize_body(self.body)" in inspect.getsource(dkim.DKIM.sign), \
+        "DKIM.sign no longer hashes self.body the way signing.signature repeats"
+    for attr in ("compress_whitespace", "strip_trailing_whitespace"):
+        need(dkim.canonicalization, attr, "signing.RelaxedBodyHash")
     # We set DKIM.body instead of passing the whole message through its parser.
     assert "self.body" in inspect.getsource(dkim.DKIM.sign) or "self.body" in inspect.getsource(dkim.DomainSigner)
 

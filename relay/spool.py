@@ -1,0 +1,174 @@
+"""Message bodies on disk: the spool directory beside the database (`storage.spool_dir`).
+
+A body larger than `limits.data_in_memory` is written by the session as DATA arrives, fsynced
+(file, then directory) before the row that names it commits, so 250 still means "on disk";
+the delivery process signs and sends it from the file in chunks, and the file is unlinked once
+the message is finished. Bodies out of the row store leave no space behind in the database
+(the emptied queue of the issue-12 benchmark was a 490 MB file plus a 292 MB WAL).
+
+Files are named by queue id. A file no row refers to comes from a crash between its write
+and its commit (or between a finish and its unlink): `remove_orphans` clears them at start.
+Blocking file I/O runs in threads, a chunk per hop, never on the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterable
+
+CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Body:
+    """A message as it is sent: `prefix` (the DKIM-Signature field, or nothing), then the
+    content, held in memory (`data`, small messages) or in the spool file `path`."""
+    prefix: bytes = b""
+    data: bytes | None = None
+    path: str | None = None
+    size: int = 0  # of the content, without the prefix
+    ascii: bool | None = None  # known at acceptance for a spooled body; None: look
+
+    @classmethod
+    def of(cls, data: "bytes | Body") -> "Body":
+        return data if isinstance(data, Body) else cls(data=data, size=len(data))
+
+    @property
+    def total(self) -> int:
+        return len(self.prefix) + self.size
+
+    async def chunks(self, size: int = CHUNK) -> AsyncIterator[bytes]:
+        """The content (not the prefix) in pieces of about `size` bytes, each ending right after
+        a line end (the last one may not): so a piece always starts at the start of a line, and
+        a transformation by lines (dot-stuffing, DKIM canonicalization) never sees a line cut
+        in two. A body in memory is one piece (it is at most limits.data_in_memory, or ours)."""
+        if self.data is not None:
+            if self.data:
+                yield self.data
+            return
+        assert self.path is not None
+        f = await asyncio.to_thread(open, self.path, "rb")
+        try:
+            carry = b""
+            while True:
+                block = await asyncio.to_thread(f.read, size)
+                if not block:
+                    if carry:
+                        yield carry
+                    return
+                if carry:
+                    block = carry + block
+                cut = block.rfind(b"\n") + 1
+                # Never cut inside a line: the carry is at most one line, which DATA holds to
+                # 998 octets (spool files hold nothing else).
+                carry = block[cut:]
+                if cut:
+                    yield block[:cut] if carry else block
+        finally:
+            await asyncio.to_thread(f.close)
+
+    async def is_ascii(self) -> bool:
+        if self.ascii is not None:
+            return self.ascii and self.prefix.isascii()
+        async for piece in self.chunks():
+            if not piece.isascii():
+                return False
+        return self.prefix.isascii()
+
+    async def read_all(self) -> bytes:
+        """prefix + content in one piece: only for what is bounded (a DSN's returned message)."""
+        parts = [self.prefix]
+        async for piece in self.chunks():
+            parts.append(piece)
+        return b"".join(parts)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SpoolFile:
+    """One body being received: created at the first write, synced by `commit`, removed by
+    `discard` unless committed."""
+
+    def __init__(self, directory: str, name: str):
+        self.directory = directory
+        self.name = name
+        self.path = os.path.join(directory, name)
+        self.size = 0
+        self._fd: int | None = None
+        self.committed = False
+
+    def _open(self) -> int:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        # 0600 and O_EXCL: mail is private, and a queue id is never reused.
+        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+    def _write(self, chunk: bytes) -> None:
+        if self._fd is None:
+            self._fd = self._open()
+        view = memoryview(chunk)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+
+    async def write(self, chunk: bytes) -> None:
+        await asyncio.to_thread(self._write, chunk)
+        self.size += len(chunk)
+
+    def _commit(self) -> None:
+        if self._fd is None:
+            self._fd = self._open()
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        # The name must be durable too, or a power loss could keep the row and lose the file.
+        _fsync_dir(self.directory)
+
+    async def commit(self) -> None:
+        await asyncio.to_thread(self._commit)
+        self.committed = True
+
+    def _discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    async def discard(self) -> None:
+        await asyncio.to_thread(self._discard)
+
+
+def unlink_all(paths: Iterable[str]) -> None:
+    """Remove finished bodies (blocking: call in a thread). A file already gone is fine."""
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def remove_orphans(directory: str, referenced: set[str]) -> int:
+    """Remove every file in `directory` whose name is not in `referenced` (blocking). Only at
+    start, before any session runs: a body being received has no row yet."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for name in names:
+        if name not in referenced:
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+            except (FileNotFoundError, IsADirectoryError, PermissionError):
+                pass
+    return removed
