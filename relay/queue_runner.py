@@ -31,7 +31,8 @@ from .config import Config
 from .delivery import DELIVERED, PERMANENT, TRANSIENT, Envelope, Fenced, OutRecipient, RcptOutcome, Router
 from .logs import event
 from .spool import Body
-from .store.sqlite_queue import Job, LeaseLost, NewMessage, NewRecipient, QueueStore, RecipientUpdate
+from .store.sqlite_queue import (Job, LeaseLost, NewMessage, NewRecipient, QueueStore, RecipientUpdate,
+                                 StoreUnavailable)
 
 log = logging.getLogger("relay.queue")
 
@@ -170,7 +171,10 @@ class QueueRunner:
                 try:
                     jobs = await self.queue.claim(CLAIM_BATCH, destination=self.router.destination,
                                                   exclude_routes=exclude)
-                except Exception:  # noqa: BLE001 - the store may be briefly busy; retry shortly
+                except StoreUnavailable as exc:  # busy or full: retry shortly, no traceback for it
+                    event(log, "claim_failed", logging.WARNING, error=f"{type(exc).__name__}: {exc}")
+                    jobs = []
+                except Exception:  # noqa: BLE001 - a bug: say so, and keep trying
                     log.exception("claim failed")
                     jobs = []
                 if self._stopping:
@@ -581,6 +585,10 @@ class QueueRunner:
         except LeaseLost:
             metrics.LEASES_LOST.labels("settle").inc()
             event(log, "lease_lost", logging.WARNING, qid=job.msg_id, where="settle")
+            return
+        except StoreUnavailable as exc:
+            # Disk full, store busy: expected, and the work comes due again when its lease runs out.
+            event(log, "settle_failed", logging.WARNING, qid=job.msg_id, error=f"{type(exc).__name__}: {exc}")
             return
         except Exception:  # noqa: BLE001 - unsettled work comes due again when its lease expires
             log.exception("settle failed for %s", job.msg_id)
