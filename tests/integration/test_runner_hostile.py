@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 
 import pytest
@@ -245,7 +244,7 @@ async def test_stalled_destination_does_not_hold_up_the_others(tmp_path, dns_ser
                 await store.enqueue(message(f"u{i}@tarpit.example"))
             await until(lambda: tarpit.stats.active == 2, 10, "tarpit saturated")
             # The healthy destination listens on 127.0.0.2 at the same port (one mx_port for all).
-            async with _PortTwin(tarpit.port, "127.0.0.2") as healthy:
+            async with ScriptedPeer(host="127.0.0.2", port=tarpit.port) as healthy:
                 qid = await store.enqueue(message("bob@healthy.example"))
                 await gone(store, qid, timeout=10)
                 assert len(healthy.stats.completed) == 1
@@ -253,23 +252,6 @@ async def test_stalled_destination_does_not_hold_up_the_others(tmp_path, dns_ser
             assert tarpit.stats.completed == []
             held = sum(len(d.queue) for d in runner._dests.values())
             assert 0 < held <= PER_DESTINATION_BACKLOG + 200  # one claim batch over the bound at most
-
-
-class _PortTwin(ScriptedPeer):
-    """A well-behaved peer on another loopback address but the same port as the tarpit (the
-    relay has one mx_port for every MX, as port 25 is in real life)."""
-
-    def __init__(self, port: int, host: str):
-        super().__init__(Script(), host=host)
-        self._want = port
-
-    async def __aenter__(self):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self._want))
-        self._server = await asyncio.start_server(self._client, sock=sock)
-        self.port = self._want
-        return self
 
 
 async def test_dead_destination_is_suspended_then_probed(tmp_path, dns_server):
@@ -304,10 +286,9 @@ async def test_dead_destination_is_suspended_then_probed(tmp_path, dns_server):
 async def test_twenty_five_mx_hosts_cost_at_most_five_connections(tmp_path, dns_server):
     async with ScriptedPeer(Script(greeting="421 4.3.2 busy")) as peer:
         addrs = [f"127.0.0.{i}" for i in range(1, 26)]
-        twins = [_PortTwin(peer.port, a) for a in addrs[1:]]
+        twins = [ScriptedPeer(peer.script, host=a, port=peer.port) for a in addrs[1:]]
         async with contextlib.AsyncExitStack() as stack:
             for t in twins:
-                t.script = peer.script
                 await stack.enter_async_context(t)
             mx(dns_server, "example.net", *addrs)
             async with running(tmp_path, dns_server, peer.port, retry_schedule=[3600]) as (store, _, _c):
@@ -320,7 +301,7 @@ async def test_twenty_five_mx_hosts_cost_at_most_five_connections(tmp_path, dns_
 async def test_sessions_past_the_greeting_are_limited_to_two(tmp_path, dns_server):
     async with ScriptedPeer() as peer:
         addrs = [f"127.0.0.{i}" for i in range(1, 6)]
-        twins = [_PortTwin(peer.port, a) for a in addrs[1:]]
+        twins = [ScriptedPeer(host=a, port=peer.port) for a in addrs[1:]]
         async with contextlib.AsyncExitStack() as stack:
             for t in twins:
                 await stack.enter_async_context(t)

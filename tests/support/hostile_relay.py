@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import smtplib
 import threading
 import time
 
@@ -46,21 +45,7 @@ def message(subject: str, size: int = 0, rcpt: str = "bob@hostile.example", send
 def submit(relay: RelayInstance, rcpt: str, subject: str, size: int = 0, sender: str = USER,
            timeout: float = 60) -> str:
     """One message over STARTTLS + AUTH with smtplib; returns the queue id."""
-    s = relay.smtp(timeout=timeout)
-    try:
-        s.login(USER, PASSWORD)
-        code, msg = s.mail(sender)
-        assert code == 250, msg
-        code, msg = s.rcpt(rcpt)
-        assert code == 250, msg
-        code, msg = s.data(message(subject, size, rcpt, sender))
-        assert code == 250, msg
-        return msg.decode().rsplit(" ", 1)[-1]
-    finally:
-        try:
-            s.quit()
-        except smtplib.SMTPException:
-            pass
+    return relay.submit(USER, PASSWORD, sender, [rcpt], message(subject, size, rcpt, sender), timeout=timeout)
 
 
 def submit_many(relay: RelayInstance, rcpt: str, n: int, prefix: str, threads: int = 4) -> list[str]:

@@ -264,12 +264,13 @@ class RelayInstance:
         return s
 
     def submit(self, username: str, password: str, sender: str, rcpts: list[str], data: bytes | str,
-               implicit: bool = False) -> str:
+               implicit: bool = False, timeout: float = 10) -> str:
         """Authenticate and send one message; returns the queue id from the 250 reply."""
-        s = self.smtp(implicit=implicit)
+        s = self.smtp(implicit=implicit, timeout=timeout)
         try:
             s.login(username, password)
-            s.mail(sender)
+            code, msg = s.mail(sender)
+            assert code == 250, (code, msg)
             for r in rcpts:
                 code, msg = s.rcpt(r)
                 assert code == 250, (code, msg)

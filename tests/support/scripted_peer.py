@@ -52,10 +52,10 @@ class PeerStats:
 
 
 class ScriptedPeer:
-    def __init__(self, script: Script | None = None, host: str = "127.0.0.1"):
+    def __init__(self, script: Script | None = None, host: str = "127.0.0.1", port: int = 0):
         self.script = script or Script()
         self.host = host
-        self.port = 0
+        self.port = port  # 0: any free port; a given one lets peers on several addresses share it
         self.stats = PeerStats()
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -64,7 +64,7 @@ class ScriptedPeer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)  # inherited by accepted sockets
-        sock.bind((self.host, 0))
+        sock.bind((self.host, self.port))
         self._server = await asyncio.start_server(self._client, sock=sock, limit=RCVBUF)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
