@@ -273,6 +273,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """The web admin and HTTP API (`/api/v1/`), served on the relay's own event loop."""
+    # host:port; "" turns the web admin and the API off. A non-loopback address needs
+    # tls = true or allow_insecure_http = true.
+    listen: str = "127.0.0.1:8025"
+    tls: bool = False                      # serve HTTPS with the relay's tls.cert/tls.key
+    allow_insecure_http: bool = False
+    public_origin: str = ""                # e.g. "https://relay.example.com:8025" (CSRF Origin check)
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For is believed
+    session_idle_timeout: int = 1800
+    session_absolute_timeout: int = 43200
+    login_failures: int = 5                # per (IP, username) within login_failure_window
+    login_failure_window: int = 900
+    login_lockout: int = 900
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: str = "logfmt"
     level: str = "info"
@@ -293,6 +310,7 @@ class Config:
     refusal: RefusalConfig = field(default_factory=RefusalConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property

@@ -109,6 +109,49 @@ MIGRATIONS: list[str] = [
     ALTER TABLE bodies ADD COLUMN prefix BLOB;
     ALTER TABLE bodies ADD COLUMN ascii INTEGER;               -- spooled content all ASCII (1), or 0
     """,
+    # 7: the web admin and HTTP API: admin accounts (created from the CLI only), their
+    # server-side sessions (only a SHA-256 of the cookie is stored), API keys (hashed, scoped,
+    # revocable), an audit row for every change made through the operations layer, and the
+    # time of a credential's last failed login (shown next to last_login)
+    """
+    CREATE TABLE admin_users (
+        username      TEXT PRIMARY KEY,
+        hash          TEXT NOT NULL,             -- argon2id encoded hash
+        created_at    REAL NOT NULL,
+        last_login_at REAL,
+        disabled      INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE admin_sessions (
+        token_hash   TEXT PRIMARY KEY,           -- hex SHA-256 of the cookie value
+        username     TEXT NOT NULL REFERENCES admin_users(username) ON DELETE CASCADE,
+        created_at   REAL NOT NULL,
+        last_seen_at REAL NOT NULL,
+        ip           TEXT,
+        user_agent   TEXT
+    );
+    CREATE INDEX admin_sessions_user ON admin_sessions(username);
+    CREATE TABLE api_keys (
+        id           TEXT PRIMARY KEY,           -- public part shown in listings
+        name         TEXT NOT NULL,
+        key_hash     TEXT NOT NULL UNIQUE,       -- hex SHA-256 of the secret token
+        scope        TEXT NOT NULL CHECK (scope IN ('read', 'write')),
+        created_at   REAL NOT NULL,
+        last_used_at REAL,
+        revoked_at   REAL
+    );
+    CREATE TABLE audit_log (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts      REAL NOT NULL,
+        actor   TEXT NOT NULL,                   -- admin username, api key id, or the CLI's OS user
+        via     TEXT NOT NULL,                   -- cli | web | api
+        ip      TEXT,
+        action  TEXT NOT NULL,                   -- e.g. credential.create, queue.retry
+        target  TEXT,
+        detail  TEXT
+    );
+    CREATE INDEX audit_ts ON audit_log(ts);
+    ALTER TABLE credentials ADD COLUMN last_failed_login REAL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
