@@ -281,13 +281,54 @@ def check_recipient_count(current: int, limit: int) -> Reply | None:
     return replies.TOO_MANY_RCPTS if current >= limit else None
 
 
+# feed_block's clean-block test, by C-level passes over the block instead of Python over its
+# lines: one map marks the LFs, one the CRs; the block has no bare CR or LF exactly when the LF
+# marks are the CR marks moved on by one (each LF right after a CR, each CR right before a
+# LF). At 1 MB messages this costs 40 % of the counts (CR, LF, CRLF) and split it replaced.
+_LF_MARKS = bytes(1 if i == 10 else 0 for i in range(256))
+_CR_MARKS = bytes(1 if i == 13 else 0 for i in range(256))
+# The longest line a clean block may hold, its LF included (998 octets and CRLF, RFC 5321
+# 4.5.3.1.6); a 999-octet line is allowed when it starts with a transparency dot.
+_MAX_LINE = 1000
+
+
+def unstuff(wire: bytes) -> bytes:
+    """Content from its wire form (whole lines): each line's leading transparency dot removed
+    (RFC 5321 4.5.2)."""
+    if wire.startswith(b"."):
+        wire = wire[1:]
+    return wire.replace(b"\r\n.", b"\r\n")
+
+
+def stuff(content: bytes) -> bytes:
+    """Wire form from content (whole lines): a dot added before each line that starts with one."""
+    return (b"." if content.startswith(b".") else b"") + content.replace(b"\r\n.", b"\r\n..")
+
+
+def _lines_fit(block: bytes | bytearray) -> bool:
+    """Every line of `block` (which ends with LF) is at most _MAX_LINE octets: from each line
+    start, the last LF within the next _MAX_LINE octets is found (one C-level search that
+    covers many lines at once); none there means a longer line."""
+    pos, end = 0, len(block)
+    while end - pos > _MAX_LINE:
+        last = block.rfind(b"\n", pos, pos + _MAX_LINE)
+        if last < 0:
+            return False
+        pos = last + 1
+    return True
+
+
 @dataclass
 class DataState:
-    """Running checks over DATA lines (RFC 5321 2.3.8, 4.5.3.1.6), fed line by line as read."""
+    """Running checks over DATA lines (RFC 5321 2.3.8, 4.5.3.1.6), fed line by line as read.
+
+    `buf` holds the content so far in its wire form, transparency dots kept: a large message
+    is spooled as it came (delivery sends it without stuffing it again); `content()` removes
+    the dots."""
     size_limit: int
     size: int = 0
     problem: Reply | None = None
-    buf: bytearray = field(default_factory=bytearray)   # the content so far, transparency dots removed
+    buf: bytearray = field(default_factory=bytearray)   # wire form: lines as received, dots kept
 
     def discard(self) -> None:
         self.buf = bytearray()
@@ -311,36 +352,32 @@ class DataState:
         if self.problem is not None:
             self.discard()
             return
-        # RFC 5321 4.5.2: remove the transparency dot. One growing buffer: a list of line objects
-        # cost ~65x the message size for short lines.
-        self.buf += memoryview(line)[1:] if line.startswith(b".") else line
+        # One growing buffer: a list of line objects cost ~65x the message size for short lines.
+        self.buf += line
 
-    def feed_block(self, block: bytes) -> None:
+    def feed_block(self, block: bytes | bytearray) -> None:
         """Many lines at once (`block` starts at a line start and ends with LF): the same verdicts
-        as feeding them one by one, but a clean block is checked and unstuffed by C-level scans."""
-        if self.problem is None and b"\x00" not in block:
-            # The split counts the CRLFs too (one scan of the block fewer: at 1 MB messages these
-            # scans were a fifth of the acceptance process's CPU).
-            lines = block.split(b"\r\n")
-            crlf = len(lines) - 1
-            if crlf == block.count(b"\n") == block.count(b"\r"):  # no bare CR or LF anywhere
-                longest = max(map(len, lines))
-                size = self.size + len(block)
-                if size <= self.size_limit and (longest < 999 or (
-                        longest == 999 and all(ln.startswith(b".") for ln in lines if len(ln) == 999))):
-                    self.size = size
-                    if block.startswith(b"."):
-                        block = block[1:]
-                    self.buf += block.replace(b"\r\n.", b"\r\n")
-                    return
+        as feeding them one by one, but a clean block is checked by C-level scans and kept
+        without a copy when nothing is buffered yet."""
+        if self.problem is None and self.size + len(block) <= self.size_limit and block.endswith(b"\r\n") \
+                and b"\x00" not in block:
+            lf, cr = block.translate(_LF_MARKS), block.translate(_CR_MARKS)
+            if lf[1:] == cr[:-1] and not lf[0] and _lines_fit(block):
+                self.size += len(block)
+                if self.buf:
+                    self.buf += block
+                else:
+                    self.buf = block if isinstance(block, bytearray) else bytearray(block)
+                return
+        # Something to refuse (or a 999-octet dot line): line by line decides which verdict.
         start, end = 0, len(block)
         while start < end:
-            stop = block.index(b"\n", start) + 1
-            self.feed(block[start:stop])
+            stop = block.find(b"\n", start) + 1 or end
+            self.feed(bytes(block[start:stop]))
             start = stop
 
     def content(self) -> bytes:
-        return bytes(self.buf)
+        return unstuff(bytes(self.buf))
 
 
 def check_received_count(count: int, limit: int) -> Reply | None:

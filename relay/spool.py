@@ -6,6 +6,11 @@ the delivery process signs and sends it from the file in chunks, and the file is
 the message is finished. Bodies out of the row store leave no space behind in the database
 (the emptied queue of the issue-12 benchmark was a 490 MB file plus a 292 MB WAL).
 
+A file named `<qid>.wire` holds the message's wire form: lines as the client sent them,
+transparency dots kept (RFC 5321 4.5.2), so delivery sends it as it is read and acceptance never
+unstuffs the body; content readers (DKIM, a DSN's returned message) remove the dots as they
+read. A file named by the queue id alone (written before wire files) holds content.
+
 Files are named by queue id. A file no row refers to comes from a crash between its write
 and its commit (or between a finish and its unlink): `remove_orphans` clears them at start.
 Blocking file I/O runs in threads, a chunk per hop, never on the event loop.
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Iterable
 
 CHUNK = 256 * 1024
+WIRE_SUFFIX = ".wire"
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,7 @@ class Body:
     path: str | None = None
     size: int = 0  # of the content, without the prefix
     ascii: bool | None = None  # known at acceptance for a spooled body; None: look
+    wire: bool = False  # the file holds the wire form (transparency dots kept)
 
     @classmethod
     def of(cls, data: "bytes | Body") -> "Body":
@@ -47,24 +54,35 @@ class Body:
             if self.data:
                 yield self.data
             return
+        carry = b""
+        async for block in self._blocks(size):
+            if carry:
+                block = carry + block
+            cut = block.rfind(b"\n") + 1
+            # Never cut inside a line: the carry is at most one line, which DATA holds to
+            # 998 octets (spool files hold nothing else).
+            carry = block[cut:]
+            if cut:
+                piece = block[:cut] if carry else block
+                yield _unstuff(piece) if self.wire else piece
+        if carry:
+            yield _unstuff(carry) if self.wire else carry
+
+    async def wire_chunks(self, size: int = CHUNK) -> AsyncIterator[bytes]:
+        """A wire-form file's bytes as they are stored, in pieces of `size` (cut anywhere)."""
+        assert self.wire and self.path is not None
+        async for block in self._blocks(size):
+            yield block
+
+    async def _blocks(self, size: int) -> AsyncIterator[bytes]:
         assert self.path is not None
-        f = await asyncio.to_thread(open, self.path, "rb")
+        f = await asyncio.to_thread(open, self.path, "rb", buffering=0)
         try:
-            carry = b""
             while True:
                 block = await asyncio.to_thread(f.read, size)
                 if not block:
-                    if carry:
-                        yield carry
                     return
-                if carry:
-                    block = carry + block
-                cut = block.rfind(b"\n") + 1
-                # Never cut inside a line: the carry is at most one line, which DATA holds to
-                # 998 octets (spool files hold nothing else).
-                carry = block[cut:]
-                if cut:
-                    yield block[:cut] if carry else block
+                yield block
         finally:
             await asyncio.to_thread(f.close)
 
@@ -82,6 +100,13 @@ class Body:
         async for piece in self.chunks():
             parts.append(piece)
         return b"".join(parts)
+
+
+def _unstuff(piece: bytes) -> bytes:
+    # Each piece starts at a line start (chunks cuts after line ends).
+    if piece.startswith(b"."):
+        piece = piece[1:]
+    return piece.replace(b"\r\n.", b"\r\n")
 
 
 def _fsync_dir(directory: str) -> None:
@@ -109,7 +134,7 @@ class SpoolFile:
         # 0600 and O_EXCL: mail is private, and a queue id is never reused.
         return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
-    def _write(self, chunk: bytes) -> None:
+    def _write(self, chunk: bytes | bytearray) -> None:
         if self._fd is None:
             self._fd = self._open()
         view = memoryview(chunk)
@@ -117,7 +142,7 @@ class SpoolFile:
             n = os.write(self._fd, view)
             view = view[n:]
 
-    async def write(self, chunk: bytes) -> None:
+    async def write(self, chunk: bytes | bytearray) -> None:
         await asyncio.to_thread(self._write, chunk)
         self.size += len(chunk)
 

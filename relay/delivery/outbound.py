@@ -342,6 +342,18 @@ async def _wire_pieces(body: Body, chunk: int = _CHUNK):
     if body.data is not None:
         yield _stuffed(body.prefix + body.data if body.prefix else body.data)
         return
+    if body.wire:
+        # Stored as it goes on the wire: sent as read, only the prefix (our DKIM-Signature
+        # field) stuffed, and the dot added.
+        last = b"\r\n"
+        if body.prefix:
+            yield _stuff_piece(body.prefix, last)
+            last = body.prefix[-2:]
+        async for piece in body.wire_chunks(chunk):
+            yield piece
+            last = (last + piece)[-2:] if len(piece) < 2 else piece[-2:]
+        yield b".\r\n" if last == b"\r\n" else b"\r\n.\r\n"
+        return
     before = b"\r\n"
     first = body.prefix
     async for piece in body.chunks(chunk):

@@ -22,7 +22,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, sslproto
 
 from .. import headers, metrics, policy, replies
-from ..spool import SpoolFile
+from ..spool import WIRE_SUFFIX, SpoolFile
 from ..config import LimitsConfig
 from ..credentials import CredentialStore, Principal, StoreError, normalize_username
 from ..logs import event
@@ -170,30 +170,46 @@ class _Incoming:
     async def _spill(self, data: policy.DataState) -> None:
         try:
             if self.file is None:
-                buf = bytes(data.buf)
-                parts = headers.split(buf)
-                if not parts.body:  # the header block has not ended yet: its fields may go on
-                    if len(buf) > HEADER_LIMIT:
-                        data.problem = replies.HEADERS_TOO_LARGE
-                        data.discard()
-                    return
-                self.fields = parts.fields
-                prepared = self.prepare(buf)
-                self.head = prepared.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
-                del buf, parts
-                data.discard()
-                self.file = SpoolFile(self.state.spool_dir, self.qid)
-                await self._write(prepared)
+                await self._start_file(data)
             else:
-                chunk = bytes(data.buf)
+                await self._write(data.buf)  # no copy: the session waits for this write
                 data.discard()
-                await self._write(chunk)
         except OSError as exc:
             full = self._failed(exc)
             data.problem = replies.STORAGE_FULL if full else replies.INTERNAL_ERROR
             data.discard()
 
-    async def _write(self, chunk: bytes) -> None:
+    async def _start_file(self, data: policy.DataState) -> None:
+        """Once the header block is complete: the prepared header block, then the rest of the
+        content so far, as it came. The file holds the message's wire form (transparency dots
+        kept), so delivery sends it without stuffing it again; only the header block is
+        unstuffed here, to be read and prepared."""
+        wire = data.buf
+        blank = wire.find(b"\r\n\r\n")
+        region = bytes(wire if blank < 0 else wire[:blank + 2])
+        parts = headers.split(policy.unstuff(region))
+        if blank < 0 and not parts.body:  # the header block has not ended yet: its fields may go on
+            if len(wire) > HEADER_LIMIT:
+                data.problem = replies.HEADERS_TOO_LARGE
+                data.discard()
+            return
+        # Where the header section ends in the wire form: unstuffing removes a dot, never a
+        # line, so it is after as many line ends as the fields hold.
+        off = 0
+        for _ in range(sum(f.count(b"\n") for f in parts.fields)):
+            off = wire.index(b"\n", off) + 1
+        self.fields = parts.fields
+        # Our Received on top, Bcc gone, Message-ID/Date added: prepared on the fields alone
+        # (it ends with the empty line that separates the body).
+        self.head = self.prepare(b"".join(parts.fields))
+        rest = wire[off:]
+        data.discard()
+        del wire, region, parts
+        self.file = SpoolFile(self.state.spool_dir, self.qid + WIRE_SUFFIX)
+        await self._write(policy.stuff(self.head[:-2]) + (b"" if rest.startswith(b"\r\n") else b"\r\n"))
+        await self._write(rest)
+
+    async def _write(self, chunk: bytes | bytearray) -> None:
         # Known now, so delivery need not read the file once more to choose BODY=8BITMIME.
         self.ascii = self.ascii and chunk.isascii()
         assert self.file is not None
@@ -205,9 +221,8 @@ class _Incoming:
             return
         try:
             if data.buf:
-                chunk = bytes(data.buf)
+                await self._write(data.buf)
                 data.discard()
-                await self._write(chunk)
             await self.file.commit()
         except OSError as exc:
             raise (StorageFull(str(exc)) if self._failed(exc) else StoreUnavailable(f"spool: {exc}")) from None
@@ -961,7 +976,7 @@ class Session(SMTP):
                 n = len(pending)
                 if (n >= 5 and pending[-5:-3] == b"\r\n") or (n == 3 and after_crlf):
                     if n > 3:
-                        data.feed_block(bytes(pending[:-3]))
+                        data.feed_block(pending[:-3])
                     incoming.step_count(data)
                     self._reset_timeout()
                     return True
@@ -970,7 +985,7 @@ class Session(SMTP):
             # Not the end yet: hand over the complete lines, keep the partial one.
             cut = pending.rfind(b"\n") + 1
             if cut:
-                data.feed_block(bytes(pending[:cut]))
+                data.feed_block(pending[:cut])  # a copy of its own: DataState may keep it
                 after_crlf = pending[cut - 2:cut] == b"\r\n"
                 del pending[:cut]
                 await incoming.step(data)
@@ -1089,7 +1104,8 @@ class Session(SMTP):
             recipients=tuple(NewRecipient(str(a), a.ascii_domain, p.notify, p.orcpt) for a, p in txn.recipients),
             data=message, auth_user=txn.principal.username, client_ip=self.client_ip,
             ret=txn.params.ret, envid=txn.params.envid, smtputf8=txn.params.smtputf8, queue_id=qid,
-            dkim_domain=sign_domain, spool_file=qid if spooled else None, spool_size=size if spooled else 0,
+            dkim_domain=sign_domain, spool_file=incoming.file.name if incoming.file else None,
+            spool_size=size if spooled else 0,
             spool_ascii=incoming.ascii)
         await self.state.queue.enqueue(new)
         incoming.enqueued = True

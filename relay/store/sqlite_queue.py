@@ -214,7 +214,8 @@ class QueueStore:
         if self.spool_dir is None:
             raise StoreUnavailable("a spooled body, but this store has no spool directory")
         return spool.Body(prefix, None, os.path.join(self.spool_dir, row["path"]), row["size"] - len(prefix),
-                          ascii=bool(row["ascii"]) if row["ascii"] is not None else None)
+                          ascii=bool(row["ascii"]) if row["ascii"] is not None else None,
+                          wire=row["path"].endswith(spool.WIRE_SUFFIX))
 
     async def body(self, msg_id: str, limit: int = 1_048_576) -> bytes | None:
         """The message as sent (signature included): whole when at most `limit` bytes (or held in

@@ -182,15 +182,16 @@ def test_orphan_spool_files_are_removed_at_start_and_queued_ones_kept(make_relay
     qid = relay.submit(USER, PASSWORD, USER, ["bob@example.net"], message(1, 100_000)[0])
     relay.stop()
     spool = spool_dir(relay)
-    assert (spool / qid).exists()
+    stored = qid + ".wire"  # the wire form (relay/spool.py)
+    assert (spool / stored).exists()
     (spool / "0000DEAD0000000000").write_bytes(b"written, never committed")
     relay.start()
     assert relay.wait_event("spool_orphans_removed", files=1)
-    assert sorted(os.listdir(spool)) == [qid]
-    assert (spool / qid).stat().st_size > 90_000
+    assert sorted(os.listdir(spool)) == [stored]
+    assert (spool / stored).stat().st_size > 90_000
     # The operator's view works from the row: headers, size.
     show = relay.cli("queue", "show", qid, check=True).stdout
     assert "Subject: big 1" in show
     # Deleting the queued message removes its file.
     relay.cli("queue", "delete", qid, check=True)
-    wait_until(lambda: not (spool / qid).exists(), timeout=10, what="the deleted message's file gone")
+    wait_until(lambda: not (spool / stored).exists(), timeout=10, what="the deleted message's file gone")

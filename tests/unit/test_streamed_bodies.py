@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from relay import signing
+from relay import policy, signing
 from relay.delivery import outbound
 from relay.dkim_keys import DKIMKey
 from relay.spool import Body
@@ -100,6 +100,35 @@ def test_a_dot_line_right_at_a_chunk_border_is_stuffed(tmp_path):
     got = wire_of(Body(path=str(path), size=len(data)), 55)
     assert got == outbound._stuffed(data)
     assert b"\r\n..\r\n...x\r\n" in got
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_wire_file_reads_as_its_content_and_sends_as_it_is(tmp_path, seed):
+    # Spool files hold the wire form (dots kept): content readers (DKIM, DSNs) get the content
+    # back, and delivery sends exactly what whole-message stuffing of prefix + content gives.
+    rng = random.Random(seed)
+    content = random_body(rng, rng.randint(1, 300)) or b".\r\n"
+    path = tmp_path / "body.wire"
+    path.write_bytes(policy.stuff(content))
+    size = rng.choice([3, 17, 256, 1001, 8192])
+    body = Body(path=str(path), size=path.stat().st_size, wire=True)
+
+    async def content_pieces() -> list[bytes]:
+        return [p async for p in body.chunks(size)]
+
+    pieces = asyncio.run(content_pieces())
+    assert b"".join(pieces) == content
+    assert all(p.endswith(b"\n") for p in pieces[:-1])
+    prefix = rng.choice([b"", b"DKIM-Signature: v=1; a=rsa-sha256;\r\n\tb=abc\r\n"])
+    signed = Body(prefix=prefix, path=str(path), size=path.stat().st_size, wire=True)
+    assert wire_of(signed, size) == outbound._stuffed(prefix + content)
+
+
+def test_unstuffing_keeps_lines_and_undoes_stuffing():
+    for content in [b"", b".\r\n", b"..\r\n", b"a\r\n.b\r\n..c\r\n", b"\r\n.\r\n"]:
+        assert policy.unstuff(policy.stuff(content)) == content
+    # A client that did not stuff a dot line loses its dot (RFC 5321 4.5.2), as line by line.
+    assert policy.unstuff(b".x\r\ny\r\n") == b"x\r\ny\r\n"
 
 
 @pytest.fixture(scope="module")
