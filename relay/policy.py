@@ -322,16 +322,24 @@ def _lines_fit(block: bytes | bytearray) -> bool:
 class DataState:
     """Running checks over DATA lines (RFC 5321 2.3.8, 4.5.3.1.6), fed line by line as read.
 
-    `buf` holds the content so far in its wire form, transparency dots kept: a large message
-    is spooled as it came (delivery sends it without stuffing it again); `content()` removes
-    the dots."""
+    `parts` hold the content so far in its wire form, transparency dots kept, as the pieces the
+    session read (no copy into one buffer): a large message is spooled as it came and delivery
+    sends it without stuffing it again; `content()` removes the dots."""
     size_limit: int
     size: int = 0
     problem: Reply | None = None
-    buf: bytearray = field(default_factory=bytearray)   # wire form: lines as received, dots kept
+    parts: list[bytes] = field(default_factory=list)   # wire form: lines as received, dots kept
+    buffered: int = 0                                   # bytes in parts
 
     def discard(self) -> None:
-        self.buf = bytearray()
+        self.parts = []
+        self.buffered = 0
+
+    def take(self) -> list[bytes]:
+        """The pieces held so far (for the spool file); nothing is held afterwards."""
+        parts = self.parts
+        self.discard()
+        return parts
 
     def feed(self, line: bytes) -> None:
         """`line` is one line as read, including its line ending (the final dot line is not fed)."""
@@ -352,22 +360,27 @@ class DataState:
         if self.problem is not None:
             self.discard()
             return
-        # One growing buffer: a list of line objects cost ~65x the message size for short lines.
-        self.buf += line
+        self._keep(line)
 
-    def feed_block(self, block: bytes | bytearray) -> None:
+    def _keep(self, piece: bytes) -> None:
+        # Many short pieces (lines fed one by one) are merged, so a list of line objects never
+        # costs ~65x the message size for short lines.
+        if self.parts and len(self.parts[-1]) < 4096 and len(piece) < 4096:
+            self.parts[-1] += piece
+        else:
+            self.parts.append(piece)
+        self.buffered += len(piece)
+
+    def feed_block(self, block: bytes) -> None:
         """Many lines at once (`block` starts at a line start and ends with LF): the same verdicts
-        as feeding them one by one, but a clean block is checked by C-level scans and kept
-        without a copy when nothing is buffered yet."""
+        as feeding them one by one, but a clean block is checked by C-level scans and kept as
+        it is."""
         if self.problem is None and self.size + len(block) <= self.size_limit and block.endswith(b"\r\n") \
                 and b"\x00" not in block:
             lf, cr = block.translate(_LF_MARKS), block.translate(_CR_MARKS)
             if lf[1:] == cr[:-1] and not lf[0] and _lines_fit(block):
                 self.size += len(block)
-                if self.buf:
-                    self.buf += block
-                else:
-                    self.buf = block if isinstance(block, bytearray) else bytearray(block)
+                self._keep(block)
                 return
         # Something to refuse (or a 999-octet dot line): line by line decides which verdict.
         start, end = 0, len(block)
@@ -377,7 +390,7 @@ class DataState:
             start = stop
 
     def content(self) -> bytes:
-        return unstuff(bytes(self.buf))
+        return unstuff(b"".join(self.parts))
 
 
 def check_received_count(count: int, limit: int) -> Reply | None:

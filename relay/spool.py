@@ -24,6 +24,7 @@ from typing import AsyncIterator, Iterable
 
 CHUNK = 256 * 1024
 WIRE_SUFFIX = ".wire"
+_IOV_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -75,16 +76,27 @@ class Body:
             yield block
 
     async def _blocks(self, size: int) -> AsyncIterator[bytes]:
+        # A thread hop a block: the file is opened with the first read and closed with the last
+        # (a short read is the end of a regular file), not in hops of their own.
         assert self.path is not None
-        f = await asyncio.to_thread(open, self.path, "rb", buffering=0)
+        path = self.path
+        f = None
+
+        def first() -> bytes:
+            nonlocal f
+            f = open(path, "rb", buffering=0)
+            return _read_or_close(f, size)
+
         try:
-            while True:
-                block = await asyncio.to_thread(f.read, size)
-                if not block:
-                    return
+            block = await asyncio.to_thread(first)
+            while block:
                 yield block
+                if len(block) < size or f is None or f.closed:
+                    return
+                block = await asyncio.to_thread(_read_or_close, f, size)
         finally:
-            await asyncio.to_thread(f.close)
+            if f is not None and not f.closed:
+                await asyncio.to_thread(f.close)
 
     async def is_ascii(self) -> bool:
         if self.ascii is not None:
@@ -100,6 +112,13 @@ class Body:
         async for piece in self.chunks():
             parts.append(piece)
         return b"".join(parts)
+
+
+def _read_or_close(f, size: int) -> bytes:
+    block = f.read(size)
+    if len(block) < size:
+        f.close()
+    return block
 
 
 def _unstuff(piece: bytes) -> bytes:
@@ -134,17 +153,22 @@ class SpoolFile:
         # 0600 and O_EXCL: mail is private, and a queue id is never reused.
         return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
-    def _write(self, chunk: bytes | bytearray) -> None:
+    def _write(self, pieces: list[bytes]) -> None:
         if self._fd is None:
             self._fd = self._open()
-        view = memoryview(chunk)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        views = [memoryview(p) for p in pieces if p]
+        while views:
+            n = os.writev(self._fd, views[:_IOV_MAX])
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
 
-    async def write(self, chunk: bytes | bytearray) -> None:
-        await asyncio.to_thread(self._write, chunk)
-        self.size += len(chunk)
+    async def write(self, pieces: list[bytes]) -> None:
+        """Append `pieces` (one system call for all of them, in a thread)."""
+        await asyncio.to_thread(self._write, pieces)
+        self.size += sum(len(p) for p in pieces)
 
     def _commit(self) -> None:
         if self._fd is None:

@@ -120,7 +120,7 @@ class Transaction:
 # A header section is parsed whole (Bcc removal, Message-ID, DKIM): past this much without its
 # end the message is refused rather than held (Postfix's header_size_limit is 100 KB).
 HEADER_LIMIT = 1_048_576
-DATA_READ_LIMIT = 65_536
+DATA_READ_LIMIT = 262_144
 
 
 class _Incoming:
@@ -164,7 +164,7 @@ class _Incoming:
     async def step(self, data: policy.DataState) -> None:
         """After each run of lines: count them; spill to the spool file past the threshold."""
         self.step_count(data)
-        if data.problem is None and len(data.buf) >= self.threshold and self.state.spool_dir is not None:
+        if data.problem is None and data.buffered >= self.threshold and self.state.spool_dir is not None:
             await self._spill(data)
 
     async def _spill(self, data: policy.DataState) -> None:
@@ -172,8 +172,7 @@ class _Incoming:
             if self.file is None:
                 await self._start_file(data)
             else:
-                await self._write(data.buf)  # no copy: the session waits for this write
-                data.discard()
+                await self._write(data.take())
         except OSError as exc:
             full = self._failed(exc)
             data.problem = replies.STORAGE_FULL if full else replies.INTERNAL_ERROR
@@ -184,7 +183,7 @@ class _Incoming:
         content so far, as it came. The file holds the message's wire form (transparency dots
         kept), so delivery sends it without stuffing it again; only the header block is
         unstuffed here, to be read and prepared."""
-        wire = data.buf
+        wire = b"".join(data.parts)
         blank = wire.find(b"\r\n\r\n")
         region = bytes(wire if blank < 0 else wire[:blank + 2])
         parts = headers.split(policy.unstuff(region))
@@ -206,23 +205,22 @@ class _Incoming:
         data.discard()
         del wire, region, parts
         self.file = SpoolFile(self.state.spool_dir, self.qid + WIRE_SUFFIX)
-        await self._write(policy.stuff(self.head[:-2]) + (b"" if rest.startswith(b"\r\n") else b"\r\n"))
-        await self._write(rest)
+        head = policy.stuff(self.head[:-2]) + (b"" if rest.startswith(b"\r\n") else b"\r\n")
+        await self._write([head, rest])
 
-    async def _write(self, chunk: bytes | bytearray) -> None:
+    async def _write(self, pieces: list[bytes]) -> None:
         # Known now, so delivery need not read the file once more to choose BODY=8BITMIME.
-        self.ascii = self.ascii and chunk.isascii()
+        self.ascii = self.ascii and all(p.isascii() for p in pieces)
         assert self.file is not None
-        await self.file.write(chunk)
+        await self.file.write(pieces)
 
     async def finish(self, data: policy.DataState) -> None:
         """The end of DATA: the rest goes to the file (if spooling), then the file is synced."""
         if self.file is None:
             return
         try:
-            if data.buf:
-                await self._write(data.buf)
-                data.discard()
+            if data.parts:
+                await self._write(data.take())
             await self.file.commit()
         except OSError as exc:
             raise (StorageFull(str(exc)) if self._failed(exc) else StoreUnavailable(f"spool: {exc}")) from None
@@ -967,37 +965,44 @@ class Session(SMTP):
 
     async def _read_data_blocks(self, reader: asyncio.StreamReader, data: policy.DataState, hard_cap: int,
                                 incoming: _Incoming) -> bool:
-        pending = bytearray()
-        # `pending` begins right after a CRLF (or at the start of DATA), so a lone ".\r\n" in it ends DATA.
-        after_crlf = True
+        # Everything is taken from the reader in whole lines (up to a LF), so each piece goes to
+        # DataState as it is, without a copy into a buffer of our own. `prev`: the last two
+        # bytes taken, CRLF at the start of DATA: a lone ".\r\n" right after a CRLF ends DATA.
+        prev = b"\r\n"
         while True:
             try:
-                pending += await reader.readuntil(b".\r\n")
-                n = len(pending)
-                if (n >= 5 and pending[-5:-3] == b"\r\n") or (n == 3 and after_crlf):
-                    if n > 3:
-                        data.feed_block(pending[:-3])
-                    incoming.step_count(data)
-                    self._reset_timeout()
-                    return True
+                chunk = await reader.readuntil(b".\r\n")
             except asyncio.LimitOverrunError as exc:
-                pending += await reader.read(exc.consumed)
-            # Not the end yet: hand over the complete lines, keep the partial one.
-            cut = pending.rfind(b"\n") + 1
-            if cut:
-                data.feed_block(pending[:cut])  # a copy of its own: DataState may keep it
-                after_crlf = pending[cut - 2:cut] == b"\r\n"
-                del pending[:cut]
+                # No end within the limit: take the complete lines the reader holds.
+                cut = reader._buffer.rfind(b"\n", 0, exc.consumed) + 1
+                if cut:
+                    chunk = await reader.read(cut)
+                    data.feed_block(chunk)
+                else:
+                    # One line longer than any limit: count it, keep only its end (a CR that a
+                    # LF may complete, and what the separator search needs).
+                    chunk = await reader.read(exc.consumed)
+                    data.size += len(chunk)
+                    if data.problem is None:
+                        data.problem = replies.DATA_LINE_TOO_LONG
+                    data.discard()
+                prev = chunk[-2:] if len(chunk) >= 2 else (prev + chunk)[-2:]
                 await incoming.step(data)
-            elif len(pending) > 4096:
-                # One line longer than any limit: count it, keep only its end (a CR that a LF may complete).
-                data.size += len(pending) - 2
-                if data.problem is None:
-                    data.problem = replies.DATA_LINE_TOO_LONG
-                data.discard()
-                del pending[:-2]
-                after_crlf = False
+                if data.size > hard_cap:
+                    self._close_with(replies.SIZE_EXCEEDED)
+                    return False
+                continue
+            n = len(chunk)
+            if (chunk if n >= 5 else prev + chunk)[-5:-3] == b"\r\n":
+                if n > 3:
+                    data.feed_block(chunk[:-3])
                 incoming.step_count(data)
+                self._reset_timeout()
+                return True
+            # "x.\r\n": a line that ends in a dot, not the end.
+            data.feed_block(chunk)
+            prev = chunk[-2:]
+            await incoming.step(data)
             if data.size > hard_cap:
                 self._close_with(replies.SIZE_EXCEEDED)
                 return False
