@@ -25,6 +25,7 @@ from typing import AsyncIterator, Iterable
 CHUNK = 256 * 1024
 WIRE_SUFFIX = ".wire"
 _IOV_MAX = 1024
+_MADE: set[str] = set()  # spool directories known to exist (no mkdir a message)
 
 
 @dataclass(frozen=True)
@@ -149,9 +150,16 @@ class SpoolFile:
         self.committed = False
 
     def _open(self) -> int:
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        if self.directory not in _MADE:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            _MADE.add(self.directory)
         # 0600 and O_EXCL: mail is private, and a queue id is never reused.
-        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            return os.open(self.path, flags, 0o600)
+        except FileNotFoundError:  # the directory went away under us: made again
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            return os.open(self.path, flags, 0o600)
 
     def _write(self, pieces: list[bytes]) -> None:
         if self._fd is None:
@@ -170,7 +178,9 @@ class SpoolFile:
         await asyncio.to_thread(self._write, pieces)
         self.size += sum(len(p) for p in pieces)
 
-    def _commit(self) -> None:
+    def _commit(self, last: list[bytes]) -> None:
+        if last:
+            self._write(last)
         if self._fd is None:
             self._fd = self._open()
         os.fsync(self._fd)
@@ -179,8 +189,10 @@ class SpoolFile:
         # The name must be durable too, or a power loss could keep the row and lose the file.
         _fsync_dir(self.directory)
 
-    async def commit(self) -> None:
-        await asyncio.to_thread(self._commit)
+    async def commit(self, last: list[bytes] | None = None) -> None:
+        """Append `last` (the end of the message), then sync the file and its name: one hop."""
+        await asyncio.to_thread(self._commit, last or [])
+        self.size += sum(len(p) for p in last or ())
         self.committed = True
 
     def _discard(self) -> None:

@@ -9,6 +9,7 @@ and the lease's owner so that recovery takes back only this node's leases.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import socket
@@ -19,10 +20,13 @@ from typing import Any, Callable, Iterable
 import aiosqlite
 
 from .. import metrics, spool
+from ..logs import event
 from ..db import WriterLock
 from .contract import (ACTIVE, FINAL, ClaimedRecipient, Job, LeaseLost, LeaseOwner, NewMessage, NewRecipient,
                        RecipientUpdate, StorageFull, StoreUnavailable, new_queue_id)
 from .writer import GroupWriter, Op
+
+log = logging.getLogger("relay.queue")
 
 __all__ = ["QueueStore", "new_queue_id", "ACTIVE", "FINAL", "ClaimedRecipient", "Job", "LeaseLost", "LeaseOwner",
            "NewMessage", "NewRecipient", "RecipientUpdate", "StorageFull", "StoreUnavailable"]
@@ -44,6 +48,8 @@ class QueueStore:
         self._on_enqueue = on_enqueue
         # Where spooled bodies (bodies.path) live; a store without one (tests) keeps every body in rows.
         self.spool_dir = spool_dir
+        self._to_unlink: list[str] = []
+        self._unlinker: asyncio.Task | None = None
         # Test hook (RELAY_CRASH_POINT): die at a named point to prove recovery.
         self._crash_point = crash_point if crash_point is not None else os.environ.get("RELAY_CRASH_POINT")
 
@@ -51,6 +57,8 @@ class QueueStore:
         return await self._writer.write(op)
 
     async def close(self) -> None:
+        if self._unlinker is not None:
+            await asyncio.gather(self._unlinker, return_exceptions=True)
         if self._own_writer:
             await self._writer.close()
 
@@ -245,10 +253,22 @@ class QueueStore:
 
     async def _unlink(self, names: list[str]) -> None:
         """Remove finished bodies' files, after the commit that let them go (a crash in between
-        leaves an orphan, which the next start removes)."""
-        if names and self.spool_dir is not None:
-            paths = [os.path.join(self.spool_dir, n) for n in names]
-            await asyncio.to_thread(spool.unlink_all, paths)
+        leaves an orphan, which the next start removes). Not waited for: files freed while a
+        removal runs go with the next one, so under load many messages' files go in one thread
+        hop, not one each; `close` waits for the last."""
+        if not names or self.spool_dir is None:
+            return
+        self._to_unlink.extend(os.path.join(self.spool_dir, n) for n in names)
+        if self._unlinker is None or self._unlinker.done():
+            self._unlinker = asyncio.create_task(self._unlink_pending(), name="spool-unlink")
+
+    async def _unlink_pending(self) -> None:
+        while self._to_unlink:
+            paths, self._to_unlink = self._to_unlink, []
+            try:
+                await asyncio.to_thread(spool.unlink_all, paths)
+            except OSError as exc:  # an orphan then, removed at the next start
+                event(log, "spool_unlink_failed", logging.WARNING, files=len(paths), error=str(exc))
 
     async def spooled_names(self) -> set[str]:
         rows = await self._conn.execute_fetchall("SELECT path FROM bodies WHERE path IS NOT NULL")

@@ -41,7 +41,7 @@ def pieces_of(data: bytes, tmp_path, size: int) -> list[bytes]:
 
 def wire_of(body: Body, size: int) -> bytes:
     async def collect() -> bytes:
-        return b"".join([p async for p in outbound._wire_pieces(body, size)])
+        return b"".join([p async for p in outbound._wire_pieces(body, size, wire_read=size)])
 
     return asyncio.run(collect())
 
