@@ -313,13 +313,19 @@ def run_submission(workdir: Path, sink: Sink, *, clients: int, messages: int, pe
         relay.stop()
 
 
+SOURCE_CPU = {"s": 0.0}  # smtp-source's own CPU in the last run_smtp_source (client-bound runs show)
+
+
 def run_smtp_source(port: int, sink: Sink, messages: int, sessions: int, size: int) -> tuple[float, float | None]:
     base = sink.count
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     subprocess.run(["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
                     "-f", USER, "-t", RCPT, f"127.0.0.1:{port}"], check=True, timeout=300,
                    stdout=subprocess.DEVNULL)
     accepted = time.monotonic() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    SOURCE_CPU["s"] = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     end = sink.wait_for(base + messages, timeout=300)
     return messages / accepted, (messages / (end - t0) if end else None)
 
@@ -332,6 +338,7 @@ def scenario2_relay(workdir: Path, sink: Sink, messages: int, dkim: bool = False
         acc, e2e = run_smtp_source(relay.port, sink, messages, 20, 10240)
         cpu = family_cpu(pids) - cpu0
         return {"accepted_per_s": acc, "end_to_end_per_s": e2e, "cpu_s_per_1000": cpu / messages * 1000,
+                "source_cpu_s_per_1000": SOURCE_CPU["s"] / messages * 1000,
                 "peak_rss_mb": family_rss_kb(pids, "VmHWM") / 1024}
     finally:
         relay.stop()
@@ -407,8 +414,12 @@ smtpd_tls_security_level = none
 def scenario2_postfix(workdir: Path, sink: Sink, messages: int) -> dict:
     pf = Postfix(workdir, sink)
     try:
+        pid = pf.master_pid()
+        assert pid is not None
+        cpu0 = tree_cpu(pid)
         acc, e2e = run_smtp_source(pf.port, sink, messages, 20, 10240)
-        return {"accepted_per_s": acc, "end_to_end_per_s": e2e}
+        return {"accepted_per_s": acc, "end_to_end_per_s": e2e, "cpu_s_per_1000": (tree_cpu(pid) - cpu0) / messages * 1000,
+                "source_cpu_s_per_1000": SOURCE_CPU["s"] / messages * 1000}
     finally:
         pf.stop()
 
@@ -872,36 +883,37 @@ def main() -> int:
                 print("[2] skipped: smtp-source not installed (Debian package postfix)")
             else:
                 # Like for like with Postfix (which signs nothing without a milter): no DKIM key.
-                # The same with signing follows, for what a DKIM-signing relay costs.
-                for label, dkim in (("relay", False), ("relay+dkim", True)):
-                    rel_runs = [scenario2_relay(tmp / f"s2-{label}-{i}", sink, args.source_messages, dkim=dkim)
-                                for i in range(args.repeat)]
-                    results["scenario2_" + label.replace("+", "_")] = rel_runs
-                    line = "[2] {:<10} smtp-source -s 20 -m {} -l 10240: ".format(label, args.source_messages)
-                    for key in ("accepted_per_s", "end_to_end_per_s"):
-                        vals = [r[key] for r in rel_runs if r[key]]
-                        line += (f"{key} median {fmt(statistics.median(vals))} "
-                                 f"(min {fmt(min(vals))}, max {fmt(max(vals))}); ")
-                    line += f"cpu_s_per_1000 {fmt(statistics.median(r['cpu_s_per_1000'] for r in rel_runs))}"
-                    print(line)
-                    if not dkim:
-                        rel = rel_runs
-                if args.compare_postfix:
-                    if not shutil.which("postfix"):
-                        print("[2] --compare-postfix: postfix not installed")
-                    else:
-                        pf = [scenario2_postfix(tmp / f"s2-postfix-{i}", sink, args.source_messages)
-                              for i in range(args.repeat)]
-                        results["scenario2_postfix"] = pf
-                        line = "[2] {:<10} smtp-source -s 20 -m {} -l 10240: ".format("postfix", args.source_messages)
-                        for key in ("accepted_per_s", "end_to_end_per_s"):
-                            vals = [r[key] for r in pf if r[key]]
-                            line += f"{key} median {fmt(statistics.median(vals))} (min {fmt(min(vals))}, max {fmt(max(vals))}); "
-                        print(line)
-                        ratio = statistics.median(r["end_to_end_per_s"] for r in rel if r["end_to_end_per_s"]) / \
-                            statistics.median(r["end_to_end_per_s"] for r in pf if r["end_to_end_per_s"])
-                        results["scenario2_ratio_end_to_end"] = ratio
-                        print(f"[2] end-to-end ratio relay/postfix: {ratio:.2f}")
+                # The same with signing follows, for what a DKIM-signing relay costs. Interleaved
+                # rep by rep (relay, relay+dkim, postfix, then again), so a noisy machine hits
+                # every system alike; per-rep ratios printed.
+                pf_ok = args.compare_postfix and shutil.which("postfix")
+                if args.compare_postfix and not pf_ok:
+                    print("[2] --compare-postfix: postfix not installed")
+                kinds = ["relay", "relay+dkim"] + (["postfix"] if pf_ok else [])
+                cmd = f"bench/run.py --scenarios 2 --source-messages {args.source_messages} --repeat {args.repeat}" + \
+                    (" --compare-postfix" if args.compare_postfix else "")
+                print(f"[2] {cmd}")
+                runs2: dict[str, list[dict]] = {k: [] for k in kinds}
+                for i in range(args.repeat):
+                    for k in kinds:
+                        wd = tmp / f"s2-{k}-{i}"
+                        r = (scenario2_postfix(wd, sink, args.source_messages) if k == "postfix" else
+                             scenario2_relay(wd, sink, args.source_messages, dkim=k == "relay+dkim"))
+                        runs2[k].append(r)
+                        print(f"[2] rep {i + 1} {k}: " + ", ".join(f"{x}={fmt(v)}" for x, v in r.items()))
+                for k, rs in runs2.items():
+                    results["scenario2_" + k.replace("+", "_")] = rs
+                    print("[2] {:<10} smtp-source -s 20 -m {} -l 10240: ".format(k, args.source_messages) + "; ".join(
+                        _median_line(rs, key) for key in ("end_to_end_per_s", "accepted_per_s", "cpu_s_per_1000",
+                                                          "source_cpu_s_per_1000")))
+                if pf_ok:
+                    for k in ("relay", "relay+dkim"):
+                        ratios = [a["end_to_end_per_s"] / b["end_to_end_per_s"] for a, b in zip(runs2[k], runs2["postfix"])
+                                  if a["end_to_end_per_s"] and b["end_to_end_per_s"]]
+                        if ratios:
+                            results[f"scenario2_ratio_{k.replace('+', '_')}"] = ratios
+                            print(f"[2] end-to-end ratio {k}/postfix per rep: " + ", ".join(f"{x:.2f}" for x in ratios)
+                                  + f"; median {statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]")
         if 3 in scen:
             rows = []
             for size in (1024, 10240, 102400):

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__, config as config_mod, db, metrics, tls
+from . import __version__, config as config_mod, db, memory, metrics, tls
 from .config import Config, ConfigError
 from .delivery_process import DeliveryProcess, MergedRegistry
 from .logs import event
@@ -160,13 +160,15 @@ class Daemon:
         runner_task = asyncio.create_task(self.runner.run(), name="queue-runner") if self.runner else None
         gauges_task = asyncio.create_task(self._queue_gauges(), name="queue-gauges")
         purge_task = asyncio.create_task(self._purge_finished(), name="queue-purge")
+        # Freed memory back to the system after large DATA, once no DATA is being received.
+        trim_task = asyncio.create_task(memory.TRIMMER.run(lambda: self.state.data_in_flight > 0), name="malloc-trim")
         event(log, "ready", version=__version__, hostname=cfg.server.hostname, pid=os.getpid(),
               listeners=",".join(f"{b.address}:{b.port}/{b.tls}" for b in self.bound))
         sd_notify("READY=1")
         await self.stop_event.wait()
         sd_notify("STOPPING=1")
         event(log, "stopping", grace=cfg.server.shutdown_grace)
-        await self._shutdown(runner_task, gauges_task, purge_task)
+        await self._shutdown(runner_task, gauges_task, purge_task, trim_task)
         event(log, "stopped")
         return 0
 
@@ -252,7 +254,7 @@ class Daemon:
         event(log, "reloaded", cert=new.tls.cert)
 
     async def _shutdown(self, runner_task: asyncio.Task | None, gauges_task: asyncio.Task,
-                        purge_task: asyncio.Task) -> None:
+                        purge_task: asyncio.Task, trim_task: asyncio.Task) -> None:
         for b in self.bound:
             b.server.close()
         for s in self.refusal_servers:
@@ -274,7 +276,7 @@ class Daemon:
             await self.runner.stop(timeout=remaining)
         if self.delivery is not None:
             await self.delivery.stop(timeout=remaining)
-        tasks = [t for t in (runner_task, gauges_task, purge_task) if t is not None]
+        tasks = [t for t in (runner_task, gauges_task, purge_task, trim_task) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

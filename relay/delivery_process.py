@@ -30,7 +30,7 @@ from typing import Awaitable, Callable
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import config as config_mod, db, metrics
+from . import config as config_mod, db, memory, metrics
 from .config import Config
 from .logs import event
 
@@ -285,13 +285,15 @@ class _Child:
         loop.add_reader(self.ctl.fileno(), self._on_ctl)
         run_task = asyncio.create_task(runner.run(), name="queue-runner")
         run_task.add_done_callback(self._runner_ended)
+        trim_task = asyncio.create_task(memory.TRIMMER.run(), name="malloc-trim")  # after large sends
         event(log, "delivery_ready", pid=os.getpid())
         await self.stop_event.wait()
         loop.remove_reader(self.wake_fd)
         await runner.stop(timeout=self.cfg.server.shutdown_grace)
         loop.remove_reader(self.ctl.fileno())
         run_task.cancel()
-        await asyncio.gather(run_task, return_exceptions=True)
+        trim_task.cancel()
+        await asyncio.gather(run_task, trim_task, return_exceptions=True)
         await stores.close()
         event(log, "delivery_stopped", pid=os.getpid())
         return self.exit_code

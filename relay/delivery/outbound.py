@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 
 import aiosmtplib
 
-from .. import metrics
+from .. import memory, metrics
 from ..logs import event
 from ..policy import xtext_encode
 from ..spool import Body
@@ -353,6 +353,7 @@ async def _wire_pieces(body: Body, chunk: int = _CHUNK, wire_read: int = _WIRE_R
             yield _stuff_piece(body.prefix, last)
             last = body.prefix[-2:]
         async for piece in body.wire_chunks(wire_read):
+            memory.TRIMMER.note(len(piece))
             yield piece
             last = (last + piece)[-2:] if len(piece) < 2 else piece[-2:]
         yield b".\r\n" if last == b"\r\n" else b"\r\n.\r\n"

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, sslproto
 
-from .. import headers, metrics, policy, replies
+from .. import headers, memory, metrics, policy, replies
 from ..spool import WIRE_SUFFIX, SpoolFile
 from ..config import LimitsConfig
 from ..credentials import CredentialStore, Principal, StoreError, normalize_username
@@ -1053,6 +1053,8 @@ class Session(SMTP):
             await self.push(replies.START_DATA)
             await self._data_transaction(txn, incoming, prepare)
         finally:
+            if incoming.counted > incoming.threshold:
+                memory.TRIMMER.note(incoming.counted)  # large DATA: its buffers are freed now
             incoming.release()
             await incoming.drop()
 
