@@ -1,0 +1,77 @@
+"""The API against the real relay: a credential created over HTTP authenticates on the
+submission port (smtplib, STARTTLS); after a reset over HTTP the old password fails at the
+next AUTH and the new one works; after a delete AUTH fails. A failed AUTH shows as the
+credential's last_failed_login; a message submitted with it is in GET /queue.
+
+The relay runs as its own process (the installed console script); the API runs in this
+process on the same database file, as the web admin would in the daemon: the relay's verify
+cache is bound to the stored hash, so a change made here applies at its next AUTH.
+"""
+from __future__ import annotations
+
+import smtplib
+
+import pytest
+import requests
+
+from relay import config as config_mod
+from tests.support.api_server import ApiServer
+from tests.support.relay_instance import wait_until
+
+D = "mg.example.com"
+USER = f"app@{D}"
+
+
+@pytest.fixture
+def setup(make_relay):
+    inst = make_relay()
+    with ApiServer(config_mod.load(inst.config_path)) as api:
+        s = requests.Session()
+        s.headers["Authorization"] = f"Bearer {api.add_key('write')}"
+        yield inst, api, s
+
+
+def auth(inst, username: str, password: str) -> bool:
+    c = inst.smtp()
+    try:
+        c.login(username, password)
+        return True
+    except smtplib.SMTPAuthenticationError:
+        return False
+    finally:
+        try:
+            c.quit()
+        except smtplib.SMTPException:
+            pass
+
+
+def test_create_reset_delete_over_the_api_then_auth_on_the_submission_port(setup):
+    inst, api, s = setup
+    assert s.post(f"{api.url}/domains", json={"name": D}, timeout=10).status_code == 201
+    r = s.post(f"{api.url}/domains/{D}/credentials", json={"login": "app"}, timeout=10)
+    assert r.status_code == 201, r.text
+    first = r.json()["password"]
+    assert auth(inst, USER, first)
+
+    r = s.put(f"{api.url}/domains/{D}/credentials/{USER}", timeout=10)
+    assert r.status_code == 200, r.text
+    second = r.json()["password"]
+    assert not auth(inst, USER, first)   # the old one fails at the very next AUTH
+    assert auth(inst, USER, second)
+
+    # The failed AUTH reaches the credential's row (the relay writes it in batches, within ~1 s).
+    def failed_at():
+        [c] = s.get(f"{api.url}/domains/{D}/credentials", timeout=10).json()["items"]
+        return c["last_failed_login"] and c["last_login"]
+    wait_until(failed_at, timeout=10, what="last_failed_login and last_login recorded")
+
+    qid = inst.submit(USER, second, USER, ["bob@example.net"], f"From: {USER}\r\nSubject: api\r\n\r\nhi\r\n")
+    page = s.get(f"{api.url}/queue", params={"domain": D}, timeout=10).json()
+    assert [m["id"] for m in page["items"]] == [qid]
+    m = s.get(f"{api.url}/queue/{qid}", timeout=10).json()
+    assert m["auth_user"] == USER and "Subject: api" in m["headers"]
+
+    r = s.delete(f"{api.url}/domains/{D}/credentials/app", timeout=10)
+    assert r.status_code == 200 and r.json() == {"deleted": USER}
+    assert not auth(inst, USER, second)
+    assert [k["username"] for k in s.get(f"{api.url}/domains/{D}/credentials", timeout=10).json()["items"]] == []
