@@ -75,3 +75,37 @@ def test_create_reset_delete_over_the_api_then_auth_on_the_submission_port(setup
     assert r.status_code == 200 and r.json() == {"deleted": USER}
     assert not auth(inst, USER, second)
     assert [k["username"] for k in s.get(f"{api.url}/domains/{D}/credentials", timeout=10).json()["items"]] == []
+
+
+def test_message_page_data_every_attempt_with_host_reply_and_tls(make_relay, dns_server, mx_sink):
+    """Deferred by the MX once, retried over the API, then delivered: GET /queue/{qid} has both
+    attempts with the host that answered, its reply and the TLS in use."""
+    dns_server.set("mx.example.net", "A", ["127.0.0.1"])
+    dns_server.set("example.net", "MX", ["10 mx.example.net."])
+    inst = make_relay(start=False, dns=dns_server.address, mx_port=mx_sink.port,
+                      config={"delivery": {"retry_schedule": [3600]}})
+    inst.add_user(USER, "correct horse battery staple")
+    inst.start()
+    mx_sink.data_reply = "451 4.3.0 try again later"
+    with ApiServer(config_mod.load(inst.config_path)) as api:
+        s = requests.Session()
+        s.headers["Authorization"] = f"Bearer {api.add_key('write')}"
+        qid = inst.submit(USER, "correct horse battery staple", USER, ["bob@example.net"],
+                          f"From: {USER}\r\nSubject: twice\r\n\r\nhi\r\n")
+
+        def attempts(n):
+            def check():
+                m = s.get(f"{api.url}/queue/{qid}", timeout=10).json()
+                return m if len([a for a in m["attempts"] if a["recipient"]]) >= n else None
+            return check
+        m = wait_until(attempts(1), timeout=20, what="the first attempt in the message's history")
+        assert m["state"] == "deferred" and m["recipients"][0]["state"] == "deferred"
+        mx_sink.data_reply = None
+        assert s.post(f"{api.url}/queue/{qid}/retry", timeout=10).json() == {"id": qid, "due_now": 1}
+        m = wait_until(attempts(2), timeout=20, what="the second attempt")
+        first, second = [a for a in m["attempts"] if a["recipient"]]
+        assert (first["event"], first["reply"]) == ("deferred", "451 4.3.0 try again later")
+        assert second["event"] == "delivered" and second["reply"].startswith("250")
+        for a in (first, second):
+            assert a["recipient"] == "bob@example.net" and a["host"] and a["tls"], a
+        assert mx_sink.wait_for(1)
