@@ -561,7 +561,7 @@ def _check_admin(a: "AdminConfig") -> None:
     the operator says so (session cookies and passwords would cross the network in clear)."""
     if a.listen != "":
         try:
-            host, port = parse_hostport(a.listen, 8025)
+            host, port = parse_hostport(a.listen, -1)  # the port must be written
         except ValueError:
             host, port = "", -1
         if not host or not is_hostname(host) or not 0 <= port <= 65535:

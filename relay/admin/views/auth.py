@@ -9,13 +9,13 @@ from aiohttp import web
 
 from ...logs import event
 from ..sessions import COOKIE, token_hash
-from .base import deps, render
+from .base import deps, render, session_of
 
 log = logging.getLogger("relay.admin")
 
 
 async def login_page(request: web.Request) -> web.StreamResponse:
-    if request.get("session") is not None:
+    if session_of(request) is not None:
         raise web.HTTPSeeOther("/")
     return render(request, "login.html", title="Log in", error=None, username="")
 
@@ -51,7 +51,7 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 async def logout(request: web.Request) -> web.StreamResponse:
     d = deps(request)
-    s = request["session"]
+    s = session_of(request)
     await d.sessions.delete_hash(s.token_hash)
     event(log, "admin_logout", ip=request.remote or "-", user=s.username)
     resp = web.HTTPSeeOther("/login")

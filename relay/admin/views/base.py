@@ -11,6 +11,14 @@ from .. import security
 from ..sessions import COOKIE
 
 PUBLIC = ("/login",)
+# Per-request state (aiohttp >= 3.13 wants typed keys; plain strings before that).
+_Key = getattr(web, "RequestKey", None)
+SESSION = _Key("relay_admin_session", object) if _Key else "relay_admin_session"
+CSRF = _Key("relay_admin_csrf", str) if _Key else "relay_admin_csrf"
+
+
+def session_of(request: web.Request):
+    return request.get(SESSION)
 
 
 def deps(request: web.Request):
@@ -29,11 +37,12 @@ async def session_middleware(request: web.Request, handler):
         return render(request, "setup.html", status=503)
     token = request.cookies.get(COOKIE)
     session = await d.sessions.lookup(token)
-    request["session"] = session
-    request["csrf"] = security.form_token(token) if session and token else ""
+    request[SESSION] = session
+    request[CSRF] = security.form_token(token) if session and token else ""
+    if path in PUBLIC:
+        # Login checks no session (and may replace one): the cross-site check covers it.
+        return await handler(request)
     if session is None:
-        if path in PUBLIC:
-            return await handler(request)
         if request.method in security.SAFE_METHODS:
             raise web.HTTPSeeOther("/login")
         raise web.HTTPForbidden(text="not logged in (or the session expired)\n")
@@ -47,7 +56,7 @@ async def session_middleware(request: web.Request, handler):
 def render(request: web.Request, template: str, status: int = 200, **ctx: Any) -> web.Response:
     d = deps(request)
     ctx.setdefault("title", "")
-    base_ctx = {"session": request.get("session"), "csrf": request.get("csrf", ""), "ops": d.ops is not None,
+    base_ctx = {"session": request.get(SESSION), "csrf": request.get(CSRF, ""), "ops": d.ops is not None,
                 "hostname": d.cfg.server.hostname, "path": request.path}
     return aiohttp_jinja2.render_template(template, request, {**base_ctx, **ctx}, status=status)
 

@@ -7,7 +7,7 @@ from aiohttp import web
 
 from ...credentials import password_problem
 from ...logs import event
-from .base import deps, render
+from .base import deps, render, session_of
 
 log = logging.getLogger("relay.admin")
 
@@ -15,7 +15,7 @@ log = logging.getLogger("relay.admin")
 async def sessions_page(request: web.Request, message: str | None = None, error: str | None = None,
                         status: int = 200) -> web.StreamResponse:
     d = deps(request)
-    me = request["session"]
+    me = session_of(request)
     rows = await d.sessions.list(me.username)
     return render(request, "sessions.html", status=status, title="Admin sessions", sessions=rows,
                   current=me.token_hash, message=message, error=error,
@@ -24,7 +24,7 @@ async def sessions_page(request: web.Request, message: str | None = None, error:
 
 async def revoke(request: web.Request) -> web.StreamResponse:
     d = deps(request)
-    me = request["session"]
+    me = session_of(request)
     form = await request.post()
     th = str(form.get("session", ""))
     await d.sessions.delete_hash(th, username=me.username)
@@ -34,7 +34,7 @@ async def revoke(request: web.Request) -> web.StreamResponse:
 
 async def change_password(request: web.Request) -> web.StreamResponse:
     d = deps(request)
-    me = request["session"]
+    me = session_of(request)
     form = await request.post()
     current, new, again = (str(form.get(k, ""))[:1024] for k in ("current", "new", "again"))
     if not await d.accounts.verify(me.username, current):
