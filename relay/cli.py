@@ -523,10 +523,11 @@ def cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
 
 # ---------------------------------------------------------------- admin accounts (web admin)
 
-async def _with_admin_accounts(cfg: Config, fn):
+async def _with_admin_accounts(cfg: Config, fn, create: bool = False):
     from .admin.accounts import AdminAccounts
     from .store.factory import open_stores
-    require_database(cfg)
+    if not create:  # `admin add` is a first step of an install, like `domain add`
+        require_database(cfg)
     stores = await open_stores(cfg, role="cli")
     conn = await db.open_async(cfg.storage.path)
     try:
@@ -571,7 +572,7 @@ def cmd_admin_account(args: argparse.Namespace, cfg: Config) -> int:
         problem = password_problem(args.name, password, cfg.credentials.min_password_length)
         if problem:
             raise CLIError(problem)
-    return asyncio.run(_with_admin_accounts(cfg, run))
+    return asyncio.run(_with_admin_accounts(cfg, run, create=args.admin_action == "add"))
 
 
 def _add_admin_account_parsers(admin_sub, common: argparse.ArgumentParser) -> None:
