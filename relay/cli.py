@@ -22,8 +22,8 @@ from typing import Any, Sequence
 
 from . import __version__, config as config_mod, db
 from .config import Config, ConfigError
-from .credentials import (CredentialStore, NotFound, StoreError, display_domain, generate_password, normalize_username,
-                          password_problem)
+from .credentials import (NotFound, StoreError, display_domain, generate_password, normalize_domain,
+                          normalize_username, password_problem)
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -160,43 +160,39 @@ def require_database(cfg: Config) -> None:
 CONFIG_PATH = "?"  # the config file in use, for messages (set by main)
 
 
-async def _with_stores(cfg: Config, fn, create: bool = False, dkim: bool = False):
-    from .store.factory import open_stores
+def cli_actor() -> "Actor":
+    """The audit log's who for a CLI command: the OS user running it."""
+    from .operations import Actor
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container's arbitrary uid)
+        name = f"uid {os.getuid()}"
+    return Actor(name, "cli")
+
+
+def _with_ops(cfg: Config, fn, create: bool = False) -> int:
+    from .operations import Operations
     if not create:
         require_database(cfg)
-    stores = await open_stores(cfg, role="cli")
-    try:
-        if dkim:
-            return await fn(stores.credentials, stores.queue, stores.dkim)
-        return await fn(stores.credentials, stores.queue)
-    finally:
-        await stores.close()
 
+    async def run() -> int:
+        async with Operations.opened(cfg, role="cli") as ops:
+            return await fn(ops)
 
-def _domain_records(cfg: Config, domain: str, keys) -> list:
-    from . import dkim_keys
-    dm = cfg.domains
-    spf = dkim_keys.spf_value(dm.public_addresses, cfg.server.hostname, dm.spf_include,
-                              cfg.delivery.mode == "smarthost")
-    if config_mod.spf_relies_on_hostname(cfg) and not config_mod.is_public_name(cfg.server.hostname):
-        # 'a:localhost' would publish a record that authorises nothing: print what to fill in.
-        spf = "v=spf1 ip4:<PUBLIC-IPv4-OF-THIS-RELAY> ~all"
-    return dkim_keys.records(domain, keys, spf=spf, dmarc_rua=dm.dmarc_rua, hostname=cfg.server.hostname,
-                             public_addresses=dm.public_addresses)
+    return asyncio.run(run())
 
 
 def cmd_domain(args: argparse.Namespace, cfg: Config) -> int:
     from . import dkim_keys
-    from .credentials import normalize_domain
+    from .operations import Operations
+    actor = cli_actor()
 
-    async def run(creds: CredentialStore, queue, dkim: "dkim_keys.DKIMStore") -> int:
-        dm = cfg.domains
+    async def run(ops: Operations) -> int:
         if args.action == "add":
-            d = await creds.add_domain(args.domain)
             # --no-dkim: for mail signed further on (a smarthost that signs) or not at all.
-            key = None if args.no_dkim else await dkim.create(
-                d, algorithm=args.dkim_algorithm or dm.dkim_algorithm, rsa_bits=dm.dkim_rsa_bits,
-                selector=args.selector or dm.dkim_selector)
+            info, key = await ops.domains.add(actor, args.domain, dkim=not args.no_dkim,
+                                              algorithm=args.dkim_algorithm, selector=args.selector)
+            d = info.name
             emit(args, {"domain": d, "display": display_domain(d), "dkim_selector": key.selector if key else None,
                         "dkim_algorithm": key.algorithm if key else None},
                  f"added domain {display_domain(d)}" + (f" ({d})" if display_domain(d) != d else "")
@@ -205,90 +201,83 @@ def cmd_domain(args: argparse.Namespace, cfg: Config) -> int:
                  + f"\nnext: publish the records `{PROG} domain dns {d}` prints, then `{PROG} domain verify {d}`,"
                  + f"\n      and create a credential: {PROG} user add app@{d} --generate")
         elif args.action == "list":
-            rows = await creds.list_domains()
-            for r in rows:
-                active = await dkim.active(r["domain"])
-                r["dkim_selector"] = active.selector if active else None
+            rows = [{"domain": i.name, "display": i.display, "credentials": i.credentials, "created_at": i.created_at,
+                     "verified_at": i.verified_at, "state": i.state, "dkim_selector": i.dkim_selector}
+                    for i in await ops.list_domains()]
             emit(args, rows, table(
                 [[r["display"] + (f" ({r['domain']})" if r["display"] != r["domain"] else ""), r["credentials"],
                   r["state"] + (f" {_fmt_time(r['verified_at'])}" if r["verified_at"] else ""),
                   r["dkim_selector"] or "-", _fmt_time(r["created_at"])] for r in rows],
                 ["DOMAIN", "CREDENTIALS", "STATE", "DKIM", "CREATED"]) if rows else f"no domains; add one: {PROG} domain add <DOMAIN>")
         elif args.action == "remove":
+            n = await ops.remove_domain(actor, args.domain, force=args.force)
             d = normalize_domain(args.domain)
-            queued = await queue.count_for_domain(d)
-            n = await creds.remove_domain(d, force=args.force, queued=queued)
             emit(args, {"domain": d, "removed_credentials": n}, f"removed domain {d} ({n} credential(s) removed)")
         elif args.action == "dkim":
             d = normalize_domain(args.domain)
-            if not await creds.domain_exists(d):
-                raise NotFound(f"domain {d} not found")
             if args.dkim_action == "rotate":
-                key = await dkim.create(d, algorithm=args.dkim_algorithm or dm.dkim_algorithm,
-                                        rsa_bits=dm.dkim_rsa_bits, selector=args.selector or "")
+                key = await ops.domains.rotate_dkim(actor, d, algorithm=args.dkim_algorithm, selector=args.selector)
                 emit(args, {"domain": d, "selector": key.selector, "algorithm": key.algorithm, "txt": key.txt},
                      f"new active DKIM key {key.selector} for {d}; publish:\n{key.record_name}. IN TXT "
                      f"{dkim_keys.txt_chunks(key.txt)}\nthe previous key stays published-but-unused until "
                      f"`{PROG} domain dkim remove {d} <OLD-SELECTOR>`; run `{PROG} domain verify {d}` once published")
             elif args.dkim_action == "remove":
-                await dkim.remove(d, args.selector_name)
+                await ops.domains.dkim_keys(d)  # "domain not found" first, as before
+                await ops.domains.remove_dkim(actor, d, args.selector_name)
                 emit(args, {"domain": d, "removed": args.selector_name},
                      f"removed DKIM key {args.selector_name} of {d}; its TXT record can go now")
             else:
-                keys = await dkim.keys(d)
+                keys = await ops.domains.dkim_keys(d)
                 emit(args, [{"selector": k.selector, "algorithm": k.algorithm, "active": k.active,
                              "created_at": k.created_at, "record": k.record_name} for k in keys],
                      table([[k.selector, k.algorithm, "active" if k.active else "retired", _fmt_time(k.created_at)]
                             for k in keys], ["SELECTOR", "ALGORITHM", "STATE", "CREATED"]) if keys else "no DKIM keys")
         elif args.action == "dns":
-            d = normalize_domain(args.domain)
-            if not await creds.domain_exists(d):
-                raise NotFound(f"domain {d} not found")
-            recs = _domain_records(cfg, d, await dkim.keys(d))
+            recs = await ops.domain_records(args.domain)
             warn(cfg)
             if getattr(args, "json", False):
                 print(json.dumps([{"name": r.name, "type": r.type, "value": r.value, "purpose": r.purpose,
                                    "required": r.required} for r in recs], indent=2))
             elif args.zone:
-                print(dkim_keys.zone_snippet(recs), end="")
+                print(await ops.zone_snippet(args.domain), end="")
             else:
                 print(table([[r.purpose, r.type, r.name, r.value] for r in recs], ["PURPOSE", "TYPE", "NAME", "VALUE"]))
-                print("\nzone file snippet (also: --zone):\n" + dkim_keys.zone_snippet(recs), end="")
+                print("\nzone file snippet (also: --zone):\n" + await ops.zone_snippet(args.domain), end="")
         elif args.action == "verify":
-            from .delivery.mx import make_resolver
             d = normalize_domain(args.domain)
-            if not await creds.domain_exists(d):
-                raise NotFound(f"domain {d} not found")
-            recs = [r for r in _domain_records(cfg, d, await dkim.keys(d)) if r.type == "TXT"]
-            checks = await dkim_keys.verify(make_resolver(cfg.dns), recs)
-            ok = all(c.status == "ok" for c in checks if c.record.required)
-            await dkim.mark_verified(d, ok)
+            checks = await ops.check_domain(actor, d)
+            ok = all(c.lookup == "ok" for c in checks if c.required)
             data = {"domain": d, "verified": ok, "records": [
-                {"purpose": c.record.purpose, "name": c.record.name, "status": c.status, "expected": c.record.value,
-                 "found": c.found, "required": c.record.required} for c in checks]}
+                {"purpose": c.purpose, "name": c.name, "status": c.lookup, "expected": c.expected,
+                 "found": list(c.found), "required": c.required} for c in checks]}
             lines = []
             for c in checks:
                 label = {"ok": "found and correct", "different": "found but different", "missing": "missing",
-                         "error": "lookup failed"}[c.status]
-                lines.append(f"{c.record.purpose:<34} {c.record.name:<40} {label}")
-                if c.status == "different":
-                    lines.append(f"    expected: {c.record.value}")
+                         "error": "lookup failed"}[c.lookup]
+                lines.append(f"{c.purpose:<34} {c.name:<40} {label}")
+                if c.lookup == "different":
+                    lines.append(f"    expected: {c.expected}")
                     lines.extend(f"    found:    {f}" for f in c.found)
-                elif c.status == "missing":
-                    lines.append(f"    publish:  {c.record.value}")
+                elif c.lookup == "missing":
+                    lines.append(f"    publish:  {c.expected}")
             lines.append(f"\n{d}: " + ("verified: DKIM and SPF are right" if ok else
                                         "NOT verified: DKIM and SPF must both be right"))
             emit(args, data, "\n".join(lines))
             return EXIT_OK if ok else EXIT_REFUSED
         return EXIT_OK
 
-    return asyncio.run(_with_stores(cfg, run, create=args.action == "add", dkim=True))
+    return _with_ops(cfg, run, create=args.action == "add")
 
 
 def cmd_user(args: argparse.Namespace, cfg: Config) -> int:
-    async def run(creds: CredentialStore, queue):
+    from .operations import Operations
+    actor = cli_actor()
+
+    async def run(ops: Operations):
         if args.action == "list":
-            rows = await creds.list_users(args.domain)
+            rows = [{"username": c.username, "domain": c.domain, "created_at": c.created_at,
+                     "updated_at": c.updated_at, "last_login": c.last_login, "last_failed_login": c.last_failed_login}
+                    for c in await ops.list_credentials(args.domain)]
             emit(args, rows, table([[r["username"], r["domain"], _fmt_time(r["created_at"]), _fmt_time(r["updated_at"]),
                                      _fmt_time(r["last_login"])] for r in rows],
                                    ["USERNAME", "DOMAIN", "CREATED", "PASSWORD SET", "LAST LOGIN"])
@@ -296,20 +285,20 @@ def cmd_user(args: argparse.Namespace, cfg: Config) -> int:
             return EXIT_OK
         user, domain = normalize_username(args.username)
         if args.action == "delete":
-            await creds.delete_user(user)
+            await ops.delete_credential(actor, user)
             emit(args, {"username": user, "deleted": True}, f"deleted {user}")
             return EXIT_OK
         if args.action == "add":
             # Refuse what needs no password (unknown domain, duplicate, limit) before asking for one.
-            await creds.check_can_add(user)
-        elif await creds.lookup(user) is None:
+            await ops.credentials.check_can_add(user)
+        elif not await ops.credentials.exists(user):
             raise NotFound(f"credential {user} not found")
         password, generated = read_password(args, user, cfg.credentials.min_password_length)
         if args.action == "add":
-            await creds.add_user(user, password)
+            _, password = await ops.create_credential(actor, user, None if generated else password)
             verb = "added"
         else:
-            await creds.reset_password(user, password)
+            password = await ops.reset_credential(actor, user, None if generated else password)
             verb = "password reset for"
         data = {"username": user, "domain": domain}
         human = f"{verb} {user}"
@@ -318,7 +307,7 @@ def cmd_user(args: argparse.Namespace, cfg: Config) -> int:
             human += f"\npassword: {password}\n(shown once; store it in the application's SMTP settings now)"
         emit(args, data, human)
         return EXIT_OK
-    return asyncio.run(_with_stores(cfg, lambda c, q: run(c, q)))
+    return _with_ops(cfg, run)
 
 
 def shorten(text: str | None, width: int = 60) -> str:
@@ -334,19 +323,16 @@ def shorten(text: str | None, width: int = 60) -> str:
     return cut.rstrip(" ,;:") + "\u2026"
 
 
-def _signed_for(headers: str) -> str | None:
-    """The d= of a DKIM-Signature in stored headers (the copy kept after signing)."""
-    m = re.search(r"^DKIM-Signature:(?:.*\r?\n[ \t])*.*?\bd=([^;\s]+)", headers, re.I | re.M)
-    return m.group(1) if m else None
-
-
 def cmd_queue(args: argparse.Namespace, cfg: Config) -> int:
+    from .operations import Operations
     retention = cfg.storage.finished_retention
+    actor = cli_actor()
 
-    async def run(creds, queue):
+    async def run(ops: Operations):
+        q = ops.queue
         if args.action == "list" and not args.all:
-            rows = await queue.list()
-            finished = bool(await queue.list(1, finished=True))
+            rows = await q.rows()
+            finished = bool(await q.rows(finished=True))
             emit(args, rows, (table(
                 [[r["id"], _fmt_age(r["created_at"]), r["sender"] or "<>", ",".join(r["recipients"]), r["state"],
                   _fmt_time(r["next_attempt_at"]), shorten(r["last_error"])] for r in rows],
@@ -356,7 +342,7 @@ def cmd_queue(args: argparse.Namespace, cfg: Config) -> int:
             return EXIT_OK
         if args.action in ("list", "history"):
             # --all: what is queued, then what finished within storage.finished_retention.
-            rows = (await queue.list() if args.action == "list" else []) + await queue.list(finished=True)
+            rows = (await q.rows() if args.action == "list" else []) + await q.rows(finished=True)
             emit(args, rows, table(
                 [[r["id"], _fmt_time(r["finished_at"]) if r["finished_at"] else "queued", r["sender"] or "<>",
                   ",".join(r["recipients"]), r["state"], shorten(r["last_error"])] for r in rows],
@@ -366,19 +352,13 @@ def cmd_queue(args: argparse.Namespace, cfg: Config) -> int:
         if args.action == "retry":
             if not args.all and not args.id:
                 raise CLIError("give a queue ID or --all", EXIT_USAGE)
-            if args.id and not await queue.show(args.id):
-                raise NotFound(f"message {args.id} not in the queue")
-            n = await queue.retry(None if args.all else args.id)
+            n = await ops.retry(actor, None if args.all else args.id)
             emit(args, {"due_now": n}, f"{n} recipient(s) due now (a running relay picks them up within 2 s)")
             return EXIT_OK
-        m = await queue.show(args.id)
-        if m is None:
-            raise NotFound(f"message {args.id} not in the queue nor among the messages finished in the last "
-                           f"{_fmt_span(retention)}; grep {args.id} in the relay log")
         if args.action == "show":
-            # The signing domain is cleared once the signed copy is stored; the copy itself says it.
-            m["dkim_signed"] = m["dkim_domain"] is None and _signed_for(m["headers"]) is not None
-            m["dkim_domain"] = m["dkim_domain"] or _signed_for(m["headers"])
+            m = await q.record(args.id)
+            if m is None:
+                await ops.show_message(args.id)  # raises the not-found error
             lines = [f"id:        {m['id']}", f"sender:    <{m['sender']}>", f"created:   {_fmt_time(m['created_at'])}",
                      f"size:      {m['size']}", f"user:      {m['auth_user'] or '-'}", f"client:    {m['client_ip'] or '-'}",
                      f"dkim:      " + (f"signed for {m['dkim_domain']}" if m["dkim_signed"] else
@@ -396,30 +376,12 @@ def cmd_queue(args: argparse.Namespace, cfg: Config) -> int:
             emit(args, m, "\n".join(lines))
             return EXIT_OK
         if args.action == "delete":
-            dsn = None
-            active = [r for r in m["recipients"] if r["state"] in ("pending", "deferred")]
-            # RFC 3461: NOTIFY=NEVER asked for no report; a null sender gets none either.
-            notified = [r for r in active if (r["notify"] or "").upper() != "NEVER"]
-            if args.bounce and m["sender"] and notified:
-                from . import bounce
-                from .queue_runner import route_of
-                from .store.sqlite_queue import NewMessage, NewRecipient
-                body = await queue.body(args.id) or b""
-                dsn_data = bounce.build_dsn(
-                    reporting_mta=cfg.server.hostname, original_sender=m["sender"], original_message=body,
-                    recipients=[bounce.DSNRecipient(r["rcpt"], "failed", "5.0.0",
-                                                    "deleted from the queue by the administrator",
-                                                    original_recipient=r["orcpt"], diagnostic_type="X-Relay")
-                                for r in notified],
-                    ret=m["ret"] or "HDRS", envid=m["envid"], queue_id=m["id"], original_size=m["size"])
-                dsn = NewMessage("", (NewRecipient(m["sender"], route_of(m["sender"])),), dsn_data,
-                                 smtputf8=not m["sender"].isascii())
-            await queue.delete(args.id, bounce=dsn)
-            emit(args, {"deleted": args.id, "bounced": dsn is not None},
-                 f"deleted {args.id}" + (" and queued a bounce to the sender" if dsn else ""))
+            bounced = await ops.delete_message(actor, args.id, bounce=args.bounce)
+            emit(args, {"deleted": args.id, "bounced": bounced},
+                 f"deleted {args.id}" + (" and queued a bounce to the sender" if bounced else ""))
             return EXIT_OK
         raise CLIError(f"unknown queue action {args.action}", EXIT_USAGE)
-    return asyncio.run(_with_stores(cfg, lambda c, q: run(c, q)))
+    return _with_ops(cfg, run)
 
 
 def cmd_cert(args: argparse.Namespace, cfg: Config) -> int:

@@ -15,6 +15,7 @@ import secrets
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import aiosqlite
 from argon2 import PasswordHasher
@@ -27,11 +28,32 @@ from .store.writer import GroupWriter
 
 
 class StoreError(StoreRefusal):
-    """A refused or impossible operation; str() is the one line for the operator."""
+    """A refused or impossible operation; str() is the one line for the operator.
+
+    `code` says which kind of "no" it is, for the operations layer to map onto a stable API
+    error code and HTTP status: invalid (bad input), conflict (exists, or still in use),
+    credential_limit (the per-domain cap), not_found."""
+    code = "invalid"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 class NotFound(StoreError):
-    pass
+    code = "not_found"
+
+
+# An extra write run inside the same transaction (and SAVEPOINT) as a store's own change: the
+# operations layer passes its audit row this way, so the change and its record commit together
+# or not at all.
+Also = Callable[[sqlite3.Connection], None] | None
+
+
+def _also(also: Also, conn: sqlite3.Connection) -> None:
+    if also is not None:
+        also(conn)
 
 
 @dataclass(frozen=True)
@@ -128,6 +150,7 @@ class CredentialStore:
         # LAST LOGIN of every successful login, cache hits included: collected here and written
         # as one short transaction per LOGIN_FLUSH_DELAY, not one commit per login.
         self._logins: dict[str, float] = {}
+        self._failed_logins: dict[str, float] = {}  # the same, for wrong passwords of known credentials
         self._login_flush: asyncio.Task | None = None
 
     def configure(self, cfg: CredentialsConfig) -> None:
@@ -146,7 +169,7 @@ class CredentialStore:
         if self._own_writer:
             await self._writer.close()
 
-    async def add_domain(self, domain: str) -> str:
+    async def add_domain(self, domain: str, *, also: Also = None) -> str:
         d = normalize_domain(domain)
         now = self._clock()
 
@@ -154,7 +177,8 @@ class CredentialStore:
             try:
                 conn.execute("INSERT INTO domains(name, created_at) VALUES (?, ?)", (d, now))
             except sqlite3.IntegrityError:
-                raise StoreError(f"domain {d} already exists") from None
+                raise StoreError(f"domain {d} already exists", "conflict") from None
+            _also(also, conn)
 
         await self._writer.write(op)
         return d
@@ -171,7 +195,7 @@ class CredentialStore:
         rows = await self._conn.execute_fetchall("SELECT 1 FROM domains WHERE name = ?", (normalize_domain(domain),))
         return bool(rows)
 
-    async def remove_domain(self, domain: str, *, force: bool = False, queued: int = 0) -> int:
+    async def remove_domain(self, domain: str, *, force: bool = False, queued: int = 0, also: Also = None) -> int:
         """Remove a domain; returns how many credentials went with it."""
         d = normalize_domain(domain)
         # One write transaction: the count we refuse on is the count we delete, even with a
@@ -184,10 +208,11 @@ class CredentialStore:
             n = conn.execute("SELECT COUNT(*) AS n FROM credentials WHERE domain = ?", (d,)).fetchone()["n"]
             if not force and (n or queued):
                 raise StoreError(f"domain {d} still has {n} credential(s) and {queued} queued message(s); "
-                                 "use --force to remove it anyway")
+                                 "use --force to remove it anyway", "conflict")
             conn.execute("DELETE FROM credentials WHERE domain = ?", (d,))
             forget_domain_keys(conn, d)
             conn.execute("DELETE FROM domains WHERE name = ?", (d,))
+            _also(also, conn)
             return n
 
         creds = await self._writer.write(op)
@@ -212,7 +237,7 @@ class CredentialStore:
             raise NotFound(f"domain {domain} is not a sending domain; add it first: relay domain add {domain}")
         # Existence before the limit: "already exists" is the true reason even on a full domain.
         if await self.lookup(user) is not None:
-            raise StoreError(f"credential {user} already exists; use reset-password")
+            raise StoreError(f"credential {user} already exists; use reset-password", "conflict")
         n = await self._count(domain)
         if n >= self._cfg.per_domain:
             raise self._limit_error(domain, n)
@@ -224,9 +249,9 @@ class CredentialStore:
 
     def _limit_error(self, domain: str, n: int) -> StoreError:
         return StoreError(f"domain {domain} already has {n} credentials (limit {self._cfg.per_domain}); "
-                          "delete one first: relay user delete <USER@DOMAIN>")
+                          "delete one first: relay user delete <USER@DOMAIN>", "credential_limit")
 
-    async def add_user(self, username: str, password: str) -> str:
+    async def add_user(self, username: str, password: str, *, also: Also = None) -> str:
         user, domain = await self.check_can_add(username)
         self._check_password(user, password)
         hashed = await self._hash(password)
@@ -234,10 +259,13 @@ class CredentialStore:
         def op(conn: sqlite3.Connection) -> int:
             # The limit is checked inside the INSERT itself: two concurrent `user add` commands
             # (hashing takes a while) cannot both pass a separate count and exceed it.
-            return conn.execute(
+            added = conn.execute(
                 "INSERT INTO credentials(username, domain, hash, created_at, updated_at) "
                 "SELECT ?, ?, ?, ?, ? WHERE (SELECT COUNT(*) FROM credentials WHERE domain = ?) < ?",
                 (user, domain, hashed, now, now, domain, self._cfg.per_domain)).rowcount
+            if added:
+                _also(also, conn)  # no audit row for a refused add
+            return added
 
         try:
             added = await self._writer.write(op)
@@ -256,28 +284,41 @@ class CredentialStore:
             if not await self.domain_exists(d):
                 raise NotFound(f"domain {d} not found")
             rows = await self._conn.execute_fetchall(
-                "SELECT username, domain, created_at, updated_at, last_login FROM credentials WHERE domain = ? "
-                "ORDER BY username", (d,))
+                "SELECT username, domain, created_at, updated_at, last_login, last_failed_login FROM credentials "
+                "WHERE domain = ? ORDER BY username", (d,))
         else:
             rows = await self._conn.execute_fetchall(
-                "SELECT username, domain, created_at, updated_at, last_login FROM credentials ORDER BY domain, username")
+                "SELECT username, domain, created_at, updated_at, last_login, last_failed_login FROM credentials "
+                "ORDER BY domain, username")
         return [dict(r) for r in rows]
 
-    async def reset_password(self, username: str, password: str) -> str:
+    async def reset_password(self, username: str, password: str, *, also: Also = None) -> str:
         user, _ = normalize_username(username)
         if await self.lookup(user) is None:
             raise NotFound(f"credential {user} not found")
         self._check_password(user, password)
         hashed = await self._hash(password)
         now = self._clock()
-        await self._writer.write(lambda conn: conn.execute(
-            "UPDATE credentials SET hash = ?, updated_at = ? WHERE username = ?", (hashed, now, user)))
+
+        def op(conn: sqlite3.Connection) -> None:
+            if conn.execute("UPDATE credentials SET hash = ?, updated_at = ? WHERE username = ?",
+                            (hashed, now, user)).rowcount == 0:
+                raise NotFound(f"credential {user} not found")  # deleted while we were hashing
+            _also(also, conn)
+
+        await self._writer.write(op)
         return user
 
-    async def delete_user(self, username: str) -> str:
+    async def delete_user(self, username: str, *, also: Also = None) -> str:
         user, _ = normalize_username(username)
-        deleted = await self._writer.write(
-            lambda conn: conn.execute("DELETE FROM credentials WHERE username = ?", (user,)).rowcount)
+
+        def op(conn: sqlite3.Connection) -> int:
+            n = conn.execute("DELETE FROM credentials WHERE username = ?", (user,)).rowcount
+            if n:
+                _also(also, conn)
+            return n
+
+        deleted = await self._writer.write(op)
         if deleted == 0:
             raise NotFound(f"credential {user} not found")
         self._cache.pop(user, None)
@@ -317,6 +358,8 @@ class CredentialStore:
             self._dummy_hash = await self._hash(secrets.token_hex(16))
         ok = await loop.run_in_executor(self._executor, self._verify_blocking, stored or self._dummy_hash, pw)
         if not ok or stored is None:
+            if stored is not None:
+                self._note_login(user, failed=True)  # a known credential: shown as its last failed login
             return None
         metrics.AUTH_CACHE.labels("miss").inc()
         self._cache[user] = (stored, digest, self._clock() + self._cfg.verify_cache_ttl)
@@ -376,12 +419,12 @@ class CredentialStore:
             (username,))
         return rows[0]["hash"] if rows else None
 
-    # ------------------------------------------------------------ LAST LOGIN (issue 13)
+    # ------------------------------------------------------------ LAST LOGIN (issue 13), last failed login (14)
 
     LOGIN_FLUSH_DELAY = 1.0
 
-    def _note_login(self, user: str) -> None:
-        self._logins[user] = self._clock()
+    def _note_login(self, user: str, failed: bool = False) -> None:
+        (self._failed_logins if failed else self._logins)[user] = self._clock()
         if self._login_flush is None or self._login_flush.done():
             self._login_flush = asyncio.get_running_loop().create_task(self._flush_later(), name="last-login")
 
@@ -394,12 +437,20 @@ class CredentialStore:
         if final and self._login_flush is not None and self._login_flush is not asyncio.current_task():
             self._login_flush.cancel()
         batch, self._logins = self._logins, {}
-        if not batch:
+        failed, self._failed_logins = self._failed_logins, {}
+        if not batch and not failed:
             return
-        try:
+
+        def op(conn: sqlite3.Connection) -> None:
             # MAX: a slower batch from another process never moves a login back in time.
-            await self._writer.write(lambda conn: conn.executemany(
+            conn.executemany(
                 "UPDATE credentials SET last_login = MAX(COALESCE(last_login, 0), ?) WHERE username = ?",
-                [(t, u) for u, t in batch.items()]))
+                [(t, u) for u, t in batch.items()])
+            conn.executemany(
+                "UPDATE credentials SET last_failed_login = MAX(COALESCE(last_failed_login, 0), ?) "
+                "WHERE username = ?", [(t, u) for u, t in failed.items()])
+
+        try:
+            await self._writer.write(op)
         except StoreUnavailable:
             pass  # bookkeeping only: a busy database must not fail logins; the next login writes again

@@ -152,6 +152,14 @@ MIGRATIONS: list[str] = [
     CREATE INDEX audit_ts ON audit_log(ts);
     ALTER TABLE credentials ADD COLUMN last_failed_login REAL;
     """,
+    # 8: the queue pages of the web admin and API page by keyset (created_at, id), never
+    # OFFSET; each attempt's history row keeps the host that answered and the TLS in use
+    # (the message page shows them per attempt)
+    """
+    CREATE INDEX messages_created ON messages(created_at, id);
+    ALTER TABLE history ADD COLUMN host TEXT;
+    ALTER TABLE history ADD COLUMN tls TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

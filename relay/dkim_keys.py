@@ -11,7 +11,7 @@ import base64
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 from datetime import datetime, timezone
 
 import aiosqlite
@@ -19,7 +19,7 @@ import aiosqlite
 if TYPE_CHECKING:
     import dns.asyncresolver
 
-from .credentials import NotFound, StoreError, normalize_domain
+from .credentials import Also, NotFound, StoreError, normalize_domain
 from .store.writer import GroupWriter
 
 ALGORITHMS = ("rsa", "ed25519")
@@ -91,8 +91,25 @@ class DKIMStore:
             await self._writer.close()
 
     async def create(self, domain: str, *, algorithm: str = "rsa", rsa_bits: int = 2048,
-                     selector: str = "") -> DKIMKey:
+                     selector: str = "", also: Also = None) -> DKIMKey:
         """A new active key for the domain; any previous active key becomes published-but-unused."""
+        key, op = await self.prepare(domain, algorithm=algorithm, rsa_bits=rsa_bits, selector=selector)
+        await self.store_prepared(op, also=also)
+        return key
+
+    async def store_prepared(self, op: "Callable[[sqlite3.Connection], None]", *, also: Also = None) -> None:
+        """Commit a key from `prepare` (and `also`, e.g. its audit row) in one transaction."""
+        def with_also(conn: sqlite3.Connection) -> None:
+            op(conn)
+            if also is not None:
+                also(conn)
+
+        await self._writer.write(with_also)
+
+    async def prepare(self, domain: str, *, algorithm: str = "rsa", rsa_bits: int = 2048,
+                      selector: str = "") -> tuple[DKIMKey, "Callable[[sqlite3.Connection], None]"]:
+        """A new key (generated in a thread) and the write that stores it as the active one, for a
+        caller that commits it together with other work (a new domain's row, an audit row)."""
         d = normalize_domain(domain)
         if algorithm not in ALGORITHMS:
             raise StoreError(f"unknown DKIM algorithm {algorithm!r}; use rsa or ed25519")
@@ -115,8 +132,7 @@ class DKIMStore:
             # A new key must be published and verified again before mail relies on it.
             conn.execute("UPDATE domains SET verified_at = NULL WHERE name = ?", (d,))
 
-        await self._writer.write(op)
-        return DKIMKey(d, chosen, algorithm, private, public, now, True)
+        return DKIMKey(d, chosen, algorithm, private, public, now, True), op
 
     async def keys(self, domain: str) -> list[DKIMKey]:
         rows = await self._conn.execute_fetchall(
@@ -128,7 +144,7 @@ class DKIMStore:
             "SELECT * FROM dkim_keys WHERE domain = ? AND active = 1", (domain,))
         return _row(rows[0]) if rows else None
 
-    async def remove(self, domain: str, selector: str) -> None:
+    async def remove(self, domain: str, selector: str, *, also: Also = None) -> None:
         d = normalize_domain(domain)
         rows = await self._conn.execute_fetchall(
             "SELECT active FROM dkim_keys WHERE domain = ? AND selector = ?", (d, selector))
@@ -136,13 +152,26 @@ class DKIMStore:
             raise NotFound(f"no DKIM key {selector} for {d}")
         if rows[0]["active"]:
             raise StoreError(f"{selector} is the active key of {d}; rotate first: relay domain dkim rotate {d}")
-        await self._writer.write(
-            lambda conn: conn.execute("DELETE FROM dkim_keys WHERE domain = ? AND selector = ?", (d, selector)))
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM dkim_keys WHERE domain = ? AND selector = ?", (d, selector))
+            if also is not None:
+                also(conn)
 
-    async def mark_verified(self, domain: str, verified: bool) -> None:
+        await self._writer.write(op)
+
+    async def mark_verified(self, domain: str, verified: bool, *, also: Also = None) -> None:
         when, d = (self._clock() if verified else None), normalize_domain(domain)
-        await self._writer.write(lambda conn: conn.execute("UPDATE domains SET verified_at = ? WHERE name = ?",
-                                                           (when, d)))
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE domains SET verified_at = ? WHERE name = ?", (when, d))
+            if also is not None:
+                also(conn)
+
+        await self._writer.write(op)
+
+    async def verified_at(self, domain: str) -> float | None:
+        rows = await self._conn.execute_fetchall("SELECT verified_at FROM domains WHERE name = ?", (domain,))
+        return rows[0]["verified_at"] if rows else None
 
     async def is_verified(self, domain: str) -> bool:
         rows = await self._conn.execute_fetchall("SELECT verified_at FROM domains WHERE name = ?", (domain,))

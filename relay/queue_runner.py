@@ -525,7 +525,7 @@ class QueueRunner:
         mode = self.router.mode
         expires_at = job.created_at + d.max_queue_lifetime
         updates: list[RecipientUpdate] = []
-        history: list[tuple[str | None, str, str]] = []
+        history: list[tuple] = []  # (rcpt, event, reply, host, tls)
         failed: list[bounce.DSNRecipient] = []
         succeeded: list[bounce.DSNRecipient] = []
         delayed: list[bounce.DSNRecipient] = []
@@ -548,7 +548,7 @@ class QueueRunner:
             metrics.DELIVERY_ATTEMPTS.labels(state, mode).inc()
             updates.append(RecipientUpdate(r.id, state, next_at, None if state == "delivered" else o.reply,
                                            o.remote_mta))
-            history.append((r.address, "expired" if expired else state, o.reply))
+            history.append((r.address, "expired" if expired else state, o.reply, o.remote_mta, o.tls))
             # Deferrals are warnings too: a log filtered at warning must still show mail not moving.
             event(log, "delivery", logging.INFO if state == "delivered" else logging.WARNING, qid=job.msg_id,
                   rcpt=r.address, result=state, mx=o.remote_mta, tls=o.tls, reply=o.reply, attempt=r.attempts,

@@ -15,6 +15,8 @@ from .. import db
 from ..config import Config
 from ..credentials import CredentialStore
 from ..dkim_keys import DKIMStore
+from .api_keys import ApiKeyStore
+from .audit import AuditStore
 from .contract import LeaseOwner
 from .sqlite_queue import QueueStore
 from .writer import GroupWriter
@@ -32,6 +34,8 @@ class Stores:
     credentials: CredentialStore
     dkim: DKIMStore
     lock: db.WriterLock
+    audit: AuditStore | None = None        # the operations layer's audit rows (issue 14)
+    api_keys: ApiKeyStore | None = None    # HTTP API keys (issue 14)
     _conns: list[aiosqlite.Connection] = field(default_factory=list)
 
     async def close(self) -> None:
@@ -65,8 +69,10 @@ async def open_stores(cfg: Config, *, role: str, executor: Executor | None = Non
                            spool_dir=cfg.storage.resolved_spool_dir())
         creds = CredentialStore(cred_conn, cfg.credentials, executor, writer=writer)
         dkim = DKIMStore(cred_conn, writer=writer)
+        audit = AuditStore(cred_conn)
+        api_keys = ApiKeyStore(cred_conn, writer)
     except BaseException:
         for conn in conns:
             await conn.close()
         raise
-    return Stores(writer, queue, creds, dkim, lock, conns)
+    return Stores(writer, queue, creds, dkim, lock, audit, api_keys, conns)

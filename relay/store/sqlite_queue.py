@@ -261,7 +261,7 @@ class QueueStore:
         return await asyncio.to_thread(spool.remove_orphans, self.spool_dir, keep)
 
     async def settle(self, job: Job, updates: list[RecipientUpdate], *, bounces: tuple[NewMessage, ...] = (),
-                     history: list[tuple[str | None, str, str]] = (), mark_warned: bool = False) -> list[str]:
+                     history: list[tuple] = (), mark_warned: bool = False) -> list[str]:
         """Apply outcomes for a job's recipients and queue its DSNs, atomically. Returns DSN queue ids.
 
         Raises LeaseLost (and changes nothing) if another worker holds the lease now.
@@ -281,8 +281,10 @@ class QueueStore:
                 if cur.rowcount != 1:
                     raise LeaseLost(job.msg_id)
             if history:
-                conn.executemany("INSERT INTO history(msg_id, ts, rcpt, event, detail) VALUES (?, ?, ?, ?, ?)",
-                                       [(job.msg_id, now, rcpt, ev, detail) for rcpt, ev, detail in history])
+                # (rcpt, event, detail) or (rcpt, event, detail, host, tls): the attempt's remote host and TLS
+                conn.executemany("INSERT INTO history(msg_id, ts, rcpt, event, detail, host, tls) "
+                                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 [(job.msg_id, now, *(tuple(h) + (None, None))[:5]) for h in history])
             if mark_warned:
                 conn.execute("UPDATE messages SET warned = 1 WHERE id = ?", (job.msg_id,))
             for qid, b in zip(bounce_ids, bounces):
@@ -387,6 +389,9 @@ class QueueStore:
             msgs = await self._conn.execute_fetchall(
                 "SELECT id, sender, created_at, size, finished_at FROM messages WHERE finished_at IS NULL "
                 "ORDER BY created_at LIMIT ?", (limit,))
+        return await self._summaries(msgs)
+
+    async def _summaries(self, msgs: list[Any]) -> list[dict[str, Any]]:
         out = []
         for m in msgs:
             rcpts = await self._conn.execute_fetchall(
@@ -414,7 +419,7 @@ class QueueStore:
             "lease_owner "
             "FROM recipients WHERE msg_id = ? ORDER BY id", (msg_id,))
         hist = await self._conn.execute_fetchall(
-            "SELECT ts, rcpt, event, detail FROM history WHERE msg_id = ? ORDER BY ts, rowid", (msg_id,))
+            "SELECT ts, rcpt, event, detail, host, tls FROM history WHERE msg_id = ? ORDER BY ts, rowid", (msg_id,))
         body = await self.body(msg_id, limit=0) or b""  # the header block is all it shows
         head = body.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
         now = self._clock()
@@ -429,8 +434,9 @@ class QueueStore:
         m["state"] = _message_state(rcpts, m["sender"], m["finished_at"])
         return m
 
-    async def retry(self, msg_id: str | None) -> int:
-        """Make active recipients (of one message, or all) due now. Returns how many."""
+    async def retry(self, msg_id: str | None, *, also: Op | None = None) -> int:
+        """Make active recipients (of one message, or all) due now. Returns how many.
+        `also` runs in the same transaction (the operations layer's audit row)."""
         now = self._clock()
 
         def op(conn: sqlite3.Connection) -> int:
@@ -440,6 +446,8 @@ class QueueStore:
             else:
                 cur = conn.execute("UPDATE recipients SET next_attempt_at = ? WHERE msg_id = ? "
                                          "AND state IN ('pending', 'deferred') AND lease_token IS NULL", (now, msg_id))
+            if also is not None:
+                also(conn)
             return cur.rowcount
 
         n = await self._write(op)
@@ -447,7 +455,7 @@ class QueueStore:
             self._on_enqueue()
         return n
 
-    async def delete(self, msg_id: str, *, bounce: NewMessage | None = None) -> bool:
+    async def delete(self, msg_id: str, *, bounce: NewMessage | None = None, also: Op | None = None) -> bool:
         now = self._clock()
         freed: list[str] = []
 
@@ -459,6 +467,8 @@ class QueueStore:
             if rows[0][0] is not None:  # finished: deleting it removes it from the history
                 for table, col in (("history", "msg_id"), ("recipients", "msg_id"), ("bodies", "id"), ("messages", "id")):
                     conn.execute(f"DELETE FROM {table} WHERE {col} = ?", (msg_id,))
+                if also is not None:
+                    also(conn)
                 return True
             conn.execute("UPDATE recipients SET state = 'failed', lease_token = NULL, "
                                "last_error = 'deleted by the administrator' WHERE msg_id = ? "
@@ -466,11 +476,67 @@ class QueueStore:
             if bounce is not None:
                 self._insert(conn, bounce.queue_id or new_queue_id(), bounce, now)
             self._finish_if_final(conn, msg_id, now, freed)
+            if also is not None:
+                also(conn)
             return True
 
         result = await self._write(op)
         await self._unlink(freed)
         return result
+
+    PAGE_STATES = ("active", "pending", "deferred", "finished", "delivered", "failed", "all")
+
+    async def page(self, *, state: str = "active", domain: str | None = None, sender: str | None = None,
+                   recipient: str | None = None, qid: str | None = None,
+                   after: tuple[float, str] | None = None, limit: int = 50) -> tuple[list[dict[str, Any]], bool]:
+        """One page of messages in (created_at, id) order after the keyset `after`, filtered; and
+        whether more follow. Keyset, never OFFSET: a page costs the same deep in a long queue, and
+        messages accepted meanwhile land after the end instead of shifting what a reader sees."""
+        where, args = [], []
+        if state not in self.PAGE_STATES:
+            raise ValueError(f"unknown state {state!r}")
+        if state in ("active", "pending", "deferred"):
+            where.append("m.finished_at IS NULL")
+        elif state in ("finished", "delivered", "failed"):
+            where.append("m.finished_at IS NOT NULL")
+        if state in ("pending", "deferred", "delivered", "failed"):
+            where.append("EXISTS (SELECT 1 FROM recipients r WHERE r.msg_id = m.id AND r.state = ?)")
+            args.append(state)
+        if domain:
+            pat = f"%@{_like_escape(domain)}"
+            where.append("(m.sender LIKE ? ESCAPE '\\' OR m.auth_user LIKE ? ESCAPE '\\')")
+            args += [pat, pat]
+        if sender:
+            where.append("m.sender LIKE ? ESCAPE '\\'")
+            args.append(f"%{_like_escape(sender)}%")
+        if recipient:
+            where.append("EXISTS (SELECT 1 FROM recipients r WHERE r.msg_id = m.id AND r.rcpt LIKE ? ESCAPE '\\')")
+            args.append(f"%{_like_escape(recipient)}%")
+        if qid:
+            where.append("m.id LIKE ? ESCAPE '\\'")
+            args.append(f"{_like_escape(qid.upper())}%")
+        if after is not None:
+            where.append("(m.created_at > ? OR (m.created_at = ? AND m.id > ?))")
+            args += [after[0], after[0], after[1]]
+        sql = ("SELECT m.id, m.sender, m.created_at, m.size, m.finished_at, m.auth_user FROM messages m"
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY m.created_at, m.id LIMIT ?")
+        msgs = await self._conn.execute_fetchall(sql, (*args, limit + 1))
+        msgs = list(msgs)
+        more = len(msgs) > limit
+        return await self._summaries(msgs[:limit]), more
+
+    async def activity_by_domain(self, since: float) -> dict[str, dict[str, int]]:
+        """Per sending domain (the credential's, else the sender's), how many recipient outcomes
+        of each kind (delivered, deferred, failed, expired) the history holds since `since`."""
+        rows = await self._conn.execute_fetchall(
+            "SELECT lower(substr(a.addr, instr(a.addr, '@') + 1)) AS domain, a.event, COUNT(*) AS n FROM "
+            "(SELECT COALESCE(NULLIF(m.auth_user, ''), m.sender) AS addr, h.event FROM history h "
+            " JOIN messages m ON m.id = h.msg_id WHERE h.ts >= ? AND h.rcpt IS NOT NULL) a "
+            "GROUP BY domain, a.event", (since,))
+        out: dict[str, dict[str, int]] = {}
+        for r in rows:
+            out.setdefault(r["domain"], {})[r["event"]] = r["n"]
+        return out
 
     async def count_for_domain(self, domain: str) -> int:
         rows = await self._conn.execute_fetchall(
