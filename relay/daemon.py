@@ -191,8 +191,17 @@ class Daemon:
     async def _start_admin(self) -> None:
         # Imported only when on: aiohttp and Jinja2 are not loaded by a relay without the admin.
         from .admin import server as admin_server
+        from .operations import Operations
+        ops = Operations(self.stores, self.cfg)
+        api_app = None
+        try:
+            from .api import make_api_app  # the HTTP API (issue 14), when this build has it
+        except ImportError:
+            make_api_app = None
+        if make_api_app is not None:
+            api_app = make_api_app(ops)
         self.admin = await admin_server.start(self.cfg, self.stores.writer, self.executor, self.tls_context,
-                                              [(b.port, b.tls) for b in self.bound])
+                                              [(b.port, b.tls) for b in self.bound], ops=ops, api_app=api_app)
 
     def _start_metrics(self) -> None:
         from prometheus_client import start_http_server

@@ -35,6 +35,8 @@ class AdminServer:
         self.deps.sessions.configure(a.session_idle_timeout, a.session_absolute_timeout)
         self.deps.limiter.configure(a.login_failures, a.login_failure_window, a.login_lockout)
         self.deps.cfg = cfg
+        if self.deps.ops is not None:
+            self.deps.ops.configure(cfg)
 
     async def stop(self) -> None:
         await self._runner.cleanup()
