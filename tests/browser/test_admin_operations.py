@@ -189,3 +189,45 @@ async def test_queue_retry_and_delete_against_a_real_sink(make_relay, dns_server
         await page.goto(base_url(inst) + "/audit")
         text = await page.locator("main").inner_text()
         assert "queue.retry" in text and "queue.delete" in text
+
+
+async def test_domain_dns_check_expected_vs_found_and_zone_snippet(make_relay, dns_server, page, tmp_path):
+    import json
+    inst = start_admin_relay(make_relay, dns=dns_server.address,
+                             config={"domains": {"public_addresses": ["192.0.2.1"]}})
+    inst.cli("domain", "add", DOMAIN, "--dkim-algorithm", "ed25519", check=True)
+    inst.start()
+    recs = json.loads(inst.cli("domain", "dns", DOMAIN, "--json", check=True).stdout)
+    spf = next(r for r in recs if r["purpose"] == "SPF")
+    dkim = next(r for r in recs if r["purpose"].startswith("DKIM"))
+    dns_server.set(spf["name"], "TXT", [spf["value"]])
+    dns_server.set(dkim["name"], "TXT", [dkim["value"]])
+    await login(page, inst)
+    await page.goto(base_url(inst) + f"/domains/{DOMAIN}")
+    assert "Not checked since the relay started" in await page.locator("main").inner_text()
+    await page.get_by_role("button", name="Check now").click()
+    await page.get_by_text("Last checked").wait_for()
+    chips = await page.get_by_role("list", name="DNS status").inner_text()
+    assert "SPF: ok" in chips and "DKIM: ok" in chips and "DMARC: not published" in chips
+    assert "verified" in await page.locator("main").inner_text()
+    await check_page(page, "domain_checked")
+
+    # Found differs from expected: the chip says so, and the found value is shown beside it.
+    dns_server.set(spf["name"], "TXT", ["v=spf1 -all"])
+    await page.get_by_role("button", name="Check now").click()
+    await page.get_by_text("v=spf1 -all").wait_for()
+    chips = await page.get_by_role("list", name="DNS status").inner_text()
+    assert "SPF: mismatch" in chips and "DKIM: ok" in chips
+    await page.goto(base_url(inst) + "/domains")
+    row = await page.get_by_role("row").filter(has_text=DOMAIN).inner_text()
+    assert "SPF: mismatch" in row and "0 of 5" in row
+
+    await page.goto(base_url(inst) + f"/domains/{DOMAIN}")
+    async with page.expect_download() as info:
+        await page.get_by_role("link", name="Download zone snippet").click()
+    download = await info.value
+    assert download.suggested_filename == f"{DOMAIN}.zone"
+    path = tmp_path / "zone.txt"
+    await download.save_as(path)
+    zone = path.read_text()
+    assert dkim["name"].split(".")[0] in zone and "v=spf1" in zone
