@@ -266,6 +266,7 @@ class Daemon:
         self.credentials.configure(new.credentials)
         if self.admin is not None:
             self.admin.configure(new)  # timeouts and login limits; admin.listen needs a restart
+            self.admin.set_tls_context(context)
         if self.runner is not None:
             self.runner.configure(new)
         if self.delivery is not None:

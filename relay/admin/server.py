@@ -23,12 +23,34 @@ from .sessions import SessionStore
 log = logging.getLogger("relay.admin")
 
 
+class ReloadableTLS:
+    """The admin listener's SSLContext: asyncio keeps the one it was given for the server's
+    life, so that context's SNI callback (run at every ClientHello, with or without SNI) hands
+    each handshake the daemon's current context; SIGHUP swaps `current`, as for SMTP."""
+
+    def __init__(self, cfg: Config, current: ssl.SSLContext):
+        from .. import tls
+        self.current = current
+        self.context = tls.server_context(cfg.tls.cert, cfg.tls.key)
+        self.context.sni_callback = self._pick
+
+    def _pick(self, sslobj: ssl.SSLObject, _name: str | None, ctx: ssl.SSLContext) -> None:
+        if self.current is not ctx:
+            sslobj.context = self.current
+
+
 class AdminServer:
-    def __init__(self, runner: web.AppRunner, conn: aiosqlite.Connection, deps: AdminDeps, host: str, port: int):
+    def __init__(self, runner: web.AppRunner, conn: aiosqlite.Connection, deps: AdminDeps, host: str, port: int,
+                 tls: ReloadableTLS | None = None):
         self._runner = runner
         self._conn = conn
         self.deps = deps
         self.host, self.port = host, port
+        self.tls = tls
+
+    def set_tls_context(self, context: ssl.SSLContext) -> None:
+        if self.tls is not None:
+            self.tls.current = context
 
     def configure(self, cfg: Config) -> None:
         a = cfg.admin
@@ -60,12 +82,13 @@ async def start(cfg: Config, writer: GroupWriter, executor: Executor | None, tls
                 ) -> AdminServer:
     host, port = config_mod.parse_hostport(cfg.admin.listen, 8025)
     conn = await db.open_async(cfg.storage.path)
+    reloadable = ReloadableTLS(cfg, tls_context) if cfg.admin.tls and tls_context is not None else None
     try:
         deps = build_deps(cfg, conn, writer, executor, listeners, ops)
         runner = web.AppRunner(make_app(deps, api_app=api_app), handle_signals=False, access_log=None,
                                shutdown_timeout=2.0)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=tls_context if cfg.admin.tls else None)
+        site = web.TCPSite(runner, host, port, ssl_context=reloadable.context if reloadable else None)
         try:
             await site.start()
         except OSError as exc:
@@ -77,4 +100,4 @@ async def start(cfg: Config, writer: GroupWriter, executor: Executor | None, tls
         raise
     bound = runner.addresses[0][1] if runner.addresses else port
     event(log, "listening", address=host, port=bound, tls="tls" if cfg.admin.tls else "none", admin="/")
-    return AdminServer(runner, conn, deps, host, bound)
+    return AdminServer(runner, conn, deps, host, bound, reloadable)

@@ -134,3 +134,35 @@ def test_admin_jail_bans_above_the_admins_own_lockout():
     assert jail["relay-admin"]["filter"] == "relay-admin"
     from relay.config import AdminConfig
     assert int(jail["relay-admin"]["maxretry"]) > AdminConfig().login_failures
+
+
+def test_admin_over_tls_takes_the_renewed_certificate_at_sighup(make_relay):
+    import ssl
+
+    from relay import tls
+    inst = make_relay(start=False, config={"admin": {"listen": "127.0.0.1:0", "tls": True}})
+    inst.cli("admin", "add", "boss", "--password-stdin", input=ADMIN_PW + "\n", check=True)
+    inst.start()
+    port = inst.ports["admin"]
+
+    def peer_cert() -> bytes:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=ctx)
+        conn.request("GET", "/login")
+        r = conn.getresponse()
+        assert r.status == 200 and r.getheader("Strict-Transport-Security")
+        r.read()
+        der = conn.sock.getpeercert(binary_form=True)
+        conn.close()
+        return der
+
+    first = peer_cert()
+    tls.write_self_signed(inst.config["tls"]["cert"], inst.config["tls"]["key"], "renewed.test")
+    inst.signal(__import__("signal").SIGHUP)
+    assert inst.wait_event("reloaded")
+    assert peer_cert() != first
+    with pytest.raises(ConnectionError):  # plain HTTP is not spoken there
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/login")
+        conn.getresponse()
