@@ -29,16 +29,27 @@ class Admin:
     """The admin app on a loopback port, and a client that keeps the session cookie by hand
     (aiohttp's jar will not send a Secure cookie over http; Chromium does, on loopback)."""
 
-    def __init__(self, tmp_path, admin: dict | None = None):
+    def __init__(self, tmp_path, admin: dict | None = None, ops: bool = False):
         self.path = str(tmp_path / "relay.db")
         self.cfg = config.from_dict({"storage": {"path": self.path}, "credentials": dict(FAST_ARGON2),
+                                     "tls": {"cert": str(tmp_path / "c.crt"), "key": str(tmp_path / "c.key")},
                                      "admin": {"listen": "127.0.0.1:0", **(admin or {})}})
         self.cookie: str | None = None
+        self.with_ops = ops
+        self.stores = None
 
     async def __aenter__(self) -> "Admin":
         self.conn = await db.open_async(self.path)
-        self.writer = GroupWriter(self.path)
-        self.deps = build_deps(self.cfg, self.conn, self.writer, None, [(587, "starttls"), (465, "implicit")])
+        ops = None
+        if self.with_ops:
+            from relay.operations import Operations
+            from relay.store.factory import open_stores
+            self.stores = await open_stores(self.cfg, role="serve")
+            self.writer = self.stores.writer
+            ops = Operations(self.stores, self.cfg)
+        else:
+            self.writer = GroupWriter(self.path)
+        self.deps = build_deps(self.cfg, self.conn, self.writer, None, [(587, "starttls"), (465, "implicit")], ops)
         self.server = TestServer(make_app(self.deps), host="127.0.0.1")
         await self.server.start_server()
         self.http = ClientSession()
@@ -47,7 +58,10 @@ class Admin:
     async def __aexit__(self, *exc) -> None:
         await self.http.close()
         await self.server.close()
-        await self.writer.close()
+        if self.stores is not None:
+            await self.stores.close()
+        else:
+            await self.writer.close()
         await self.conn.close()
 
     def url(self, path: str) -> str:
@@ -304,3 +318,52 @@ async def test_settings_panel_lists_the_listeners_and_the_pop_imap_note(admin):
     assert "587" in body and "STARTTLS" in body and "465" in body and "Implicit TLS" in body
     assert "TLS required before AUTH" in body and "name@domain" in body
     assert "POP3/IMAP" in body and "mailbox provider" in body
+
+
+# ---------------------------------------------------------------- pages on the operations layer
+
+@pytest.fixture
+async def ops_admin(tmp_path):
+    async with Admin(tmp_path, ops=True) as a:
+        await a.deps.accounts.add(NAME, PASSWORD)
+        await a.deps.ops.add_domain(__import__("relay.operations", fromlist=["Actor"]).Actor("t", "cli"),
+                                    "mg.example.com", dkim=False)
+        await a.login()
+        yield a
+
+
+async def test_a_manual_password_is_checked_and_a_refusal_shows_no_password(ops_admin):
+    a = ops_admin
+    url = "/domains/mg.example.com/credentials/create"
+    r = await a.req("POST", url, {"csrf": await a.csrf(), "local": "app", "mode": "manual", "password": "short"},
+                    SAME)
+    assert r.status == 422 and "too short" in r.body and "Password created" not in r.body
+    r = await a.req("POST", url, {"csrf": await a.csrf(), "local": "app", "mode": "manual",
+                                  "password": "a chosen long password"}, SAME)
+    assert r.status == 201 and "a chosen long password" in r.body and r.headers["Cache-Control"] == "no-store"
+    r = await a.req("POST", url, {"csrf": await a.csrf(), "local": "app"}, SAME)
+    assert r.status == 409 and "already exists" in r.body
+    page = await a.req("GET", "/domains/mg.example.com/credentials")
+    assert "a chosen long password" not in page.body and "1 of 5" in page.body
+
+
+async def test_hostile_names_are_escaped_and_unknown_things_are_a_page_not_a_traceback(ops_admin):
+    a = ops_admin
+    r = await a.req("POST", "/domains/mg.example.com/credentials/create",
+                    {"csrf": await a.csrf(), "local": "<b>x</b>"}, SAME)
+    # Accepted or refused (that is the credential store's call), it is shown as text.
+    assert r.status in (201, 422) and "<b>x</b>" not in r.body and "&lt;b&gt;x&lt;/b&gt;" in r.body
+    for path, status in (("/queue/NOSUCH", 404), ("/domains/nosuch.example/credentials", 404),
+                         ("/queue?state=bogus", 200), ("/queue?after=garbage", 422), ("/audit?before=x", 200)):
+        r = await a.req("GET", path)
+        assert r.status == status, (path, r.status, r.body[:200])
+        assert "Traceback" not in r.body and r.headers["Content-Security-Policy"] == security.CSP
+    r = await a.req("POST", "/queue/NOSUCH/retry", {"csrf": await a.csrf(), "back": "https://evil.test/"}, SAME)
+    assert r.status == 404
+
+
+async def test_after_an_action_the_redirect_stays_on_our_queue_pages(ops_admin):
+    from relay.admin.views.queue import _back
+    assert _back({"back": "/queue?state=all"}) == "/queue?state=all"
+    for evil in ("https://evil.test/", "//evil.test/queue", "/queue\\evil", "/login"):
+        assert _back({"back": evil}, "Q1") == "/queue/Q1"
