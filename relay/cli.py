@@ -1,4 +1,4 @@
-"""The `relay` command: serve, check-config, domain, user, queue, cert.
+"""The `relay` command: serve, check-config, domain, user, queue, cert, admin.
 
 Human tables by default, `--json` for scripts. Exit codes: 0 ok, 1 not found or refused,
 2 usage or configuration error. Every error is one line on stderr, never a traceback.
@@ -384,6 +384,55 @@ def cmd_queue(args: argparse.Namespace, cfg: Config) -> int:
     return _with_ops(cfg, run)
 
 
+# ---------------------------------------------------------------- HTTP API keys
+
+def cmd_admin_api_key(args: argparse.Namespace, cfg: Config) -> int:
+    """relay admin api-key add/list/revoke: keys for the HTTP API (/api/v1/), made only here."""
+    from .operations import Operations, as_dict
+    actor = cli_actor()
+
+    async def run(ops: Operations) -> int:
+        if args.key_action == "add":
+            info, token = await ops.add_api_key(actor, args.name, args.scope)
+            emit(args, {**as_dict(info), "token": token},
+                 f"added API key {info.id} ({info.scope}) {info.name}\ntoken: {token}\n"
+                 "(shown once; send it as 'Authorization: Bearer <token>'; "
+                 f"revoke with: {PROG} admin api-key revoke {info.id})")
+        elif args.key_action == "list":
+            keys = await ops.list_api_keys()
+            emit(args, [as_dict(k) for k in keys], table(
+                [[k.id, k.scope, "revoked " + _fmt_time(k.revoked_at) if k.revoked_at else "active",
+                  _fmt_time(k.created_at), _fmt_time(k.last_used_at), k.name] for k in keys],
+                ["ID", "SCOPE", "STATE", "CREATED", "LAST USED", "NAME"]) if keys
+                 else f"no API keys; add one: {PROG} admin api-key add NAME --scope read")
+        else:
+            await ops.revoke_api_key(actor, args.key_id)
+            emit(args, {"id": args.key_id, "revoked": True},
+                 f"revoked API key {args.key_id}; requests with it get 401 from now on")
+        return EXIT_OK
+
+    # Like `domain add`: a key may be the first thing made on a new install.
+    return _with_ops(cfg, run, create=args.key_action == "add")
+
+
+def _add_admin_api_key_parser(admin_sub, common: argparse.ArgumentParser) -> None:
+    k = admin_sub.add_parser("api-key", parents=[common], help="HTTP API keys: add, list, revoke")
+    ksub = k.add_subparsers(dest="key_action", required=True, metavar="ACTION")
+    ka = ksub.add_parser("add", parents=[common], help="create an API key (the token is printed once)")
+    ka.add_argument("name", metavar="NAME", help="what the key is for, e.g. deploy-bot")
+    ka.add_argument("--scope", choices=("read", "write"), required=True,
+                    help="read: GET only; write: also create, reset, delete, retry")
+    ksub.add_parser("list", parents=[common], help="list API keys (never their tokens)")
+    kr = ksub.add_parser("revoke", parents=[common], help="revoke an API key")
+    kr.add_argument("key_id", metavar="ID")
+
+
+def cmd_admin(args: argparse.Namespace, cfg: Config) -> int:
+    if args.admin_action == "api-key":
+        return cmd_admin_api_key(args, cfg)
+    return cmd_admin_account(args, cfg)  # add, list, remove, passwd
+
+
 def cmd_cert(args: argparse.Namespace, cfg: Config) -> int:
     from . import tls
     cert, key = Path(cfg.tls.cert), Path(cfg.tls.key)
@@ -547,10 +596,6 @@ def _add_admin_account_parsers(admin_sub, common: argparse.ArgumentParser) -> No
     r.add_argument("name", metavar="NAME")
 
 
-def cmd_admin(args: argparse.Namespace, cfg: Config) -> int:
-    return cmd_admin_account(args, cfg)
-
-
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -624,14 +669,16 @@ def build_parser() -> argparse.ArgumentParser:
     qd.add_argument("id")
     qd.add_argument("--bounce", action="store_true", help="send the sender a failure report")
 
-    adm = sub.add_parser("admin", parents=[common], help="web admin accounts")
-    _add_admin_account_parsers(adm.add_subparsers(dest="admin_action", required=True, metavar="ACTION"), common)
-
     c = sub.add_parser("cert", parents=[common], help="TLS certificate helpers")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
     cs = csub.add_parser("selfsigned", parents=[common], help="write a self-signed certificate to tls.cert/tls.key")
     cs.add_argument("--hostname", help="default: server.hostname")
     cs.add_argument("--force", action="store_true", help="replace existing files")
+
+    adm = sub.add_parser("admin", parents=[common], help="web admin accounts and HTTP API keys")
+    admin_sub = adm.add_subparsers(dest="admin_action", required=True, metavar="ACTION")
+    _add_admin_account_parsers(admin_sub, common)
+    _add_admin_api_key_parser(admin_sub, common)
     return p
 
 

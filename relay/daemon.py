@@ -191,15 +191,11 @@ class Daemon:
     async def _start_admin(self) -> None:
         # Imported only when on: aiohttp and Jinja2 are not loaded by a relay without the admin.
         from .admin import server as admin_server
+        from .api import make_api_app
         from .operations import Operations
         ops = Operations(self.stores, self.cfg)
-        api_app = None
-        try:
-            from .api import make_api_app  # the HTTP API (issue 14), when this build has it
-        except ImportError:
-            make_api_app = None
-        if make_api_app is not None:
-            api_app = make_api_app(ops)
+        # The HTTP API shares the admin's listener, under /api/v1/ with its own bearer auth.
+        api_app = make_api_app(ops)
         self.admin = await admin_server.start(self.cfg, self.stores.writer, self.executor, self.tls_context,
                                               [(b.port, b.tls) for b in self.bound], ops=ops, api_app=api_app)
 

@@ -166,3 +166,34 @@ def test_admin_over_tls_takes_the_renewed_certificate_at_sighup(make_relay):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         conn.request("GET", "/login")
         conn.getresponse()
+
+
+def test_the_api_is_mounted_under_api_v1_with_its_own_bearer_auth(make_relay):
+    """No cookie, no Sec-Fetch-Site, no Origin, no form token: the API's bearer key is its auth,
+    and the admin's session middleware (or its no-admin page) never answers for it."""
+    inst = make_relay(start=False, config={"admin": {"listen": "127.0.0.1:0"}})
+    inst.cli("domain", "add", "example.com", "--no-dkim", check=True)
+    token = json.loads(inst.cli("admin", "api-key", "add", "bot", "--scope", "write", "--json",
+                                check=True).stdout)["token"]
+    inst.start()  # and no admin account at all
+    port = inst.ports["admin"]
+
+    def call(method: str, path: str, body: dict | None = None, auth: str | None = token):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        headers = {"Content-Type": "application/json"}
+        if auth:
+            headers["Authorization"] = f"Bearer {auth}"
+        conn.request(method, path, json.dumps(body) if body is not None else None, headers)
+        r = conn.getresponse()
+        data = r.read()
+        conn.close()
+        return r, json.loads(data) if data else None
+
+    r, doc = call("GET", "/api/v1/openapi.json")
+    assert r.status == 200 and doc["openapi"].startswith("3.1")
+    r, body = call("POST", "/api/v1/domains/example.com/credentials", {"login": "app@example.com"})
+    assert r.status == 201 and body["password"]
+    assert r.getheader("Content-Security-Policy") and r.getheader("Cache-Control") == "no-store"
+    r, body = call("GET", "/api/v1/domains", auth=None)
+    assert r.status == 401 and r.getheader("Location") is None
+    assert "relay admin add NAME" in get(port, "/login").body  # the pages still want an admin
