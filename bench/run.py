@@ -685,6 +685,7 @@ class QueueWatcher:
     def __init__(self, port: int, name: str, password: str) -> None:
         import http.client
         self.port, self.reloads, self.errors = port, 0, 0
+        self.page_s: list[float] = []
         self._stop = threading.Event()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("POST", "/login", f"username={name}&password={password.replace(' ', '+')}",
@@ -704,11 +705,13 @@ class QueueWatcher:
         for _ in range(3600):  # bounded: an hour of reloads at most
             conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
             try:
+                t0 = time.monotonic()
                 conn.request("GET", "/queue?state=all", headers={"Cookie": f"__Host-relay_admin={self.cookie}"})
                 r = conn.getresponse()
                 r.read()
                 if r.status == 200:
                     self.reloads += 1
+                    self.page_s.append(time.monotonic() - t0)
                 else:
                     self.errors += 1
             except OSError:
@@ -738,7 +741,8 @@ def scenario8_relay(workdir: Path, sink: Sink, messages: int, admin: bool) -> di
         out = {"accepted_per_s": acc, "end_to_end_per_s": e2e, "cpu_s_per_1000": cpu / messages * 1000}
         if watcher is not None:
             watcher.stop()
-            out.update(queue_reloads=watcher.reloads, reload_errors=watcher.errors)
+            out.update(queue_reloads=watcher.reloads, reload_errors=watcher.errors,
+                       page_ms_p50=pct(watcher.page_s, 50) * 1000 if watcher.page_s else None)
         return out
     finally:
         if watcher is not None:
