@@ -39,6 +39,7 @@ def headers_middleware(hsts: bool = False):
             resp = exc
         for k, v in HEADERS.items():
             resp.headers.setdefault(k, v)
+        resp.headers["Server"] = "relay"  # not aiohttp's name and version
         if hsts:
             resp.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
         # Nothing of ours is worth caching but the stylesheet: pages show queue contents,

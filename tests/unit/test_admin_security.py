@@ -107,6 +107,7 @@ async def test_every_response_carries_the_security_headers_and_pages_are_not_cac
         assert "camera=()" in r.headers["Permissions-Policy"]
         assert r.headers["Cache-Control"] == "no-store"
         assert "Strict-Transport-Security" not in r.headers  # plain HTTP here: the proxy sets HSTS
+        assert r.headers["Server"] == "relay"
     css = re.search(r'href="(/static/admin.css[^"]*)"', (await admin.req("GET", "/login")).body).group(1)
     r = await admin.req("GET", css)
     assert r.status == 200 and r.headers["X-Content-Type-Options"] == "nosniff"
