@@ -73,7 +73,11 @@ async def remove_domain(request: web.Request) -> web.Response:
     ops = _ops(request)
     name = request.match_info["domain"]
     info = await ops.get_domain(name)
-    n = await ops.remove_domain(_actor(request), info.name, force=flag(params, "force"))
+    try:
+        n = await ops.remove_domain(_actor(request), info.name, force=flag(params, "force"))
+    except OperationError as exc:
+        # The store words it for the CLI; here the switch is a query parameter.
+        raise OperationError(exc.code, exc.message.replace("use --force", "use ?force=true"), exc.status) from None
     return _json({"removed": info.name, "removed_credentials": n})
 
 

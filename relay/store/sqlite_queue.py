@@ -482,6 +482,8 @@ class QueueStore:
 
         result = await self._write(op)
         await self._unlink(freed)
+        if result and bounce is not None and self._on_enqueue:
+            self._on_enqueue()  # the failure report is new work for the runner
         return result
 
     PAGE_STATES = ("active", "pending", "deferred", "finished", "delivered", "failed", "all")

@@ -93,6 +93,10 @@ def test_domains_end_to_end(w):
     assert r.json() == {"removed": "other.example", "removed_credentials": 0}
     err(w("DELETE", "/domains/{domain}", "/domains/other.example"), 404, "not_found")
     err(w("DELETE", "/domains/{domain}", f"/domains/{D}?force=maybe"), 422, "invalid")
+    w("POST", "/domains/{domain}/credentials", f"/domains/{D}/credentials", json={"login": "app"})
+    assert "?force=true" in err(w("DELETE", "/domains/{domain}", f"/domains/{D}"), 409, "conflict")
+    assert w("DELETE", "/domains/{domain}", f"/domains/{D}?force=true").json() == \
+        {"removed": D, "removed_credentials": 1}
 
 
 def test_verify_against_the_configured_resolver(tmp_path):
@@ -272,6 +276,12 @@ def test_hostile_bodies_and_paths(tmp_path):
         conn = sqlite3.connect(api.cfg.storage.path)
         assert {r[0] for r in conn.execute("SELECT username FROM credentials")} == accepted
         conn.close()
+        for path in ("/queue?sender=%FF%FE", "/queue?qid=%00", "/queue?recipient=%25%5F", "/queue?limit=-1",
+                     "/queue?limit=99999999999999999999", "/queue?after=" + "A" * 3000):
+            r = w("GET", "/queue", path, validate=False)
+            assert r.status_code in (200, 422), (path, r.status_code, r.text)
+        for path in ("/queue/%FF", "/queue/%00", "/queue/..%2F..", "/queue/' OR 1=1 --"):
+            err(w("GET", "/queue/{qid}", path), 404, "not_found")
         # Unknown endpoints and methods: JSON too.
         err(w("GET", "/nope", validate=False), 404, "not_found")
         err(w("PATCH", "/domains", validate=False), 405, "method_not_allowed")
