@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ...server.refusal import TEXT as POP_IMAP_TEXT
+from ...replies import NOT_A_MAILBOX
 from .base import deps, render
 
 MODES = {"starttls": "STARTTLS", "implicit": "Implicit TLS (SSL/TLS)"}
@@ -19,7 +19,7 @@ async def settings_page(request: web.Request) -> web.StreamResponse:
     d = deps(request)
     listeners = d.listeners or [(lst.port, lst.tls) for lst in d.cfg.listeners]
     return render(request, "settings.html", title="SMTP settings", server=d.cfg.server.hostname,
-                  listeners=listener_rows(listeners), pop_imap=POP_IMAP_TEXT)
+                  listeners=listener_rows(listeners), pop_imap=NOT_A_MAILBOX.text)
 
 
 def routes(app: web.Application) -> None:
