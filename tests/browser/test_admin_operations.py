@@ -102,6 +102,15 @@ async def test_five_credentials_then_refused_shown_once_reset_delete_with_real_a
     assert new != passwords[first]
     assert not await asyncio.to_thread(auth_ok, inst, first, passwords[first])
     assert await asyncio.to_thread(auth_ok, inst, first, new)
+    # Both show in the table: last used, and the old password's failed login.
+    row = page.get_by_role("row").filter(has_text=first)
+    for _ in range(50):  # written in batches (about once a second): bounded wait
+        await page.goto(base_url(inst) + f"/domains/{DOMAIN}/credentials")
+        cells = await row.get_by_role("cell").all_inner_texts()
+        if cells[3] != "never" and cells[4] != "never":
+            break
+        await asyncio.sleep(0.2)
+    assert cells[3].endswith("ago") and cells[4].endswith("ago"), cells
 
     # Delete, with its confirmation: AUTH fails, and there is room for one more.
     dialog = await open_popover(page, f"Delete {first}")

@@ -90,3 +90,11 @@ async def test_login_lockout_after_the_failures_even_with_the_right_password(mak
     await check_page(page, "login_locked")
     assert page.url.endswith("/login")
     assert len(inst.events_named("admin_auth_failed", user="boss")) == 3
+
+
+async def test_without_an_admin_the_page_says_how_to_make_one(make_relay, page):
+    inst = make_relay(config={"admin": {"listen": "127.0.0.1:0"}})
+    resp = await page.goto(base_url(inst) + "/")
+    assert resp.status == 503
+    assert "relay admin add NAME" in await page.locator("main").inner_text()
+    await check_page(page, "setup")
