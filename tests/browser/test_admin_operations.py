@@ -143,7 +143,7 @@ async def test_queue_retry_and_delete_against_a_real_sink(make_relay, dns_server
         inst.start()
         sink.rcpt_replies["bob@example.net"] = "451 4.2.0 " + HOSTILE
         qids = {}
-        for subject in ("keep", "drop"):
+        for subject in ("keep", "drop", "bounce"):
             data = f"From: {USER}\r\nTo: bob@example.net\r\nSubject: {subject} {HOSTILE}\r\n\r\nhello\r\n"
             qids[subject] = await asyncio.to_thread(inst.submit, USER, PASSWORD, USER, ["bob@example.net"], data)
             assert await asyncio.to_thread(inst.wait_event, "delivery", 10, 1, qid=qids[subject], result="deferred")
@@ -190,8 +190,18 @@ async def test_queue_retry_and_delete_against_a_real_sink(make_relay, dns_server
         await check_page(page, "queue_delete_popup")
         await dialog.get_by_role("button", name="Delete", exact=True).click()
         await page.get_by_role("status").filter(has_text=f"{qids['drop']} deleted").wait_for()
-        wait_until(lambda: not inst.queued(), what="an empty queue")
         assert len(sink.messages) == 1
+
+        # Delete and bounce: the sender gets a failure report (RFC 3464) through the sink.
+        row = page.get_by_role("row").filter(has=page.get_by_role("link", name=qids["bounce"]))
+        await row.get_by_role("button", name=f"Delete {qids['bounce']}").click()
+        dialog = page.locator("[popover]:popover-open")
+        await dialog.get_by_role("button", name="Delete and bounce").click()
+        await page.get_by_role("status").filter(has_text="sender notified").wait_for()
+        assert await asyncio.to_thread(sink.wait_for, 2, 15)
+        dsn = sink.messages[1]
+        assert dsn.rcpt_tos == [USER] and b"deleted from the queue by the administrator" in dsn.data
+        wait_until(lambda: not inst.queued(), what="an empty queue")
         await page.goto(base_url(inst) + "/audit")
         text = await page.locator("main").inner_text()
         assert "queue.retry" in text and "queue.delete" in text

@@ -31,7 +31,8 @@ async def queue_page(request: web.Request) -> web.StreamResponse:
     page = await ops(request).list_queue(flt, after=after, limit=PAGE)
     kept = {k: v for k, v in raw.items() if v}
     next_url = "/queue?" + urlencode({**kept, "after": page.next}) if page.next else None
-    here = request.path_qs
+    # Where an action returns to: this page without its last "done" message.
+    here = "/queue?" + urlencode({**kept, **({"after": after} if after else {})})
     return render(request, "queue.html", title="Queue", items=page.items, f=raw, states=STATES,
                   next_url=next_url, first_url="/queue?" + urlencode(kept) if after else None, back=here,
                   done=request.query.get("done"))
