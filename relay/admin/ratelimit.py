@@ -5,6 +5,7 @@ hits the username's budget, and one spraying names still hits the address's. Bou
 MAX_KEYS entries, the oldest dropped first."""
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import OrderedDict, deque
 
@@ -23,8 +24,14 @@ class LoginLimiter:
 
     @staticmethod
     def keys(ip: str, username: str) -> tuple[str, str]:
-        # The username folded: "Admin" and "admin" share a budget.
-        return f"ip:{ip}", f"user:{username.lower()[:64]}"
+        # IPv6 by /64, like the SMTP side's limits.auth_ipv6_prefix default: one host gets a
+        # whole /64, and must not get 2^64 budgets. The username folded: "Admin" is "admin".
+        try:
+            addr = ipaddress.ip_address(ip)
+            net = ipaddress.ip_network(f"{addr}/64", strict=False) if addr.version == 6 else addr
+        except ValueError:
+            net = ip
+        return f"ip:{net}", f"user:{username.lower()[:64]}"
 
     def locked(self, ip: str, username: str) -> float:
         """Seconds until a login from `ip` as `username` may be tried again (0: now)."""

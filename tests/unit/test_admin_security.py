@@ -245,6 +245,14 @@ def test_limiter_counts_per_address_and_per_name_and_the_lock_ends():
     assert lim.locked("10.1.0.1", "slow") == 0
 
 
+def test_limiter_counts_an_ipv6_slash_64_as_one_address():
+    lim = LoginLimiter(failures=2, window=60, lockout=300, clock=lambda: 0.0)
+    lim.failed("2001:db8:1:2::1", "a")
+    lim.failed("2001:db8:1:2:ffff::9", "b")
+    assert lim.locked("2001:db8:1:2::77", "c") > 0
+    assert lim.locked("2001:db8:1:3::1", "c") == 0
+
+
 @pytest.mark.parametrize("peer, xff, expected", [
     ("127.0.0.1", ["203.0.113.9"], "203.0.113.9"),                 # our proxy says who
     ("198.51.100.1", ["203.0.113.9"], "198.51.100.1"),             # not a proxy: header ignored
