@@ -18,6 +18,8 @@ Scenarios (see README "Benchmark"):
      relaying to the sink): (a) 50 clients each send one 10 MB message at once: peak PSS of all
      processes of each MTA, how long after the last delivery it came back within 50 MB of the
      start (watched up to 60 s; pss_end: when the watch ended); (b) `smtp-source -s 20 -l 1048576`: msgs/s end to end and CPU-ms a message
+  8  scenario 2 with the web admin on and one logged-in admin reloading the queue page every
+     second, against scenario 2 with the admin off, interleaved rep by rep (README: within 5 %)
 """
 from __future__ import annotations
 
@@ -686,6 +688,79 @@ def fsyncs_per_message(workdir: Path, sink: Sink, messages: int) -> float | None
         relay.stop()
 
 
+# ---------------------------------------------------------------- scenario 8: an admin watching the queue
+
+class QueueWatcher:
+    """One admin session in a thread: log in, then GET /queue once a second until stopped."""
+
+    def __init__(self, port: int, name: str, password: str) -> None:
+        import http.client
+        self.port, self.reloads, self.errors = port, 0, 0
+        self.page_s: list[float] = []
+        self._stop = threading.Event()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/login", f"username={name}&password={password.replace(' ', '+')}",
+                     {"Content-Type": "application/x-www-form-urlencoded", "Sec-Fetch-Site": "same-origin"})
+        r = conn.getresponse()
+        r.read()
+        conn.close()
+        m = re.search(r"__Host-relay_admin=([^;]+)", r.getheader("Set-Cookie") or "")
+        if r.status != 303 or not m:
+            raise RuntimeError(f"admin login failed: {r.status}")
+        self.cookie = m.group(1)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import http.client
+        for _ in range(3600):  # bounded: an hour of reloads at most
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            try:
+                t0 = time.monotonic()
+                conn.request("GET", "/queue?state=all", headers={"Cookie": f"__Host-relay_admin={self.cookie}"})
+                r = conn.getresponse()
+                r.read()
+                if r.status == 200:
+                    self.reloads += 1
+                    self.page_s.append(time.monotonic() - t0)
+                else:
+                    self.errors += 1
+            except OSError:
+                self.errors += 1
+            finally:
+                conn.close()
+            if self._stop.wait(1.0):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
+def scenario8_relay(workdir: Path, sink: Sink, messages: int, admin: bool) -> dict:
+    extra = {"admin": {"listen": "127.0.0.1:0"}} if admin else None
+    relay = start_relay(workdir, sink, trusted=True, dkim=False, extra=extra)
+    watcher = None
+    try:
+        if admin:
+            relay.cli("admin", "add", "bench", "--password-stdin", input=PASSWORD + "\n", check=True)
+            watcher = QueueWatcher(relay.ports["admin"], "bench", PASSWORD)
+        pids = family(relay.proc.pid)
+        cpu0 = family_cpu(pids)
+        acc, e2e = run_smtp_source(relay.port, sink, messages, 20, 10240)
+        cpu = family_cpu(pids) - cpu0
+        out = {"accepted_per_s": acc, "end_to_end_per_s": e2e, "cpu_s_per_1000": cpu / messages * 1000}
+        if watcher is not None:
+            watcher.stop()
+            out.update(queue_reloads=watcher.reloads, reload_errors=watcher.errors,
+                       page_ms_p50=pct(watcher.page_s, 50) * 1000 if watcher.page_s else None)
+        return out
+    finally:
+        if watcher is not None:
+            watcher.stop()
+        relay.stop()
+
+
 # ---------------------------------------------------------------- scenario 6: hostile destination
 
 TARPIT_RCPT = "bob@tarpit.example"
@@ -950,6 +1025,29 @@ def main() -> int:
                 print(f"[6] rep {i + 1} relay: " + ", ".join(f"{k}={fmt(v)}" for k, v in r.items()))
             results["scenario6"] = runs
             print_scenario6("relay", runs["relay"], cmd)
+        if 8 in scen:
+            if not shutil.which("smtp-source"):
+                print("[8] skipped: smtp-source not installed (Debian package postfix)")
+            else:
+                cmd = f"bench/run.py --scenarios 8 --source-messages {args.source_messages} --repeat {args.repeat}"
+                print(f"[8] {cmd}")
+                runs8: dict[str, list[dict]] = {"admin_off": [], "admin_watching": []}
+                for i in range(args.repeat):  # interleaved, the order swapped each rep (no order effect)
+                    for label in (("admin_off", "admin_watching") if i % 2 == 0 else ("admin_watching", "admin_off")):
+                        r = scenario8_relay(tmp / f"s8-{label}-{i}", sink, args.source_messages,
+                                            admin=label == "admin_watching")
+                        runs8[label].append(r)
+                        print(f"[8] rep {i + 1} {label}: " + ", ".join(f"{k}={fmt(v)}" for k, v in r.items()))
+                results["scenario8"] = runs8
+                med = {k: statistics.median(r["end_to_end_per_s"] for r in v if r["end_to_end_per_s"])
+                       for k, v in runs8.items()}
+                acc8 = {k: statistics.median(r["accepted_per_s"] for r in v) for k, v in runs8.items()}
+                ratio8 = med["admin_watching"] / med["admin_off"]
+                results["scenario8_ratio_end_to_end"] = ratio8
+                print(f"[8] end-to-end msgs/s median: admin off {fmt(med['admin_off'])}, admin watching "
+                      f"{fmt(med['admin_watching'])} ({(ratio8 - 1) * 100:+.1f} %); accepted/s "
+                      f"{fmt(acc8['admin_off'])} vs {fmt(acc8['admin_watching'])} "
+                      f"({(acc8['admin_watching'] / acc8['admin_off'] - 1) * 100:+.1f} %)")
         if 7 in scen:
             cmd = (f"bench/run.py --scenarios 7 --large-clients {args.large_clients} --large-size {args.large_size} "
                    f"--large-settle {args.large_settle:g} --mb-messages {args.mb_messages} --large-repeat "

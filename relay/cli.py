@@ -430,7 +430,7 @@ def _add_admin_api_key_parser(admin_sub, common: argparse.ArgumentParser) -> Non
 def cmd_admin(args: argparse.Namespace, cfg: Config) -> int:
     if args.admin_action == "api-key":
         return cmd_admin_api_key(args, cfg)
-    raise CLIError(f"unknown admin action {args.admin_action}", EXIT_USAGE)
+    return cmd_admin_account(args, cfg)  # add, list, remove, passwd
 
 
 def cmd_cert(args: argparse.Namespace, cfg: Config) -> int:
@@ -532,6 +532,70 @@ def cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
         return EXIT_OK
 
 
+# ---------------------------------------------------------------- admin accounts (web admin)
+
+async def _with_admin_accounts(cfg: Config, fn, create: bool = False):
+    from .admin.accounts import AdminAccounts
+    from .store.factory import open_stores
+    if not create:  # `admin add` is a first step of an install, like `domain add`
+        require_database(cfg)
+    stores = await open_stores(cfg, role="cli")
+    conn = await db.open_async(cfg.storage.path)
+    try:
+        return await fn(AdminAccounts(conn, stores.writer, cfg.credentials))
+    finally:
+        await conn.close()
+        await stores.close()
+
+
+def cmd_admin_account(args: argparse.Namespace, cfg: Config) -> int:
+    """relay admin add/list/remove/passwd: the only way admin accounts are made (no default password)."""
+    from .admin.accounts import AccountError, name_problem
+
+    async def run(accounts) -> int:
+        try:
+            if args.admin_action == "list":
+                users = await accounts.list()
+                emit(args, [{"username": u.username, "created": u.created_at, "last_login": u.last_login_at,
+                             "disabled": u.disabled} for u in users],
+                     table([[u.username, _fmt_time(u.created_at), _fmt_time(u.last_login_at)] for u in users],
+                           ["NAME", "CREATED", "LAST LOGIN"]) if users else
+                     f"no admin accounts: `{PROG} admin add NAME` creates one")
+            elif args.admin_action == "remove":
+                await accounts.remove(args.name)
+                print(f"admin {args.name} removed (and its sessions ended)")
+            elif args.admin_action == "add":
+                await accounts.add(args.name, password)
+                print(f"admin {args.name} added; log in at the web admin ({cfg.admin.listen or 'admin.listen is off'})")
+            else:
+                revoked = await accounts.set_password(args.name, password)
+                print(f"password of admin {args.name} changed; {revoked} session(s) ended")
+        except AccountError as exc:
+            raise CLIError(str(exc)) from None
+        return EXIT_OK
+
+    password = ""
+    if args.admin_action in ("add", "passwd"):
+        problem = name_problem(args.name)
+        if problem:
+            raise CLIError(problem, EXIT_USAGE)
+        password, _ = read_password(args, args.name, cfg.credentials.min_password_length)
+        problem = password_problem(args.name, password, cfg.credentials.min_password_length)
+        if problem:
+            raise CLIError(problem)
+    return asyncio.run(_with_admin_accounts(cfg, run, create=args.admin_action == "add"))
+
+
+def _add_admin_account_parsers(admin_sub, common: argparse.ArgumentParser) -> None:
+    for name, help_ in (("add", "create a web admin account"), ("passwd", "set an admin's password (ends its sessions)")):
+        a = admin_sub.add_parser(name, parents=[common], help=help_)
+        a.add_argument("name", metavar="NAME")
+        a.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    admin_sub.add_parser("list", parents=[common], help="list web admin accounts")
+    r = admin_sub.add_parser("remove", parents=[common], help="remove a web admin account (and its sessions)")
+    r.add_argument("name", metavar="NAME")
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -613,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     adm = sub.add_parser("admin", parents=[common], help="web admin accounts and HTTP API keys")
     admin_sub = adm.add_subparsers(dest="admin_action", required=True, metavar="ACTION")
+    _add_admin_account_parsers(admin_sub, common)
     _add_admin_api_key_parser(admin_sub, common)
     return p
 

@@ -540,10 +540,49 @@ def _validate(cfg: Config) -> None:
     if not host or not is_hostname(host):
         raise ConfigError("metrics.listen", f"expected host:port like 127.0.0.1:9469, got {cfg.metrics.listen!r}")
     _check_port("metrics.listen", port, allow_zero=True)
+    _check_admin(cfg.admin)
     if cfg.logging.format not in ("logfmt", "json"):
         raise ConfigError("logging.format", f"must be 'logfmt' or 'json', got {cfg.logging.format!r}")
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("logging.level", f"must be debug, info, warning or error, got {cfg.logging.level!r}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_admin(a: "AdminConfig") -> None:
+    """[admin]: a usable host:port (or "" = off); nothing beyond loopback in plain HTTP unless
+    the operator says so (session cookies and passwords would cross the network in clear)."""
+    if a.listen != "":
+        try:
+            host, port = parse_hostport(a.listen, -1)  # the port must be written
+        except ValueError:
+            host, port = "", -1
+        if not host or not is_hostname(host) or not 0 <= port <= 65535:
+            raise ConfigError("admin.listen", f"expected host:port like 127.0.0.1:8025 (or \"\" for off), "
+                              f"got {a.listen!r}")
+        if not _is_loopback(host) and not a.tls and not a.allow_insecure_http:
+            raise ConfigError("admin.listen", f"{host} is not a loopback address: set admin.tls = true, or "
+                              "admin.allow_insecure_http = true behind a TLS proxy or on a trusted network")
+    if a.public_origin:
+        scheme, sep, rest = a.public_origin.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+            raise ConfigError("admin.public_origin", f"expected scheme://host[:port] like "
+                              f"https://relay.example.com:8025, got {a.public_origin!r}")
+    for i, net in enumerate(a.trusted_proxies):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"admin.trusted_proxies[{i}]", f"not a CIDR network: {net!r}") from None
+    for name in ("session_idle_timeout", "session_absolute_timeout", "login_failures", "login_failure_window",
+                 "login_lockout"):
+        _check_positive(f"admin.{name}", getattr(a, name))
 
 
 def from_dict(data: dict[str, Any]) -> Config:

@@ -89,6 +89,7 @@ class Daemon:
         self.bound: list[listeners.Bound] = []
         self.refusal_servers: list[listeners.Acceptor] = []
         self.metrics_server = None
+        self.admin = None
 
     async def run(self) -> int:
         cfg = self.cfg
@@ -144,7 +145,11 @@ class Daemon:
                                                 own_listeners=own)
                 await self.delivery.start()
             self._start_metrics()
+            if cfg.admin.listen:
+                await self._start_admin()
         except BaseException:
+            if self.admin is not None:
+                await self.admin.stop()
             if self.delivery is not None:
                 await self.delivery.stop(timeout=0)
             for b in self.bound:
@@ -184,6 +189,17 @@ class Daemon:
         recovered = await self.queue.recover()
         if recovered:
             event(log, "queue_recovered", recipients=recovered)
+
+    async def _start_admin(self) -> None:
+        # Imported only when on: aiohttp and Jinja2 are not loaded by a relay without the admin.
+        from .admin import server as admin_server
+        from .api import make_api_app
+        from .operations import Operations
+        ops = Operations(self.stores, self.cfg)
+        # The HTTP API shares the admin's listener, under /api/v1/ with its own bearer auth.
+        api_app = make_api_app(ops)
+        self.admin = await admin_server.start(self.cfg, self.stores.writer, self.executor, self.tls_context,
+                                              [(b.port, b.tls) for b in self.bound], ops=ops, api_app=api_app)
 
     def _start_metrics(self) -> None:
         from prometheus_client import start_http_server
@@ -246,6 +262,9 @@ class Daemon:
         self.state.settings = settings_from(new)
         self.state.throttle.configure(new.limits)
         self.credentials.configure(new.credentials)
+        if self.admin is not None:
+            self.admin.configure(new)  # timeouts and login limits; admin.listen needs a restart
+            self.admin.set_tls_context(context)
         if self.runner is not None:
             self.runner.configure(new)
         if self.delivery is not None:
@@ -259,6 +278,10 @@ class Daemon:
             b.server.close()
         for s in self.refusal_servers:
             s.close()
+        if self.admin is not None:
+            # First: no admin change starts while the queue drains (requests get 2 s to finish).
+            await self.admin.stop()
+            self.admin = None
         self.state.draining = True
         deadline = time.monotonic() + self.cfg.server.shutdown_grace
         if self.delivery is not None:

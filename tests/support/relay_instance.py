@@ -116,6 +116,9 @@ class RelayInstance:
             "credentials": dict(FAST_ARGON2),
             "refusal": {"address": "127.0.0.1", "pop3_port": 0, "imap_port": 0, "pop3s_port": 0, "imaps_port": 0},
             "metrics": {"listen": "127.0.0.1:0"},
+            # Off unless a test turns it on (e.g. "127.0.0.1:0"): relays running side by side
+            # (another worktree's suite too) must not fight over the default 127.0.0.1:8025.
+            "admin": {"listen": ""},
             "logging": {"format": "json", "level": "info"},
         }
         if dns:
@@ -171,7 +174,7 @@ class RelayInstance:
             self.kill()
             raise RuntimeError("relay did not become ready:\n" + "\n".join(self.raw_log[-30:]))
         for e in self.events_named("listening"):
-            key = e.get("refusal") or ("metrics" if e.get("metrics") else e.get("tls"))
+            key = e.get("refusal") or ("metrics" if e.get("metrics") else "admin" if e.get("admin") else e.get("tls"))
             self.ports.setdefault(key, e["port"])
         return self
 

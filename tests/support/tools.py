@@ -1,4 +1,4 @@
-"""External tools some tests drive (swaks, msmtp, openssl, testssl.sh, promtool, systemd-analyze).
+"""External tools some tests drive (swaks, msmtp, openssl, testssl.sh, promtool, systemd-analyze, chromium).
 
 Where a tool is absent its tests skip and say why, so `make test` works on a bare machine. Under
 RELAY_REQUIRE_TOOLS=1 (set by .ci/run once it has installed them) they FAIL instead: a failed
@@ -38,3 +38,19 @@ def check_marker(item: pytest.Item) -> None:
         if absent:
             why = mark.kwargs.get("reason") or "CI installs it"
             missing(f"{', '.join(absent)} not installed ({why})")
+
+
+CHROMIUM_ENV = "RELAY_TEST_CHROMIUM"
+
+
+def chromium() -> str:
+    """Debian's browser (apt package `chromium`, installed by .ci/run) for tests/browser/, and
+    PyPI Playwright to drive it (the `test` extra): the path, or skip/fail as above."""
+    path = os.environ.get(CHROMIUM_ENV) or shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.access(path, os.X_OK):
+        missing(f"chromium not installed at {path} (.ci/run installs the apt package; or set {CHROMIUM_ENV})")
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        missing("PyPI playwright not installed (pip install -e '.[test]')")
+    return path
