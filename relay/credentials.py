@@ -11,6 +11,7 @@ import hashlib
 import sqlite3
 import hmac
 import os
+import re
 import secrets
 import time
 from concurrent.futures import Executor
@@ -97,6 +98,9 @@ def display_domain(ascii_domain: str) -> str:
         return ascii_domain.encode("ascii").decode("idna")
     except UnicodeError:
         return ascii_domain
+
+
+_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010FFFF-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010FFFF-]+)*")
 
 
 def normalize_username(username: str) -> tuple[str, str]:
@@ -230,9 +234,17 @@ class CredentialStore:
             raise StoreError(problem)
 
     async def check_can_add(self, username: str) -> tuple[str, str]:
-        """The refusals `add_user` would give that need no password: unknown domain, an existing
-        credential, the per-domain limit. Lets the CLI refuse before prompting."""
+        """The refusals `add_user` would give that need no password: a local part that is not
+        an RFC 5321 dot-string, unknown domain, an existing credential, the per-domain limit.
+        Lets the CLI refuse before prompting."""
         user, domain = normalize_username(username)
+        local = user.rpartition("@")[0]
+        # New credentials only (logins still take what older versions stored): a username is an
+        # address mail clients type and pages show, so atext and dots (RFC 5322 3.2.3), or a
+        # UTF-8 local part (RFC 6531); no quoted strings, no "<b>".
+        if not _LOCAL_PART.fullmatch(local):
+            raise StoreError(f"username's local part must be letters, digits, dots and !#$%&'*+-/=?^_`{{|}}~ "
+                             f"(no leading, trailing or double dot): {username!r}")
         if not await self.domain_exists(domain):
             raise NotFound(f"domain {domain} is not a sending domain; add it first: relay domain add {domain}")
         # Existence before the limit: "already exists" is the true reason even on a full domain.

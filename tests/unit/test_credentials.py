@@ -158,6 +158,22 @@ async def test_user_at_idna_domain(store):
     assert await store.verify(b"app@xn--bcher-kva.example", PW.encode()) is not None
 
 
+@pytest.mark.parametrize("local", ["<b>x</b>", "a..b", ".a", "a.", '"quoted"', "a(b)", "a,b", "a;b", "a[b]"])
+async def test_new_usernames_are_dot_strings(store, local):
+    # What mail clients type and the admin pages show: RFC 5322 atext and dots (or UTF-8).
+    await store.add_domain("mg.example.com")
+    with pytest.raises(StoreError, match="local part must be"):
+        await store.add_user(f"{local}@mg.example.com", PW)
+    assert await store.list_users() == []
+
+
+async def test_usual_local_parts_are_taken(store):
+    await store.add_domain("mg.example.com")
+    for local in ["app", "no-reply", "o'neil", "us+tag", "a.b.c", "café", "x_y=z"]:
+        assert await store.add_user(f"{local}@mg.example.com", PW) == f"{local}@mg.example.com"
+        await store.delete_user(f"{local}@mg.example.com")
+
+
 async def test_duplicate_user_refused(store):
     await store.add_domain("mg.example.com")
     await store.add_user(USER, PW)
