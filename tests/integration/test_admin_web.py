@@ -119,12 +119,19 @@ def test_fail2ban_filter_matches_failed_admin_logins_and_only_the_client_address
     # The name is locked from every address now (per-name budget), the right password too.
     assert post(port, "/login", {"username": "boss", "password": ADMIN_PW}, source="127.0.9.3").status == 429
     assert inst.wait_event("admin_auth_failed", count=4)
+    # The HTTP API's refused bearer tokens are the same kind of guess, from their own address.
+    for _ in range(2):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=("127.0.9.4", 0))
+        conn.request("GET", "/api/v1/domains", headers={"Authorization": "Bearer rk_nope_guess"})
+        assert conn.getresponse().status == 401
+        conn.close()
+    assert inst.wait_event("api_auth_failed", count=2)
     inst.stop()
     log = inst.dir / f"admin.{fmt}.log"
     log.write_text("\n".join(inst.raw_log) + "\n")
     out = subprocess.run([tool, "-o", "ip", str(log), str(FILTER)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["127.0.9.1"] * 3 + ["127.0.9.2"], out.stdout
+    assert out.stdout.split() == ["127.0.9.1"] * 3 + ["127.0.9.2"] + ["127.0.9.4"] * 2, out.stdout
 
 
 def test_admin_jail_bans_above_the_admins_own_lockout():
