@@ -1,4 +1,5 @@
-"""External tools some tests drive (swaks, msmtp, openssl, testssl.sh, promtool, systemd-analyze, chromium).
+"""External tools some tests drive (swaks, msmtp, openssl, testssl.sh, promtool, systemd-analyze, chromium,
+postgresql).
 
 Where a tool is absent its tests skip and say why, so `make test` works on a bare machine. Under
 RELAY_REQUIRE_TOOLS=1 (set by .ci/run once it has installed them) they FAIL instead: a failed
@@ -54,3 +55,18 @@ def chromium() -> str:
     except ImportError:
         missing("PyPI playwright not installed (pip install -e '.[test]')")
     return path
+
+
+def postgresql() -> str:
+    """The directory with Debian's PostgreSQL server programs (apt package `postgresql`,
+    installed by .ci/run; initdb and pg_ctl live in /usr/lib/postgresql/<version>/bin), and
+    asyncpg to talk to it: the directory, or skip/fail as above."""
+    from tests.support.postgres import binaries
+    found = binaries()
+    if found is None:
+        missing("postgresql not installed (initdb, pg_ctl; .ci/run installs the apt package)")
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        missing("asyncpg not installed (pip install -e .)")
+    return found

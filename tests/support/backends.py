@@ -1,0 +1,80 @@
+"""The store backends the contract tests run against (fixture `store_backend`, tests/conftest.py):
+SQLite always, PostgreSQL when it is installed. Each gives fresh stores on one fresh database
+and a backend-neutral `rows(sql, *args)` for looking at the tables (SQL written with `?`
+placeholders; the PostgreSQL side rewrites them to $1, $2, ...)."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+
+class SQLiteBackend:
+    name = "sqlite"
+
+    def __init__(self, tmp_path):
+        self.path = str(tmp_path / "queue.db")
+        self._conns: list[Any] = []
+        self._stores: list[Any] = []
+
+    async def start(self) -> "SQLiteBackend":
+        from relay import db
+        self.conn = await db.open_async(self.path)
+        self._conns.append(self.conn)
+        return self
+
+    async def store(self, *, fresh_connection: bool = False, **kw: Any):
+        from relay import db
+        from relay.store.sqlite_queue import QueueStore
+        conn = self.conn
+        if fresh_connection:  # as after a restart
+            conn = await db.open_async(self.path)
+            self._conns.append(conn)
+        s = QueueStore(conn, **kw)
+        self._stores.append(s)
+        return s
+
+    async def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self.conn.execute_fetchall(sql, args)]
+
+    async def close(self) -> None:
+        for s in self._stores:
+            await s.close()
+        for c in self._conns:
+            await c.close()
+
+
+class PostgresBackend:
+    name = "postgres"
+
+    def __init__(self, server):
+        self.server = server
+        self._pools: list[Any] = []
+
+    async def start(self) -> "PostgresBackend":
+        from relay.store.pg_queue import create_pool
+        self.dsn = await self.server.new_database()
+        self.pool = await create_pool(self.dsn, size=8, command_timeout=20)
+        self._pools.append(self.pool)
+        return self
+
+    async def store(self, *, fresh_connection: bool = False, **kw: Any):
+        from relay.store.pg_queue import PgQueueStore, create_pool
+        pool = self.pool
+        if fresh_connection:
+            pool = await create_pool(self.dsn, size=4, command_timeout=20)
+            self._pools.append(pool)
+        return PgQueueStore(pool, **kw)
+
+    async def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        n = iter(range(1, 1000))
+        sql = re.sub(r"\?", lambda _m: f"${next(n)}", sql)
+        async with self.pool.acquire() as conn:
+            out = [dict(r) for r in await conn.fetch(sql, *args)]
+        for r in out:
+            r.pop("seq", None)       # history's row order column (SQLite: rowid)
+            r.pop("accepted_by", None)
+        return out
+
+    async def close(self) -> None:
+        for p in self._pools:
+            await p.close()
