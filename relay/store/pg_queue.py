@@ -118,7 +118,9 @@ class PgQueueStore:
         warnings: list[str] = []
 
         def on_log(_conn: Any, message: Any) -> None:
-            warnings.append(str(getattr(message, "message", message)))
+            # PostgreSQL: WARNING "canceling wait for synchronous replication ...", DETAIL "The
+            # transaction has already committed locally, but might not have been replicated ..."
+            warnings.append(f"{getattr(message, 'message', message)} {getattr(message, 'detail', '') or ''}")
 
         try:
             async with self._pool.acquire(timeout=self.commit_timeout) as conn:
@@ -216,7 +218,7 @@ class PgQueueStore:
             msg.dkim_domain, self.owner.node, msg.data if data is None else data,
             [r.address for r in rcpts], [r.route for r in rcpts], [r.notify for r in rcpts],
             [r.orcpt for r in rcpts],
-            f"from=<{msg.sender}> rcpts={len(rcpts)} size={msg.size}")
+            f"from=<{msg.sender}> rcpts={len(rcpts)} size={msg.size}", timeout=self.commit_timeout)
 
     # ------------------------------------------------------------ claim / renew / holds
 

@@ -38,7 +38,10 @@ def _free_port() -> int:
 class PostgresServer:
     USER = "relay"
 
-    def __init__(self, bindir: str):
+    def __init__(self, bindir: str, *, durable: bool = False):
+        # Tests run with fsync off (speed; a crash of the test server loses nothing that
+        # matters); bench/pg_enqueue.py asks for a durable one to measure real commits.
+        self.durable = durable
         self.bindir = bindir
         self.base = tempfile.mkdtemp(prefix="relay-pg-")
         self.data = os.path.join(self.base, "data")
@@ -65,7 +68,8 @@ class PostgresServer:
         self._run(os.path.join(self.bindir, "initdb"), "-D", self.data, "-U", self.USER, "--auth=trust",
                   "-E", "UTF8", "--no-sync")
         opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.sock} "
-                "-c fsync=off -c full_page_writes=off -c max_connections=100 -c log_min_messages=warning")
+                + ("" if self.durable else "-c fsync=off -c full_page_writes=off ")
+                + "-c max_connections=100 -c log_min_messages=warning")
         self._run(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-w", "-t", "60", "-o", opts,
                   "-l", os.path.join(self.base, "log"), "start", timeout=90)
         return self
