@@ -565,6 +565,56 @@ class PgQueueStore:
             self._on_enqueue()
         return result
 
+    PAGE_STATES = ("active", "pending", "deferred", "finished", "delivered", "failed", "all")
+
+    async def page(self, *, state: str = "active", domain: str | None = None, sender: str | None = None,
+                   recipient: str | None = None, qid: str | None = None,
+                   after: tuple[float, str] | None = None, limit: int = 50) -> tuple[list[dict[str, Any]], bool]:
+        """One keyset page in (created_at, id) order, filtered, and whether more follow (as SQLite's)."""
+        if state not in self.PAGE_STATES:
+            raise ValueError(f"unknown state {state!r}")
+        where: list[str] = []
+        args: list[Any] = []
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        if state in ("active", "pending", "deferred"):
+            where.append("m.finished_at IS NULL")
+        elif state in ("finished", "delivered", "failed"):
+            where.append("m.finished_at IS NOT NULL")
+        if state in ("pending", "deferred", "delivered", "failed"):
+            where.append(f"EXISTS (SELECT 1 FROM recipients r WHERE r.msg_id = m.id AND r.state = {arg(state)})")
+        if domain:
+            p = arg(f"%@{_like_escape(domain)}")
+            where.append(f"(m.sender LIKE {p} OR m.auth_user LIKE {p})")
+        if sender:
+            where.append(f"m.sender LIKE {arg(f'%{_like_escape(sender)}%')}")
+        if recipient:
+            where.append("EXISTS (SELECT 1 FROM recipients r WHERE r.msg_id = m.id AND r.rcpt LIKE "
+                         f"{arg(f'%{_like_escape(recipient)}%')})")
+        if qid:
+            where.append(f"m.id LIKE {arg(_like_escape(qid.upper()) + '%')}")
+        if after is not None:
+            where.append(f"(m.created_at, m.id) > ({arg(float(after[0]))}::float8, {arg(after[1])}::text)")
+        sql = ("SELECT m.id, m.sender, m.created_at, m.size, m.finished_at, m.auth_user FROM messages m"
+               + (" WHERE " + " AND ".join(where) if where else "") + f" ORDER BY m.created_at, m.id LIMIT {arg(limit + 1)}")
+        msgs = list(await self._fetch(sql, *args))
+        more = len(msgs) > limit
+        return await self._summaries(msgs[:limit]), more
+
+    async def activity_by_domain(self, since: float) -> dict[str, dict[str, int]]:
+        rows = await self._fetch(
+            "SELECT lower(split_part(a.addr, '@', 2)) AS domain, a.event, COUNT(*) AS n FROM "
+            "(SELECT COALESCE(NULLIF(m.auth_user, ''), m.sender) AS addr, h.event FROM history h "
+            " JOIN messages m ON m.id = h.msg_id WHERE h.ts >= $1 AND h.rcpt IS NOT NULL) a "
+            "GROUP BY 1, a.event", since)
+        out: dict[str, dict[str, int]] = {}
+        for r in rows:
+            out.setdefault(r["domain"], {})[r["event"]] = r["n"]
+        return out
+
     async def count_for_domain(self, domain: str) -> int:
         pat = f"%@{_like_escape(domain)}"
         rows = await self._fetch(

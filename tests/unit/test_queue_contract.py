@@ -305,3 +305,36 @@ async def test_excluded_routes_are_not_claimed(store):
     [job] = await store.claim(100, exclude_routes=["example.net"])
     assert job.route == "example.org"
     assert await store.next_due(exclude_routes=["example.net", "example.org"]) is None
+
+
+async def test_page_filters_and_keyset(store, clock):
+    ids = []
+    for i in range(5):
+        ids.append(await store.enqueue(message(f"u{i}@example.net", sender=f"s{i}@mg.example.com",
+                                               auth_user="app@mg.example.com" if i % 2 else None)))
+        clock.t += 1
+    first, more = await store.page(limit=2)
+    assert [m["id"] for m in first] == ids[:2] and more
+    after = (first[-1]["created_at"], first[-1]["id"])
+    rest, more = await store.page(after=after, limit=10)
+    assert [m["id"] for m in rest] == ids[2:] and not more
+    assert [m["id"] for m in (await store.page(sender="s3@"))[0]] == [ids[3]]
+    assert [m["id"] for m in (await store.page(recipient="u4@"))[0]] == [ids[4]]
+    assert [m["id"] for m in (await store.page(qid=ids[1][:-1].lower()))[0]] == [ids[1]]
+    assert len((await store.page(domain="mg.example.com"))[0]) == 5
+    assert (await store.page(domain="other.example"))[0] == []
+    assert (await store.page(state="finished"))[0] == []
+    with pytest.raises(ValueError):
+        await store.page(state="bogus")
+    assert await store.count_for_domain("mg.example.com") == 5
+
+
+async def test_activity_by_domain_counts_outcomes(store, clock):
+    await store.enqueue(message("bob@example.net", "carol@example.net", auth_user="app@mg.example.com"))
+    [job] = await store.claim(100)
+    bob, carol = job.recipients
+    await store.settle(job, [RecipientUpdate(bob.id, "delivered", clock.t),
+                             RecipientUpdate(carol.id, "deferred", clock.t + 60, "451 x")],
+                       history=[(bob.address, "delivered", "250"), (carol.address, "deferred", "451 x")])
+    assert await store.activity_by_domain(clock.t - 1) == {"mg.example.com": {"delivered": 1, "deferred": 1}}
+    assert await store.activity_by_domain(clock.t + 1) == {}
