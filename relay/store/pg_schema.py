@@ -17,7 +17,7 @@ import asyncpg
 MIGRATION_LOCK = 0x72656C61796D6967
 
 MIGRATIONS: list[str] = [
-    # 1: the queue (messages, their bodies, per-recipient state, history) and the node table
+    # 1: the queue (messages, their bodies, per-recipient state, history)
     """
     CREATE TABLE messages (
         id          text PRIMARY KEY,
@@ -73,6 +73,37 @@ MIGRATIONS: list[str] = [
         tls     text
     );
     CREATE INDEX history_msg ON history(msg_id);
+    """,
+    # 2: sending domains, their credentials (the verify cache is bound to `hash`, so a reset or
+    # delete on one node applies on every node at the next AUTH), and the DKIM keys table (so a
+    # domain's removal takes its keys in the same transaction; the DKIM store itself is not on
+    # PostgreSQL yet)
+    """
+    CREATE TABLE domains (
+        name        text PRIMARY KEY,
+        created_at  double precision NOT NULL,
+        verified_at double precision
+    );
+    CREATE TABLE credentials (
+        username          text PRIMARY KEY,
+        domain            text NOT NULL REFERENCES domains(name),
+        hash              text NOT NULL,
+        created_at        double precision NOT NULL,
+        updated_at        double precision NOT NULL,
+        last_login        double precision,
+        last_failed_login double precision
+    );
+    CREATE INDEX credentials_domain ON credentials(domain);
+    CREATE TABLE dkim_keys (
+        domain      text NOT NULL REFERENCES domains(name),
+        selector    text NOT NULL,
+        algorithm   text NOT NULL,
+        private_key text NOT NULL,
+        public_key  text NOT NULL,
+        created_at  double precision NOT NULL,
+        active      smallint NOT NULL DEFAULT 1,
+        PRIMARY KEY (domain, selector)
+    );
     """,
 ]
 

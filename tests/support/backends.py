@@ -36,6 +36,18 @@ class SQLiteBackend:
     async def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         return [dict(r) for r in await self.conn.execute_fetchall(sql, args)]
 
+    async def credentials(self, cfg, *, fresh_connection: bool = False, **kw: Any):
+        """A credential store (a node of its own with fresh_connection: own connection, own cache)."""
+        from relay import db
+        from relay.credentials import CredentialStore
+        conn = self.conn
+        if fresh_connection:
+            conn = await db.open_async(self.path)
+            self._conns.append(conn)
+        s = CredentialStore(conn, cfg, **kw)
+        self._stores.append(s)
+        return s
+
     async def close(self) -> None:
         for s in self._stores:
             await s.close()
@@ -49,6 +61,7 @@ class PostgresBackend:
     def __init__(self, server):
         self.server = server
         self._pools: list[Any] = []
+        self._stores: list[Any] = []
 
     async def start(self) -> "PostgresBackend":
         from relay.store.pg_queue import create_pool
@@ -65,6 +78,17 @@ class PostgresBackend:
             self._pools.append(pool)
         return PgQueueStore(pool, **kw)
 
+    async def credentials(self, cfg, *, fresh_connection: bool = False, **kw: Any):
+        from relay.store.pg_credentials import PgCredentialStore
+        from relay.store.pg_queue import create_pool
+        pool = self.pool
+        if fresh_connection:
+            pool = await create_pool(self.dsn, size=4, command_timeout=20)
+            self._pools.append(pool)
+        s = PgCredentialStore(pool, cfg, **kw)
+        self._stores.append(s)
+        return s
+
     async def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         n = iter(range(1, 1000))
         sql = re.sub(r"\?", lambda _m: f"${next(n)}", sql)
@@ -76,5 +100,7 @@ class PostgresBackend:
         return out
 
     async def close(self) -> None:
+        for s in self._stores:
+            await s.close()
         for p in self._pools:
             await p.close()
