@@ -94,6 +94,9 @@ async def create_pool(dsn: str, *, password: str | None = None, size: int = 10,
 
 
 class PgQueueStore:
+    # The runner asks `holds` before the DATA of every attempt: several nodes share these rows.
+    fence_each_attempt = True
+
     def __init__(self, pool: asyncpg.Pool, *, clock: Callable[[], float] = time.time,
                  lease_seconds: float = 600, on_enqueue: Callable[[], None] | None = None,
                  owner: LeaseOwner | None = None, spool_dir: str | None = None,

@@ -203,3 +203,27 @@ async def test_a_commit_whose_replication_wait_is_cancelled_is_not_stored(pool, 
         await sync_standby_missing.execute("SELECT pg_cancel_backend($1)", pids[0])
         with pytest.raises(StoreUnavailable):
             await task
+
+
+async def test_the_runner_asks_a_shared_store_before_every_data(dsn):
+    """fence_each_attempt: on PostgreSQL the runner's fence calls holds() even right after a
+    claim (another node's clock may disagree with ours about when the lease ends)."""
+    from relay.queue_runner import Fenced, QueueRunner
+    from relay import config as config_mod
+    from relay.delivery import Router
+    pool = await create_pool(dsn, size=2)
+    try:
+        a = PgQueueStore(pool, owner=LeaseOwner("a", "1"))
+        b = PgQueueStore(pool, owner=LeaseOwner("b", "1"))
+        await a.enqueue(message("bob@example.net"))
+        [job] = await a.claim(10)
+        cfg = config_mod.from_dict({"server": {"hostname": "relay.example.com"}})
+        runner = QueueRunner(a, Router(cfg), cfg)
+        await runner._fence(job)  # ours: passes (and the lease was extended)
+        # b's clock runs ahead: to b the lease has run out, and b takes the job.
+        [taken] = await b.claim(10, now=job.leased_until + 1)
+        with pytest.raises(Fenced):
+            await runner._fence(job)  # to a the lease is fresh, yet the store says no
+        assert job.lost and taken.token != job.token
+    finally:
+        await pool.close()
