@@ -227,3 +227,26 @@ async def test_the_runner_asks_a_shared_store_before_every_data(dsn):
         assert job.lost and taken.token != job.token
     finally:
         await pool.close()
+
+
+async def test_the_two_schemas_have_the_same_tables_and_columns(dsn, tmp_path):
+    """What each backend keeps differs only where this says (so both answer the contract with
+    the same rows): SQLite's spool-file columns, PostgreSQL's history order and accepting node."""
+    from relay import db
+    await (await create_pool(dsn, size=1)).close()
+    only_sqlite = {("bodies", "path"), ("bodies", "ascii")}
+    only_pg = {("history", "seq"), ("messages", "accepted_by")}
+    tables = ("messages", "bodies", "recipients", "history", "domains", "credentials", "dkim_keys")
+    conn = await db.open_async(str(tmp_path / "s.db"))
+    try:
+        lite = {(t, r["name"]) for t in tables for r in await conn.execute_fetchall(f"PRAGMA table_info({t})")}
+    finally:
+        await conn.close()
+    pg = await asyncpg.connect(dsn)
+    try:
+        pgcols = {(r["table_name"], r["column_name"]) for r in await pg.fetch(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'public' "
+            "AND table_name = ANY($1::text[])", list(tables))}
+    finally:
+        await pg.close()
+    assert lite - only_sqlite == pgcols - only_pg
