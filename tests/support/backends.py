@@ -36,6 +36,12 @@ class SQLiteBackend:
     async def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         return [dict(r) for r in await self.conn.execute_fetchall(sql, args)]
 
+    async def dkim(self, **kw: Any):
+        from relay.dkim_keys import DKIMStore
+        s = DKIMStore(self.conn, **kw)
+        self._stores.append(s)
+        return s
+
     async def credentials(self, cfg, *, fresh_connection: bool = False, **kw: Any):
         """A credential store (a node of its own with fresh_connection: own connection, own cache)."""
         from relay import db
@@ -88,6 +94,10 @@ class PostgresBackend:
         s = PgCredentialStore(pool, cfg, **kw)
         self._stores.append(s)
         return s
+
+    async def dkim(self, **kw: Any):
+        from relay.store.pg_dkim import PgDKIMStore
+        return PgDKIMStore(self.pool, **kw)
 
     async def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         n = iter(range(1, 1000))
