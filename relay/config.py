@@ -101,8 +101,8 @@ STORAGE_BACKENDS = ("sqlite", "postgres")
 # What `storage.backend = "postgres"` does not cover yet (issue 17): while this is not empty the
 # config is refused at load, so no process (serve, delivery, CLI, web admin) can run half on
 # PostgreSQL and half on the SQLite file.
-POSTGRES_NOT_YET = ("admin accounts and sessions", "audit log", "API keys",
-                    "relay serve, the delivery process, the CLI and the web admin opening them")
+POSTGRES_NOT_YET = ("admin accounts and sessions",
+                    "relay serve, the delivery process, the CLI and the web admin opening the stores")
 
 
 @dataclass(frozen=True)
@@ -490,8 +490,8 @@ def _validate_storage(st: StorageConfig) -> None:
         return
     check_postgres_dsn(st)
     if POSTGRES_NOT_YET:
-        raise ConfigError("storage.backend", "'postgres' is a preview: only the queue, credential and DKIM key "
-                          f"stores are on PostgreSQL so far, not yet {', '.join(POSTGRES_NOT_YET)}; use 'sqlite' (issue 17)")
+        raise ConfigError("storage.backend", "'postgres' is a preview: the queue, credential, DKIM key, audit "
+                          f"and API key stores are on PostgreSQL, not yet {', '.join(POSTGRES_NOT_YET)}; use 'sqlite' (issue 17)")
 
 
 def check_postgres_dsn(st: StorageConfig) -> None:

@@ -8,8 +8,8 @@ password on every other node at its next AUTH, and `generation()` at each MAIL F
 sessions already open. The per-domain limit is enforced inside the INSERT after locking the
 domain row, so concurrent adds on several nodes cannot exceed it.
 
-`also=` (the operations layer's audit row in the same transaction) needs the audit log on
-PostgreSQL, which is not there yet: a call with it is refused (NotImplementedError).
+`also=` (the operations layer's audit row) is an async `op(conn)` here (store/pg_audit.py),
+run inside the change's transaction.
 """
 from __future__ import annotations
 
@@ -22,12 +22,8 @@ import asyncpg
 from ..config import CredentialsConfig
 from ..credentials import CredentialStore, NotFound, StoreError, normalize_domain, normalize_username
 from .contract import StoreUnavailable
+from .pg_audit import run_also
 from .pg_queue import _unavailable
-
-
-def _no_also(also: Any) -> None:
-    if also is not None:
-        raise NotImplementedError("also= (the audit row) needs the audit log on PostgreSQL (issue 17)")
 
 
 class PgCredentialStore(CredentialStore):
@@ -59,7 +55,6 @@ class PgCredentialStore(CredentialStore):
     # ------------------------------------------------------------ domains
 
     async def add_domain(self, domain: str, *, also: Any = None) -> str:
-        _no_also(also)
         d = normalize_domain(domain)
         now = self._clock()
 
@@ -67,6 +62,7 @@ class PgCredentialStore(CredentialStore):
             if not await conn.fetchval("INSERT INTO domains(name, created_at) VALUES ($1, $2) "
                                        "ON CONFLICT DO NOTHING RETURNING 1", d, now):
                 raise StoreError(f"domain {d} already exists", "conflict")
+            await run_also(also, conn)
 
         await self._do(op)
         return d
@@ -84,7 +80,6 @@ class PgCredentialStore(CredentialStore):
         return bool(await self._fetch("SELECT 1 FROM domains WHERE name = $1", normalize_domain(domain)))
 
     async def remove_domain(self, domain: str, *, force: bool = False, queued: int = 0, also: Any = None) -> int:
-        _no_also(also)
         d = normalize_domain(domain)
 
         async def op(conn: asyncpg.Connection) -> int:
@@ -97,6 +92,7 @@ class PgCredentialStore(CredentialStore):
             await conn.execute("DELETE FROM credentials WHERE domain = $1", d)
             await conn.execute("DELETE FROM dkim_keys WHERE domain = $1", d)
             await conn.execute("DELETE FROM domains WHERE name = $1", d)
+            await run_also(also, conn)
             return n
 
         creds = await self._do(op)
@@ -109,7 +105,6 @@ class PgCredentialStore(CredentialStore):
         return (await self._fetch("SELECT COUNT(*) AS n FROM credentials WHERE domain = $1", domain))[0]["n"]
 
     async def add_user(self, username: str, password: str, *, also: Any = None) -> str:
-        _no_also(also)
         user, domain = await self.check_can_add(username)
         self._check_password(user, password)
         hashed = await self._hash(password)
@@ -127,6 +122,7 @@ class PgCredentialStore(CredentialStore):
                     "INSERT INTO credentials(username, domain, hash, created_at, updated_at) "
                     "VALUES ($1, $2, $3, $4, $4) ON CONFLICT DO NOTHING RETURNING 1", user, domain, hashed, now):
                 raise StoreError(f"credential {user} already exists; use reset-password", "conflict")
+            await run_also(also, conn)
             return user
 
         return await self._do(op)
@@ -143,7 +139,6 @@ class PgCredentialStore(CredentialStore):
         return [dict(r) for r in rows]
 
     async def reset_password(self, username: str, password: str, *, also: Any = None) -> str:
-        _no_also(also)
         user, _ = normalize_username(username)
         if await self.lookup(user) is None:
             raise NotFound(f"credential {user} not found")
@@ -155,15 +150,21 @@ class PgCredentialStore(CredentialStore):
             if not await conn.fetchval("UPDATE credentials SET hash = $1, updated_at = $2 WHERE username = $3 "
                                        "RETURNING 1", hashed, now, user):
                 raise NotFound(f"credential {user} not found")
+            await run_also(also, conn)
 
         await self._do(op)
         return user
 
     async def delete_user(self, username: str, *, also: Any = None) -> str:
-        _no_also(also)
         user, _ = normalize_username(username)
-        rows = await self._do(lambda conn: conn.fetch("DELETE FROM credentials WHERE username = $1 RETURNING 1",
-                                                      user))
+
+        async def op(conn: asyncpg.Connection) -> list:
+            rows = await conn.fetch("DELETE FROM credentials WHERE username = $1 RETURNING 1", user)
+            if rows:
+                await run_also(also, conn)
+            return rows
+
+        rows = await self._do(op)
         if not rows:
             raise NotFound(f"credential {user} not found")
         self._cache.pop(user, None)

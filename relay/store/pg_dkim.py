@@ -2,7 +2,7 @@
 key generation in a thread and the DKIMKey shape are inherited). `prepare()` returns an async
 write (`op(conn)`) for `store_prepared`, where SQLite's returns a sqlite3 one.
 
-`also=` (an audit row in the same transaction) needs the audit log on PostgreSQL: refused.
+`also=` (an audit row) is an async `op(conn)` run in the same transaction (store/pg_audit.py).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import asyncpg
 
 from ..credentials import NotFound, StoreError, normalize_domain
 from ..dkim_keys import DKIMKey, DKIMStore, _row
-from .pg_credentials import _no_also
+from .pg_audit import run_also
 from .pg_queue import _unavailable
 from .contract import StoreUnavailable
 
@@ -54,13 +54,15 @@ class PgDKIMStore(DKIMStore):
             raise
 
     async def store_prepared(self, op: PgOp, *, also: Any = None) -> None:  # type: ignore[override]
-        _no_also(also)
-        await self._do(op)
+        async def both(conn: asyncpg.Connection) -> None:
+            await op(conn)
+            await run_also(also, conn)
+
+        await self._do(both)
 
     async def create(self, domain: str, *, algorithm: str = "rsa", rsa_bits: int = 2048,
                      selector: str = "", also: Any = None) -> DKIMKey:
-        _no_also(also)
-        return await super().create(domain, algorithm=algorithm, rsa_bits=rsa_bits, selector=selector)
+        return await super().create(domain, algorithm=algorithm, rsa_bits=rsa_bits, selector=selector, also=also)
 
     async def prepare(self, domain: str, *, algorithm: str = "rsa", rsa_bits: int = 2048,
                       selector: str = "") -> tuple[DKIMKey, PgOp]:  # type: ignore[override]
@@ -89,7 +91,6 @@ class PgDKIMStore(DKIMStore):
         return _row(rows[0]) if rows else None
 
     async def remove(self, domain: str, selector: str, *, also: Any = None) -> None:
-        _no_also(also)
         d = normalize_domain(domain)
 
         async def op(conn: asyncpg.Connection) -> None:
@@ -100,15 +101,16 @@ class PgDKIMStore(DKIMStore):
             if active:
                 raise StoreError(f"{selector} is the active key of {d}; rotate first: relay domain dkim rotate {d}")
             await conn.execute("DELETE FROM dkim_keys WHERE domain = $1 AND selector = $2", d, selector)
+            await run_also(also, conn)
 
         await self._do(op)
 
     async def mark_verified(self, domain: str, verified: bool, *, also: Any = None) -> None:
-        _no_also(also)
         when, d = (self._clock() if verified else None), normalize_domain(domain)
 
         async def op(conn: asyncpg.Connection) -> None:
             await conn.execute("UPDATE domains SET verified_at = $1 WHERE name = $2", when, d)
+            await run_also(also, conn)
 
         await self._do(op)
 

@@ -30,6 +30,7 @@ sync (NTP); a lease is minutes long, so seconds of skew do not matter.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import secrets
@@ -57,6 +58,14 @@ _UNAVAILABLE_CLASSES = ("08", "53", "57", "40", "58")
 _REPLICATION_WARNING = "might not have been replicated"
 
 Tx = Callable[[asyncpg.Connection], Awaitable[Any]]
+
+
+async def _run_also(also: Any, conn: asyncpg.Connection) -> None:
+    """A change's extra write (the audit row: an async op(conn)), in the change's transaction."""
+    if also is not None:
+        result = also(conn)
+        if inspect.isawaitable(result):
+            await result
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailable | None:
@@ -528,14 +537,14 @@ class PgQueueStore:
         return m
 
     async def retry(self, msg_id: str | None, *, also: Any = None) -> int:
-        if also is not None:
-            raise NotImplementedError("also= (the audit row) needs the audit log on PostgreSQL (issue 17)")
+        """`also`: an async op(conn) run in the same transaction (the audit row, store/pg_audit.py)."""
         now = self._clock()
 
         async def op(conn: asyncpg.Connection) -> int:
             rows = await conn.fetch(
                 f"UPDATE recipients SET next_attempt_at = $1 WHERE {_ACTIVE} AND lease_token IS NULL "
                 "AND ($2::text IS NULL OR msg_id = $2) RETURNING id", now, msg_id)
+            await _run_also(also, conn)
             return len(rows)
 
         n = await self._run(op)
@@ -544,8 +553,6 @@ class PgQueueStore:
         return n
 
     async def delete(self, msg_id: str, *, bounce: NewMessage | None = None, also: Any = None) -> bool:
-        if also is not None:
-            raise NotImplementedError("also= (the audit row) needs the audit log on PostgreSQL (issue 17)")
         now = self._clock()
 
         async def op(conn: asyncpg.Connection) -> bool:
@@ -554,6 +561,7 @@ class PgQueueStore:
                 return False
             if rows[0]["finished_at"] is not None:  # finished: deleting removes it from the history
                 await conn.execute("DELETE FROM messages WHERE id = $1", msg_id)
+                await _run_also(also, conn)
                 return True
             await conn.execute(
                 "UPDATE recipients SET state = 'failed', lease_token = NULL, lease_owner = NULL, "
@@ -561,6 +569,7 @@ class PgQueueStore:
             if bounce is not None:
                 await self._insert(conn, bounce.queue_id or new_queue_id(), bounce, now)
             await self._finish_if_final(conn, msg_id, now)
+            await _run_also(also, conn)
             return True
 
         result = await self._run(op)

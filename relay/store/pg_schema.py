@@ -105,6 +105,29 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (domain, selector)
     );
     """,
+    # 3: HTTP API keys (only a SHA-256 of the secret) and the audit log
+    """
+    CREATE TABLE api_keys (
+        id           text PRIMARY KEY,
+        name         text NOT NULL,
+        key_hash     text NOT NULL UNIQUE,
+        scope        text NOT NULL CHECK (scope IN ('read', 'write')),
+        created_at   double precision NOT NULL,
+        last_used_at double precision,
+        revoked_at   double precision
+    );
+    CREATE TABLE audit_log (
+        id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        ts      double precision NOT NULL,
+        actor   text NOT NULL,
+        via     text NOT NULL,
+        ip      text,
+        action  text NOT NULL,
+        target  text,
+        detail  text
+    );
+    CREATE INDEX audit_ts ON audit_log(ts);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -36,6 +36,17 @@ class SQLiteBackend:
     async def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         return [dict(r) for r in await self.conn.execute_fetchall(sql, args)]
 
+    async def audit(self, **kw: Any):
+        from relay.store.audit import AuditStore
+        return AuditStore(self.conn, **kw)
+
+    async def api_keys(self, **kw: Any):
+        from relay.store.api_keys import ApiKeyStore
+        from relay.store.writer import GroupWriter
+        writer = GroupWriter(reader=self.conn)
+        self._stores.append(writer)
+        return ApiKeyStore(self.conn, writer, **kw)
+
     async def dkim(self, **kw: Any):
         from relay.dkim_keys import DKIMStore
         s = DKIMStore(self.conn, **kw)
@@ -94,6 +105,14 @@ class PostgresBackend:
         s = PgCredentialStore(pool, cfg, **kw)
         self._stores.append(s)
         return s
+
+    async def audit(self, **kw: Any):
+        from relay.store.pg_audit import PgAuditStore
+        return PgAuditStore(self.pool, **kw)
+
+    async def api_keys(self, **kw: Any):
+        from relay.store.pg_audit import PgApiKeyStore
+        return PgApiKeyStore(self.pool, **kw)
 
     async def dkim(self, **kw: Any):
         from relay.store.pg_dkim import PgDKIMStore
