@@ -101,8 +101,7 @@ STORAGE_BACKENDS = ("sqlite", "postgres")
 # What `storage.backend = "postgres"` does not cover yet (issue 17): while this is not empty the
 # config is refused at load, so no process (serve, delivery, CLI, web admin) can run half on
 # PostgreSQL and half on the SQLite file.
-POSTGRES_NOT_YET = ("admin accounts and sessions",
-                    "relay serve, the delivery process, the CLI and the web admin opening the stores")
+POSTGRES_NOT_YET = ("relay serve", "the delivery process", "the CLI", "the web admin and HTTP API")
 
 
 @dataclass(frozen=True)
@@ -490,8 +489,8 @@ def _validate_storage(st: StorageConfig) -> None:
         return
     check_postgres_dsn(st)
     if POSTGRES_NOT_YET:
-        raise ConfigError("storage.backend", "'postgres' is a preview: the queue, credential, DKIM key, audit "
-                          f"and API key stores are on PostgreSQL, not yet {', '.join(POSTGRES_NOT_YET)}; use 'sqlite' (issue 17)")
+        raise ConfigError("storage.backend", "'postgres' is a preview: every store exists on PostgreSQL, but "
+                          f"{', '.join(POSTGRES_NOT_YET)} do not open them yet; use 'sqlite' (issue 17)")
 
 
 def check_postgres_dsn(st: StorageConfig) -> None:

@@ -128,6 +128,26 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_ts ON audit_log(ts);
     """,
+    # 4: web admin accounts (created from the CLI only) and their server-side sessions (only a
+    # SHA-256 of the cookie is stored)
+    """
+    CREATE TABLE admin_users (
+        username      text PRIMARY KEY,
+        hash          text NOT NULL,
+        created_at    double precision NOT NULL,
+        last_login_at double precision,
+        disabled      smallint NOT NULL DEFAULT 0
+    );
+    CREATE TABLE admin_sessions (
+        token_hash   text PRIMARY KEY,
+        username     text NOT NULL REFERENCES admin_users(username) ON DELETE CASCADE,
+        created_at   double precision NOT NULL,
+        last_seen_at double precision NOT NULL,
+        ip           text,
+        user_agent   text
+    );
+    CREATE INDEX admin_sessions_user ON admin_sessions(username);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -47,6 +47,19 @@ class SQLiteBackend:
         self._stores.append(writer)
         return ApiKeyStore(self.conn, writer, **kw)
 
+    async def admin(self, cfg, *, idle_timeout: float, absolute_timeout: float, clock):
+        """(admin accounts, sessions) of one node; each call another node with its own connection."""
+        from relay import db
+        from relay.admin.accounts import AdminAccounts
+        from relay.admin.sessions import SessionStore
+        from relay.store.writer import GroupWriter
+        conn = await db.open_async(self.path)
+        self._conns.append(conn)
+        writer = GroupWriter(reader=conn)
+        self._stores.append(writer)
+        return (AdminAccounts(conn, writer, cfg, clock=clock),
+                SessionStore(conn, writer, idle_timeout=idle_timeout, absolute_timeout=absolute_timeout, clock=clock))
+
     async def dkim(self, **kw: Any):
         from relay.dkim_keys import DKIMStore
         s = DKIMStore(self.conn, **kw)
@@ -113,6 +126,14 @@ class PostgresBackend:
     async def api_keys(self, **kw: Any):
         from relay.store.pg_audit import PgApiKeyStore
         return PgApiKeyStore(self.pool, **kw)
+
+    async def admin(self, cfg, *, idle_timeout: float, absolute_timeout: float, clock):
+        from relay.store.pg_admin import PgAdminAccounts, PgSessionStore
+        from relay.store.pg_queue import create_pool
+        pool = await create_pool(self.dsn, size=2, command_timeout=20)
+        self._pools.append(pool)
+        return (PgAdminAccounts(pool, cfg, clock=clock),
+                PgSessionStore(pool, idle_timeout=idle_timeout, absolute_timeout=absolute_timeout, clock=clock))
 
     async def dkim(self, **kw: Any):
         from relay.store.pg_dkim import PgDKIMStore

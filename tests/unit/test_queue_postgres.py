@@ -237,7 +237,7 @@ async def test_the_two_schemas_have_the_same_tables_and_columns(dsn, tmp_path):
     only_sqlite = {("bodies", "path"), ("bodies", "ascii")}
     only_pg = {("history", "seq"), ("messages", "accepted_by")}
     tables = ("messages", "bodies", "recipients", "history", "domains", "credentials", "dkim_keys", "api_keys",
-              "audit_log")
+              "audit_log", "admin_users", "admin_sessions")
     conn = await db.open_async(str(tmp_path / "s.db"))
     try:
         lite = {(t, r["name"]) for t in tables for r in await conn.execute_fetchall(f"PRAGMA table_info({t})")}
