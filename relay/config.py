@@ -78,6 +78,11 @@ class Listener:
     address: str = "0.0.0.0"
     port: int = 587
     tls: str = "starttls"
+    # Behind a load balancer (HAProxy send-proxy / send-proxy-v2): every connection must start
+    # with a PROXY protocol v1 or v2 header, from one of trusted_proxies (CIDRs, required then);
+    # the address in it is the client for caps, AUTH lockouts, trusted_networks, Received: and logs.
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[str, ...] = ()
 
 
 def _default_listeners() -> tuple[Listener, ...]:
@@ -185,6 +190,10 @@ class LimitsConfig:
     # may take: connections are counted at accept, so silent ones cost a slot for this long.
     tls_handshakes: int = 100
     tls_handshake_timeout: int = 10
+    # PROXY-protocol listeners: connections still reading their header at once (beyond: closed
+    # at accept), and how long the header may take. Per-IP caps apply once the header names the client.
+    proxy_headers: int = 100
+    proxy_header_timeout: int = 10
     # Failed logins per (client network, username) in auth_failure_window, then that pair is
     # locked for auth_lockout; per network across usernames the budget is auth_failures_per_network.
     auth_failures: int = 5
@@ -462,6 +471,17 @@ def _validate(cfg: Config) -> None:
         if (lst.address, lst.port) in seen and lst.port != 0:
             raise ConfigError(f"listeners[{i}].port", f"{lst.address}:{lst.port} is listed twice")
         seen.add((lst.address, lst.port))
+        if lst.proxy_protocol and not lst.trusted_proxies:
+            raise ConfigError(f"listeners[{i}].trusted_proxies",
+                              "required with proxy_protocol = true: the load balancers' addresses (CIDRs) "
+                              "whose PROXY headers are believed")
+        if lst.trusted_proxies and not lst.proxy_protocol:
+            raise ConfigError(f"listeners[{i}].trusted_proxies", "only means something with proxy_protocol = true")
+        for j, net in enumerate(lst.trusted_proxies):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"listeners[{i}].trusted_proxies[{j}]", f"not a CIDR network: {net!r}") from None
     d = cfg.delivery
     if d.mode not in ("mx", "smarthost"):
         raise ConfigError("delivery.mode", f"must be 'mx' or 'smarthost', got {d.mode!r}")

@@ -19,6 +19,13 @@ CONNECTIONS = Counter("relay_connections_total", "SMTP connections accepted, by 
                       ["listener"], registry=REGISTRY)
 CONNECTIONS_REFUSED = Counter("relay_connections_refused_total",
                               "Connections refused by a connection cap", ["reason"], registry=REGISTRY)
+PROXY_REFUSED = Counter("relay_proxy_refused_total",
+                        "Connections to a PROXY-protocol listener closed before the session: untrusted peer, "
+                        "header missing, malformed, oversize, too slow, or too many header reads at once",
+                        ["reason"], registry=REGISTRY)
+PROXY_HEADERS_IN_PROGRESS = Gauge("relay_proxy_headers_in_progress",
+                                  "Connections to PROXY-protocol listeners still reading their header",
+                                  registry=REGISTRY)
 DATA_IN_FLIGHT = Gauge("relay_data_in_flight_bytes", "Bytes of DATA being received now, all sessions",
                        registry=REGISTRY)
 SPOOLED = Counter("relay_messages_spooled_total", "Messages whose body went to a spool file",

@@ -134,6 +134,7 @@ class RelayInstance:
         self.raw_log: list[str] = []
         self._lock = threading.Lock()
         self.ports: dict[str, int] = {}
+        self.listener_ports: list[int] = []  # the SMTP listeners' bound ports, in config order
         self.write_config()
 
     # ------------------------------------------------------------ config and CLI
@@ -173,9 +174,14 @@ class RelayInstance:
         if not self.wait_event("ready", timeout=timeout):
             self.kill()
             raise RuntimeError("relay did not become ready:\n" + "\n".join(self.raw_log[-30:]))
+        self.listener_ports = []
         for e in self.events_named("listening"):
             key = e.get("refusal") or ("metrics" if e.get("metrics") else "admin" if e.get("admin") else e.get("tls"))
+            if e.get("proxy_protocol"):
+                key = f"proxy_{key}"  # "proxy_starttls", "proxy_implicit"
             self.ports.setdefault(key, e["port"])
+            if not e.get("refusal") and not e.get("metrics") and not e.get("admin"):
+                self.listener_ports.append(e["port"])
         return self
 
     def _read_log(self, proc: subprocess.Popen) -> None:
