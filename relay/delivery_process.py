@@ -270,7 +270,7 @@ class _Child:
         stores = await open_stores(self.cfg, role="delivery",
                                    on_enqueue=lambda: runner.wake() if runner else None)  # our own bounces
         queue = stores.queue
-        router = Router(self.cfg)
+        router = Router(self.cfg, tls_state=stores.tls_state)
         router.set_own_listeners(self.own_listeners)
         runner = QueueRunner(queue, router, self.cfg, signer=Signer(stores.dkim))
         self.runner = runner

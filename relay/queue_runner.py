@@ -548,10 +548,13 @@ class QueueRunner:
             metrics.DELIVERY_ATTEMPTS.labels(state, mode).inc()
             updates.append(RecipientUpdate(r.id, state, next_at, None if state == "delivered" else o.reply,
                                            o.remote_mta))
-            history.append((r.address, "expired" if expired else state, o.reply, o.remote_mta, o.tls))
+            history.append((r.address, "expired" if expired else state, o.reply, o.remote_mta, o.tls, o.tls_policy,
+                            o.tls_cipher, None if o.tls_verified is None else int(o.tls_verified)))
             # Deferrals are warnings too: a log filtered at warning must still show mail not moving.
             event(log, "delivery", logging.INFO if state == "delivered" else logging.WARNING, qid=job.msg_id,
-                  rcpt=r.address, result=state, mx=o.remote_mta, tls=o.tls, reply=o.reply, attempt=r.attempts,
+                  rcpt=r.address, result=state, mx=o.remote_mta, tls=o.tls, tls_cipher=o.tls_cipher,
+                  tls_verified=o.tls_verified, tls_policy=o.tls_policy, tls_result=o.tls_result,
+                  reply=o.reply, attempt=r.attempts,
                   expired=expired or None, next_attempt=round(next_at - now) if state == "deferred" else None)
             # An MX or smarthost is not the final mailbox: success there is "relayed" (RFC 3461 5.2.2).
             action = {"delivered": "relayed", "failed": "failed"}.get(state, "delayed")

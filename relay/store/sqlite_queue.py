@@ -281,10 +281,11 @@ class QueueStore:
                 if cur.rowcount != 1:
                     raise LeaseLost(job.msg_id)
             if history:
-                # (rcpt, event, detail) or (rcpt, event, detail, host, tls): the attempt's remote host and TLS
-                conn.executemany("INSERT INTO history(msg_id, ts, rcpt, event, detail, host, tls) "
-                                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                 [(job.msg_id, now, *(tuple(h) + (None, None))[:5]) for h in history])
+                # (rcpt, event, detail[, host, tls[, tls_policy, tls_cipher, tls_verified]]): the
+                # attempt's remote host, its TLS, and the outbound TLS policy applied (issue 15)
+                conn.executemany("INSERT INTO history(msg_id, ts, rcpt, event, detail, host, tls, tls_policy, "
+                                 "tls_cipher, tls_verified) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 [(job.msg_id, now, *(tuple(h) + (None,) * 5)[:8]) for h in history])
             if mark_warned:
                 conn.execute("UPDATE messages SET warned = 1 WHERE id = ?", (job.msg_id,))
             for qid, b in zip(bounce_ids, bounces):
@@ -419,7 +420,8 @@ class QueueStore:
             "lease_owner "
             "FROM recipients WHERE msg_id = ? ORDER BY id", (msg_id,))
         hist = await self._conn.execute_fetchall(
-            "SELECT ts, rcpt, event, detail, host, tls FROM history WHERE msg_id = ? ORDER BY ts, rowid", (msg_id,))
+            "SELECT ts, rcpt, event, detail, host, tls, tls_policy, tls_cipher, tls_verified FROM history "
+            "WHERE msg_id = ? ORDER BY ts, rowid", (msg_id,))
         body = await self.body(msg_id, limit=0) or b""  # the header block is all it shows
         head = body.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
         now = self._clock()
