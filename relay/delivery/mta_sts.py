@@ -59,6 +59,11 @@ class Policy:
     def expires_at(self) -> float:
         return self.fetched_at + self.max_age
 
+    @property
+    def refresh_at(self) -> float:
+        """Refetch from here on even under the same id (ahead of expiry, while there is traffic)."""
+        return self.expires_at - min(REFRESH_BEFORE, self.max_age // 2)
+
     def allows(self, host: str) -> bool:
         return any(mx_matches(p, host) for p in self.mx)
 
@@ -249,7 +254,7 @@ class MTASTS:
     async def _policy(self, domain: str) -> Policy | None:
         now = self.clock()
         memo = self._memo.get(domain)
-        if memo is not None and now < memo[1] and (memo[0] is None or now < memo[0].expires_at - REFRESH_BEFORE):
+        if memo is not None and now < memo[1] and (memo[0] is None or now < memo[0].refresh_at):
             return memo[0]
         cached = await self._load(domain, now)
         try:
@@ -260,7 +265,7 @@ class MTASTS:
         if pid is None:
             # No TXT (any more): a cached policy still holds until its max_age (RFC 8461 5.1).
             return self._remember(domain, cached, now + TXT_RECHECK)
-        if cached is not None and cached.id == pid and now < cached.expires_at - REFRESH_BEFORE:
+        if cached is not None and cached.id == pid and now < cached.refresh_at:
             await self._touch(domain, now)
             return self._remember(domain, cached, now + TXT_RECHECK)
         try:

@@ -179,6 +179,11 @@ class _Handler:
             responses = [r for r in responses if not r[4:].startswith("AUTH")]
         if self.sink.advertise_dsn:
             responses.insert(len(responses) - 1, "250-DSN")  # before the final "250 HELP"
+        if self.sink.advertise_requiretls and session.ssl is not None:
+            responses.insert(len(responses) - 1, "250-REQUIRETLS")  # RFC 8689 2: only over TLS
+        if self.sink.strip_starttls:
+            # A STARTTLS-stripping man in the middle: the extension vanishes from the EHLO reply.
+            responses = [r for r in responses if "STARTTLS" not in r.upper()]
         return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
@@ -254,6 +259,8 @@ class MXSink:
         self._requested_port = port
 
         # Scripted behaviour: plain attributes, read on the loop thread when needed.
+        self.strip_starttls = False       # drop STARTTLS from EHLO (a downgrade attack)
+        self.advertise_requiretls = False  # offer REQUIRETLS (RFC 8689) after STARTTLS
         self.rcpt_replies: dict[str, str] = {}
         self.mail_reply: str | None = None
         self.data_reply: str | None = None
