@@ -183,6 +183,7 @@ MIGRATIONS: list[str] = [
     ALTER TABLE history ADD COLUMN tls_policy TEXT;
     ALTER TABLE history ADD COLUMN tls_cipher TEXT;
     ALTER TABLE history ADD COLUMN tls_verified INTEGER;
+    ALTER TABLE messages ADD COLUMN requiretls INTEGER NOT NULL DEFAULT 0;  -- RFC 8689 MAIL parameter
     """,
 ]
 
