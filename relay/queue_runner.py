@@ -642,6 +642,9 @@ class QueueRunner:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+        policy = getattr(self.router, "tls_policy", None)
+        if policy is not None:
+            await policy.flush()  # TLSRPT counts still in memory
 
     async def _release(self, job: Job) -> None:
         try:

@@ -168,6 +168,17 @@ def test_enforce_defers_a_non_matching_mx_or_a_bad_certificate(make_relay, dns_s
             assert not wrong.messages and not plain.messages and not base.messages  # nothing in the clear
             assert relay.events_named("tls_policy_failure", domain="b.test", result="mx-mismatch")
             assert metric(relay, "relay_tls_policy_failures_total", policy="sts-enforce") >= 3
+            # TLSRPT (RFC 8460) session counts, added to the store at stop at the latest.
+            relay.stop()
+            db = relay.db()
+            try:
+                rows = db.execute("SELECT policy_domain, policy_type, mx_host, result FROM tlsrpt_counts").fetchall()
+            finally:
+                db.close()
+            got = {tuple(r) for r in rows}
+            assert ("b.test", "sts", "rogue.example.test", "mx-mismatch") in got
+            assert ("c.test", "sts", "mx.c.test", "certificate-host-mismatch") in got
+            assert ("d.test", "sts", "mx.d.test", "starttls-not-supported") in got
         finally:
             wrong.stop()
             plain.stop()
