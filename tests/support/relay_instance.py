@@ -55,6 +55,10 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v))
 
 
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+
 def to_toml(data: dict) -> str:
     lines: list[str] = []
 
@@ -62,9 +66,9 @@ def to_toml(data: dict) -> str:
         scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and not (
             isinstance(v, list) and v and isinstance(v[0], dict))}
         for k, v in scalars.items():
-            lines.append(f"{k} = {_toml_value(v)}")
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
         for k, v in d.items():
-            name = f"{prefix}.{k}" if prefix else k
+            name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
             if isinstance(v, dict):
                 lines.append(f"\n[{name}]")
                 emit(name, v)
