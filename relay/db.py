@@ -160,7 +160,7 @@ MIGRATIONS: list[str] = [
     ALTER TABLE history ADD COLUMN host TEXT;
     ALTER TABLE history ADD COLUMN tls TEXT;
     """,
-    # issue 15 (outbound TLS policy): MTA-STS policies cached (RFC 8461 3.3), the best TLS
+    # 9: outbound TLS policy (issue 15): MTA-STS policies cached (RFC 8461 3.3), the best TLS
     # seen per destination domain (downgrade memory), and per attempt the policy applied and
     # the TLS outcome. Owned by store/tls_state.py (the first two) and the queue (history).
     """
