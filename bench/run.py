@@ -193,7 +193,8 @@ def start_relay(workdir: Path, sink: Sink, *, trusted: bool = False, extra: dict
     if extra:
         for k, v in extra.items():
             cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
-    inst = RelayInstance(workdir, config=cfg)
+    # The relay logs to a file the harness leaves alone while a run is measured (log_paused).
+    inst = RelayInstance(workdir, config=cfg, log_to_file=True)
     if not dkim:  # the same work as a Postfix without a signing milter
         inst.cli("domain", "add", USER.rpartition("@")[2], "--no-dkim", check=True)
     inst.add_user(USER, PASSWORD)
@@ -318,7 +319,19 @@ def run_submission(workdir: Path, sink: Sink, *, clients: int, messages: int, pe
 SOURCE_CPU = {"s": 0.0}  # smtp-source's own CPU in the last run_smtp_source (client-bound runs show)
 
 
-def run_smtp_source(port: int, sink: Sink, messages: int, sessions: int, size: int) -> tuple[float, float | None]:
+def run_smtp_source(port: int, sink: Sink, messages: int, sessions: int, size: int,
+                    relay: RelayInstance | None = None) -> tuple[float, float | None]:
+    """smtp-source into `port`; a relay's log is not parsed by us while it runs."""
+    if relay is not None:
+        relay.log_paused.set()
+    try:
+        return _run_smtp_source(port, sink, messages, sessions, size)
+    finally:
+        if relay is not None:
+            relay.log_paused.clear()
+
+
+def _run_smtp_source(port: int, sink: Sink, messages: int, sessions: int, size: int) -> tuple[float, float | None]:
     base = sink.count
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
@@ -337,7 +350,7 @@ def scenario2_relay(workdir: Path, sink: Sink, messages: int, dkim: bool = False
     try:
         pids = family(relay.proc.pid)
         cpu0 = family_cpu(pids)
-        acc, e2e = run_smtp_source(relay.port, sink, messages, 20, 10240)
+        acc, e2e = run_smtp_source(relay.port, sink, messages, 20, 10240, relay)
         cpu = family_cpu(pids) - cpu0
         return {"accepted_per_s": acc, "end_to_end_per_s": e2e, "cpu_s_per_1000": cpu / messages * 1000,
                 "source_cpu_s_per_1000": SOURCE_CPU["s"] / messages * 1000,
@@ -624,9 +637,9 @@ def scenario7a_postfix(workdir: Path, sink: Sink, clients: int, size: int, settl
         pf.stop()
 
 
-def scenario7b(port: int, pid: int, sink: Sink, messages: int, size: int) -> dict:
+def scenario7b(port: int, pid: int, sink: Sink, messages: int, size: int, relay: RelayInstance | None = None) -> dict:
     cpu0 = tree_cpu(pid)
-    acc, e2e = run_smtp_source(port, sink, messages, 20, size)
+    acc, e2e = run_smtp_source(port, sink, messages, 20, size, relay)
     cpu = tree_cpu(pid) - cpu0
     return {"accepted_per_s": acc, "end_to_end_per_s": e2e, "cpu_ms_per_msg": cpu / messages * 1000}
 
@@ -634,7 +647,7 @@ def scenario7b(port: int, pid: int, sink: Sink, messages: int, size: int) -> dic
 def scenario7b_relay(workdir: Path, sink: Sink, messages: int, size: int) -> dict:
     relay = start_relay(workdir, sink, trusted=True, dkim=False)
     try:
-        return scenario7b(relay.port, relay.proc.pid, sink, messages, size)
+        return scenario7b(relay.port, relay.proc.pid, sink, messages, size, relay)
     finally:
         relay.stop()
 
@@ -747,7 +760,7 @@ def scenario8_relay(workdir: Path, sink: Sink, messages: int, admin: bool) -> di
             watcher = QueueWatcher(relay.ports["admin"], "bench", PASSWORD)
         pids = family(relay.proc.pid)
         cpu0 = family_cpu(pids)
-        acc, e2e = run_smtp_source(relay.port, sink, messages, 20, 10240)
+        acc, e2e = run_smtp_source(relay.port, sink, messages, 20, 10240, relay)
         cpu = family_cpu(pids) - cpu0
         out = {"accepted_per_s": acc, "end_to_end_per_s": e2e, "cpu_s_per_1000": cpu / messages * 1000}
         if watcher is not None:

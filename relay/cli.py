@@ -72,6 +72,17 @@ def hint(text: str) -> str:
 
 # ---------------------------------------------------------------- output helpers
 
+def _fmt_attempt_tls(h: dict) -> str:
+    """' [host, TLSv1.3 TLS_AES_256_GCM_SHA384 verified, policy sts-enforce]' for an attempt's history line."""
+    if not h.get("host") and not h.get("tls") and not h.get("tls_policy"):
+        return ""
+    tls = " ".join(x for x in (h.get("tls"), h.get("tls_cipher")) if x)
+    if h.get("tls_verified") is not None and h.get("tls") not in (None, "plain", "failed", "unavailable"):
+        tls += " verified" if h["tls_verified"] else " unverified"
+    parts = [p for p in (h.get("host"), tls, f"policy {h['tls_policy']}" if h.get("tls_policy") else "") if p]
+    return f"  [{', '.join(parts)}]"
+
+
 def _fmt_time(ts: float | None) -> str:
     if not ts:
         return "-"
@@ -372,7 +383,7 @@ def cmd_queue(args: argparse.Namespace, cfg: Config) -> int:
                            r["last_error"] or "-"] for r in m["recipients"]],
                          ["RECIPIENT", "STATE", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR"]),
                      "", "history:"] + [f"  {_fmt_time(h['ts'])}  {h['event']:<9} {h['rcpt'] or ''} {h['detail'] or ''}"
-                                        for h in m["history"]] + ["", "headers:", m["headers"]]
+                                        + _fmt_attempt_tls(h) for h in m["history"]] + ["", "headers:", m["headers"]]
             emit(args, m, "\n".join(lines))
             return EXIT_OK
         if args.action == "delete":

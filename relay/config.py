@@ -27,6 +27,9 @@ SEARCH_PATHS = (DEFAULT_CONFIG_PATH, SYSTEM_CONFIG_PATH)
 TLS_MODES = ("starttls", "implicit")
 SMARTHOST_TLS_MODES = ("starttls", "implicit", "none")
 FROM_HEADER_MODES = ("domain", "off")
+# Outbound TLS levels accepted in delivery.tls_policy (Postfix's names; dane and dane-only
+# are not implemented yet and are refused with a clear message).
+TLS_POLICY_LEVELS = ("none", "may", "encrypt", "verify")
 
 
 class ConfigError(Exception):
@@ -79,6 +82,11 @@ class Listener:
     address: str = "0.0.0.0"
     port: int = 587
     tls: str = "starttls"
+    # Behind a load balancer (HAProxy send-proxy / send-proxy-v2): every connection must start
+    # with a PROXY protocol v1 or v2 header, from one of trusted_proxies (CIDRs, required then);
+    # the address in it is the client for caps, AUTH lockouts, trusted_networks, Received: and logs.
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[str, ...] = ()
 
 
 def _default_listeners() -> tuple[Listener, ...]:
@@ -165,9 +173,30 @@ class DeliveryConfig:
     mx_port: int = 25
     # EHLO name for outbound sessions; empty means server.hostname.
     helo_hostname: str = ""
-    # Verify the MX certificate and defer when TLS is unavailable, for all or listed domains.
+    # Verify the MX certificate and defer when TLS is unavailable, for all or listed domains
+    # (the outbound TLS policy level "verify"; see tls_policy for per-domain levels).
     require_tls: bool = False
     require_tls_domains: tuple[str, ...] = ()
+    # Per destination domain, a Postfix TLS level: none | may | encrypt | verify. It is the
+    # operator's last word: over MTA-STS, require_tls and the downgrade memory.
+    tls_policy: dict[str, str] = field(default_factory=dict)
+    # Look up and apply MTA-STS policies (RFC 8461) of recipient domains.
+    mta_sts: bool = True
+    # Remember per destination domain the best TLS seen (verified > encrypted > plain) and defer
+    # rather than deliver below it (a STARTTLS-stripping attacker gets a deferral, not the mail).
+    downgrade_protection: bool = True
+    # A remembered level lapses when not seen again for this long (seconds).
+    downgrade_memory: int = 90 * 86400
+    # Extra CA certificates (PEM file) trusted besides the system store when verifying MX
+    # certificates and MTA-STS policy hosts; empty: the system store only.
+    tls_ca_file: str = ""
+    # Port of the MTA-STS policy host: 443 as RFC 8461 3.3 says; another value is for tests.
+    mta_sts_port: int = 443
+    # TLSRPT (RFC 8460): send daily reports from this address (a sending domain's, so they are
+    # DKIM-signed) to the rua of each policy domain; empty: sessions are counted, nothing is sent.
+    tlsrpt_from: str = ""
+    # organization-name in the reports; empty: server.hostname.
+    tlsrpt_organization: str = ""
     max_connections: int = 50
     max_connections_per_destination: int = 5
     # Messages carried by one outbound session before it is closed.
@@ -217,6 +246,10 @@ class LimitsConfig:
     # may take: connections are counted at accept, so silent ones cost a slot for this long.
     tls_handshakes: int = 100
     tls_handshake_timeout: int = 10
+    # PROXY-protocol listeners: connections still reading their header at once (beyond: closed
+    # at accept), and how long the header may take. Per-IP caps apply once the header names the client.
+    proxy_headers: int = 100
+    proxy_header_timeout: int = 10
     # Failed logins per (client network, username) in auth_failure_window, then that pair is
     # locked for auth_lockout; per network across usernames the budget is auth_failures_per_network.
     auth_failures: int = 5
@@ -358,6 +391,11 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(key, "expected a table")
         return _build(tp, value, key)
+    if origin is dict:
+        (key_tp, value_tp) = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(key, "expected a table")
+        return {k: _convert(f"{key}.{k}", v, value_tp) for k, v in value.items()}
     if origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -473,6 +511,11 @@ def _normalize(cfg: Config) -> Config:
     if d.require_tls_domains:
         d = dataclasses.replace(d, require_tls_domains=tuple(
             _ascii_domain(f"delivery.require_tls_domains[{i}]", x) for i, x in enumerate(d.require_tls_domains)))
+    if d.tls_policy:
+        levels: dict[str, str] = {}
+        for k, v in d.tls_policy.items():
+            levels[_ascii_domain(f"delivery.tls_policy.{k}", k)] = v.strip().lower()
+        d = dataclasses.replace(d, tls_policy=levels)
     nets = tuple(dataclasses.replace(tn, domains=tuple(
         _ascii_domain(f"trusted_networks[{i}].domains[{j}]", x) for j, x in enumerate(tn.domains)))
         for i, tn in enumerate(cfg.trusted_networks))
@@ -541,6 +584,17 @@ def _validate(cfg: Config) -> None:
         if (lst.address, lst.port) in seen and lst.port != 0:
             raise ConfigError(f"listeners[{i}].port", f"{lst.address}:{lst.port} is listed twice")
         seen.add((lst.address, lst.port))
+        if lst.proxy_protocol and not lst.trusted_proxies:
+            raise ConfigError(f"listeners[{i}].trusted_proxies",
+                              "required with proxy_protocol = true: the load balancers' addresses (CIDRs) "
+                              "whose PROXY headers are believed")
+        if lst.trusted_proxies and not lst.proxy_protocol:
+            raise ConfigError(f"listeners[{i}].trusted_proxies", "only means something with proxy_protocol = true")
+        for j, net in enumerate(lst.trusted_proxies):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"listeners[{i}].trusted_proxies[{j}]", f"not a CIDR network: {net!r}") from None
     d = cfg.delivery
     if d.mode not in ("mx", "smarthost"):
         raise ConfigError("delivery.mode", f"must be 'mx' or 'smarthost', got {d.mode!r}")
@@ -555,6 +609,18 @@ def _validate(cfg: Config) -> None:
                           f"must be one of {', '.join(SMARTHOST_TLS_MODES)}, got {d.smarthost.tls!r}")
     if d.smarthost.username and d.smarthost.tls == "none":
         raise ConfigError("delivery.smarthost.tls", "'none' would send the smarthost password in clear text")
+    for k, v in d.tls_policy.items():
+        if v in ("dane", "dane-only"):
+            raise ConfigError(f"delivery.tls_policy.{k}", f"{v!r}: DANE is not implemented yet; "
+                              f"use one of {', '.join(TLS_POLICY_LEVELS)}")
+        if v not in TLS_POLICY_LEVELS:
+            raise ConfigError(f"delivery.tls_policy.{k}",
+                              f"must be one of {', '.join(TLS_POLICY_LEVELS)}, got {v!r}")
+    _check_port("delivery.mta_sts_port", d.mta_sts_port)
+    if d.tlsrpt_from and (d.tlsrpt_from.count("@") != 1 or not is_hostname(d.tlsrpt_from.rpartition("@")[2])
+                          or not d.tlsrpt_from.isascii() or " " in d.tlsrpt_from):
+        raise ConfigError("delivery.tlsrpt_from", f"expected an address like tlsrpt@example.com, got {d.tlsrpt_from!r}")
+    _check_positive("delivery.downgrade_memory", d.downgrade_memory)
     if not d.retry_schedule:
         raise ConfigError("delivery.retry_schedule", "needs at least one delay")
     for i, s in enumerate(d.retry_schedule):
@@ -781,6 +847,10 @@ def to_toml(data: dict[str, Any]) -> str:
     """Minimal TOML writer for check-config output (tables, arrays of tables, scalars, lists)."""
     lines: list[str] = []
 
+    def _key(k: str) -> str:
+        # A domain as a key ("example.com") must be quoted, or TOML reads it as nested tables.
+        return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
     def scalar(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -801,9 +871,9 @@ def to_toml(data: dict[str, Any]) -> str:
             elif isinstance(v, (list, tuple)) and v and isinstance(v[0], dict):
                 subs.append((k, v))
             else:
-                lines.append(f"{k} = {scalar(v)}")
+                lines.append(f"{_key(k)} = {scalar(v)}")
         for k, v in subs:
-            name = f"{prefix}.{k}" if prefix else k
+            name = f"{prefix}.{_key(k)}" if prefix else _key(k)
             if isinstance(v, dict):
                 lines.append("")
                 table(name, v, f"[{name}]")

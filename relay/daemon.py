@@ -127,7 +127,7 @@ class Daemon:
                 from .delivery import Router
                 from .queue_runner import QueueRunner
                 from .signing import Signer
-                self.runner = QueueRunner(self.queue, Router(cfg), cfg, signer=Signer(self.dkim, self.executor))
+                self.runner = QueueRunner(self.queue, Router(cfg, tls_state=self.stores.tls_state), cfg, signer=Signer(self.dkim, self.executor))
             self.state = ServerState(settings=settings_from(cfg), credentials=self.credentials, queue=self.queue,
                                      spool_dir=cfg.storage.resolved_spool_dir(),
                                      tls_context=tls_context,

@@ -160,6 +160,47 @@ MIGRATIONS: list[str] = [
     ALTER TABLE history ADD COLUMN host TEXT;
     ALTER TABLE history ADD COLUMN tls TEXT;
     """,
+    # 9: outbound TLS policy (issue 15): MTA-STS policies cached (RFC 8461 3.3), the best TLS
+    # seen per destination domain (downgrade memory), and per attempt the policy applied and
+    # the TLS outcome. Owned by store/tls_state.py (the first two) and the queue (history).
+    """
+    CREATE TABLE mta_sts_policies (
+        domain         TEXT PRIMARY KEY,
+        policy_id      TEXT NOT NULL,            -- the TXT record's id it was fetched under
+        mode           TEXT NOT NULL CHECK (mode IN ('enforce', 'testing', 'none')),
+        mx_json        TEXT NOT NULL,            -- JSON list of mx patterns
+        max_age        INTEGER NOT NULL,
+        fetched_at     REAL NOT NULL,
+        expires_at     REAL NOT NULL,            -- fetched_at + max_age
+        txt_checked_at REAL NOT NULL             -- last TXT look-up that found the same id
+    );
+    CREATE TABLE tls_security (
+        domain     TEXT PRIMARY KEY,
+        best       TEXT NOT NULL CHECK (best IN ('plain', 'tls', 'verified')),
+        first_at   REAL NOT NULL,                -- when `best` was first seen
+        seen_at    REAL NOT NULL                 -- when `best` was last seen (refreshed hourly)
+    );
+    ALTER TABLE history ADD COLUMN tls_policy TEXT;
+    ALTER TABLE history ADD COLUMN tls_cipher TEXT;
+    ALTER TABLE history ADD COLUMN tls_verified INTEGER;
+    ALTER TABLE messages ADD COLUMN requiretls INTEGER NOT NULL DEFAULT 0;  -- RFC 8689 MAIL parameter
+    CREATE TABLE tlsrpt_counts (                 -- RFC 8460: sessions per UTC day and policy
+        day           TEXT NOT NULL,             -- YYYY-MM-DD
+        policy_domain TEXT NOT NULL,
+        policy_type   TEXT NOT NULL,             -- sts | no-policy-found
+        policy_string TEXT NOT NULL,             -- JSON list of the policy's lines
+        mx_host       TEXT NOT NULL,
+        result        TEXT NOT NULL,             -- '' = success, else the result type
+        count         INTEGER NOT NULL,
+        PRIMARY KEY (day, policy_domain, policy_type, policy_string, mx_host, result)
+    );
+    CREATE TABLE tlsrpt_sent (                   -- a day's report done for a policy domain
+        day           TEXT NOT NULL,
+        policy_domain TEXT NOT NULL,
+        sent_at       REAL NOT NULL,
+        PRIMARY KEY (day, policy_domain)
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

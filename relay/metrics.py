@@ -19,6 +19,13 @@ CONNECTIONS = Counter("relay_connections_total", "SMTP connections accepted, by 
                       ["listener"], registry=REGISTRY)
 CONNECTIONS_REFUSED = Counter("relay_connections_refused_total",
                               "Connections refused by a connection cap", ["reason"], registry=REGISTRY)
+PROXY_REFUSED = Counter("relay_proxy_refused_total",
+                        "Connections to a PROXY-protocol listener closed before the session: untrusted peer, "
+                        "header missing, malformed, oversize, too slow, or too many header reads at once",
+                        ["reason"], registry=REGISTRY)
+PROXY_HEADERS_IN_PROGRESS = Gauge("relay_proxy_headers_in_progress",
+                                  "Connections to PROXY-protocol listeners still reading their header",
+                                  registry=REGISTRY)
 DATA_IN_FLIGHT = Gauge("relay_data_in_flight_bytes", "Bytes of DATA being received now, all sessions",
                        registry=REGISTRY)
 SPOOLED = Counter("relay_messages_spooled_total", "Messages whose body went to a spool file",
@@ -56,6 +63,18 @@ DELIVERY_LATENCY = Histogram("relay_delivery_latency_seconds", "Time from accept
                              registry=REGISTRY)
 OUTBOUND_CONNECTIONS = Counter("relay_outbound_connections_total", "Outbound SMTP connections by TLS outcome",
                                ["tls"], registry=REGISTRY)
+DELIVERY_TLS = Counter("relay_delivery_tls_total",
+                       "Delivery attempts by outbound TLS policy (level or sts-enforce/sts-testing) and TLS "
+                       "result (verified, encrypted, plain, or the failure: a TLSRPT result type, mx-mismatch, "
+                       "downgrade-refused)", ["policy", "result"], registry=REGISTRY)
+TLS_POLICY_FAILURES = Counter("relay_tls_policy_failures_total",
+                              "MX hosts failing the TLS policy (enforced: skipped; sts-testing: used anyway), "
+                              "by policy and TLSRPT result type", ["policy", "result"], registry=REGISTRY)
+TLS_DOWNGRADE_REFUSED = Counter("relay_tls_downgrade_refused_total",
+                                "Sessions refused because they offered less TLS than the destination had before",
+                                registry=REGISTRY)
+MTA_STS_FETCHES = Counter("relay_mta_sts_fetches_total", "MTA-STS policy look-ups that fetched, by result "
+                          "(ok or a TLSRPT result type)", ["result"], registry=REGISTRY)
 BOUNCES = Counter("relay_bounces_total", "Delivery status notifications generated, by kind", ["kind"],
                   registry=REGISTRY)
 STORE_COMMITS = Counter("relay_store_commits_total", "Queue commits (each one fsync under synchronous=FULL)",

@@ -448,7 +448,7 @@ class QueueRunner:
                 return
             body = dataclasses.replace(body, prefix=prefix)
         env = Envelope(job.sender, tuple(OutRecipient(r.address, r.notify, r.orcpt) for r in job.recipients),
-                       body, job.smtputf8, job.ret, job.envid, job.msg_id)
+                       body, job.smtputf8, job.ret, job.envid, job.msg_id, job.requiretls)
         loop = asyncio.get_running_loop()
         attempt_deadline = loop.time() + self.cfg.delivery.attempt_timeout
         deadline = asyncio.timeout_at(min(attempt_deadline, self._lease_deadline(job, self.clock(), loop.time())))
@@ -551,10 +551,13 @@ class QueueRunner:
             metrics.DELIVERY_ATTEMPTS.labels(state, mode).inc()
             updates.append(RecipientUpdate(r.id, state, next_at, None if state == "delivered" else o.reply,
                                            o.remote_mta))
-            history.append((r.address, "expired" if expired else state, o.reply, o.remote_mta, o.tls))
+            history.append((r.address, "expired" if expired else state, o.reply, o.remote_mta, o.tls, o.tls_policy,
+                            o.tls_cipher, None if o.tls_verified is None else int(o.tls_verified)))
             # Deferrals are warnings too: a log filtered at warning must still show mail not moving.
             event(log, "delivery", logging.INFO if state == "delivered" else logging.WARNING, qid=job.msg_id,
-                  rcpt=r.address, result=state, mx=o.remote_mta, tls=o.tls, reply=o.reply, attempt=r.attempts,
+                  rcpt=r.address, result=state, mx=o.remote_mta, tls=o.tls, tls_cipher=o.tls_cipher,
+                  tls_verified=o.tls_verified, tls_policy=o.tls_policy, tls_result=o.tls_result,
+                  reply=o.reply, attempt=r.attempts,
                   expired=expired or None, next_attempt=round(next_at - now) if state == "deferred" else None)
             # An MX or smarthost is not the final mailbox: success there is "relayed" (RFC 3461 5.2.2).
             action = {"delivered": "relayed", "failed": "failed"}.get(state, "delayed")
@@ -642,6 +645,9 @@ class QueueRunner:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+        policy = getattr(self.router, "tls_policy", None)
+        if policy is not None:
+            await policy.flush()  # TLSRPT counts still in memory
 
     async def _release(self, job: Job) -> None:
         try:

@@ -5,10 +5,16 @@ hidden form token bound to the session. The API under /api/v1/ has its own beare
 left alone here."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 
 from aiohttp import web
+
+from ..logs import event
+
+log = logging.getLogger("relay.admin")
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -37,6 +43,12 @@ def headers_middleware(hsts: bool = False):
             resp = await handler(request)
         except web.HTTPException as exc:  # redirects and errors carry the headers too
             resp = exc
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug answers 500 with our headers, one log line
+            event(log, "admin_error", logging.ERROR, path=request.path, method=request.method,
+                  error=f"{type(exc).__name__}: {exc}")
+            resp = web.Response(status=500, text="internal error; the relay's log has the details\n")
         for k, v in HEADERS.items():
             resp.headers.setdefault(k, v)
         resp.headers["Server"] = "relay"  # not aiohttp's name and version

@@ -25,6 +25,13 @@ class RcptOutcome:
     # No SMTP reply decided this: the destination could not be reached or the session broke
     # (refused, timed out, reset). The scheduler counts these toward a dead destination.
     connection_failed: bool = False
+    # The outbound TLS policy applied (tls_policy.Decision.label: may, verify, sts-enforce, ...)
+    # and the TLS outcome: cipher, whether the certificate was verified, the TLSRPT result type
+    # of a TLS failure. For the attempt's log line, its history row and the metrics.
+    tls_policy: str | None = None
+    tls_cipher: str | None = None
+    tls_verified: bool | None = None
+    tls_result: str | None = None
 
     @property
     def final(self) -> bool:
@@ -47,6 +54,7 @@ class Envelope:
     ret: str | None = None
     envid: str | None = None
     qid: str | None = None     # for log lines only: delivery never sees the store
+    requiretls: bool = False   # RFC 8689: verified TLS and a receiver that advertises REQUIRETLS, or 5.7.30
 
 
 class Fenced(Exception):

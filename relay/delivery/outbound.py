@@ -23,6 +23,7 @@ from ..logs import event
 from ..policy import xtext_encode
 from ..spool import Body
 from . import DELIVERED, PERMANENT, TRANSIENT, Envelope, Fenced, RcptOutcome, all_same
+from .tls_policy import tls_result_of
 
 log = logging.getLogger("relay.delivery")
 
@@ -31,8 +32,12 @@ _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 class ConnectFailure(Exception):
     def __init__(self, reply: str, status: str = "4.4.1", tls_failed: bool = False, permanent: bool = False,
-                 host: str | None = None, tls: str | None = None, greeted: bool = False):
+                 host: str | None = None, tls: str | None = None, greeted: bool = False,
+                 tls_result: str | None = None):
         super().__init__(reply)
+        # The TLSRPT result type (RFC 8460 4.3) when TLS failed or was missing: starttls-not-supported,
+        # certificate-host-mismatch, certificate-expired, certificate-not-trusted, validation-failure.
+        self.tls_result = tls_result
         self.greeted = greeted     # the session got past the greeting (counts toward max_mx_sessions)
         self.reply = reply
         self.status = status
@@ -87,12 +92,20 @@ def _describe_exc(exc: BaseException) -> str:
 class Session:
     """An open, greeted (and where possible encrypted) session to `host`."""
 
-    def __init__(self, client: aiosmtplib.SMTP, host: str, tls: str | None):
+    def __init__(self, client: aiosmtplib.SMTP, host: str, tls: str | None, cipher: str | None = None,
+                 verified: bool = False):
         self.client = client
         self.host = host
         self.tls = tls or "plain"
+        self.cipher = cipher
+        self.verified = verified and tls is not None  # the certificate was checked (PKIX, for `host`)
         self.messages = 0
         self.alive = True
+
+    @property
+    def security(self) -> str:
+        """plain | tls | verified: what the downgrade memory compares."""
+        return "verified" if self.verified else "tls" if self.tls != "plain" else "plain"
 
     @classmethod
     async def open(cls, *, address: str, port: int, host: str, helo: str, connect_timeout: float,
@@ -135,12 +148,12 @@ class Session:
                         client.close()
                         raise ConnectFailure(f"{where}: STARTTLS failed: {_describe_exc(exc)}",
                                              "4.7.5" if tls != "opportunistic" else "4.4.1", tls_failed=True,
-                                             host=host, tls="failed") from None
+                                             host=host, tls="failed", tls_result=tls_result_of(exc)) from None
                     await client.ehlo()
                 elif tls != "opportunistic":
                     client.close()
                     raise ConnectFailure(f"{where} does not offer STARTTLS and TLS is required", "4.7.5",
-                                         host=host, tls="unavailable")
+                                         host=host, tls="unavailable", tls_result="starttls-not-supported")
             if username:
                 try:
                     await client.login(username, password)
@@ -156,7 +169,9 @@ class Session:
             client.close()
             raise ConnectFailure(f"{where}: {_describe_exc(exc)}", host=host, greeted=True) from None
         ssl_obj = client.transport.get_extra_info("ssl_object") if client.transport else None
-        return cls(client, host, ssl_obj.version() if ssl_obj else None)
+        cipher = ssl_obj.cipher() if ssl_obj else None
+        return cls(client, host, ssl_obj.version() if ssl_obj else None, cipher[0] if cipher else None,
+                   verified=verify and ssl_obj is not None)
 
     async def send(self, env: Envelope, *, xfer_timeout: float, done_timeout: float,
                    fence: Callable[[], Awaitable[None]] | None = None) -> dict[str, RcptOutcome]:
@@ -179,6 +194,19 @@ class Session:
                     PERMANENT, f"{self.host} does not support SMTPUTF8, required by this message's addresses",
                     "5.6.7", self.host, self.tls))
             opts.append("SMTPUTF8")
+        if env.requiretls:
+            # RFC 8689 4.2.1: only over TLS whose certificate was verified, to a server that
+            # advertises REQUIRETLS (and takes the parameter on); anything else is a permanent
+            # failure, 5.7.30, never a silent downgrade.
+            if not self.verified:
+                return all_same(env, RcptOutcome(
+                    PERMANENT, f"REQUIRETLS: {self.host} could not be reached over verified TLS "
+                    f"(TLS: {self.tls})", "5.7.30", self.host, self.tls))
+            if not c.supports_extension("requiretls"):
+                return all_same(env, RcptOutcome(
+                    PERMANENT, f"REQUIRETLS: {self.host} does not support REQUIRETLS, required by the sender",
+                    "5.7.30", self.host, self.tls))
+            opts.append("REQUIRETLS")
         dsn = c.supports_extension("dsn")
         if dsn and env.ret:
             opts.append(f"RET={env.ret}")

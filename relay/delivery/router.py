@@ -5,9 +5,12 @@ connection reconnects on its own when the previous session broke.
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import socket
+import time
+from typing import TYPE_CHECKING, Callable
 
 from .. import metrics
 from ..config import Config
@@ -16,6 +19,10 @@ from ..tls import client_context
 from . import PERMANENT, TRANSIENT, Envelope, RcptOutcome, all_same
 from .mx import DNSFailure, make_resolver, resolve_addresses, resolve_mx
 from .outbound import ConnectFailure, Session, StaleSession
+from .tls_policy import VERIFIED, Decision, Level, TLSPolicy
+
+if TYPE_CHECKING:
+    from ..store.contract import TLSState
 
 log = logging.getLogger("relay.delivery")
 
@@ -26,6 +33,7 @@ class _Route:
     def __init__(self, router: "Router"):
         self.router = router
         self.session: Session | None = None
+        self.decision: Decision | None = None   # the TLS policy of the current (or last) connection
 
     async def _connect(self) -> Session:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -49,17 +57,36 @@ class _Route:
                 except DNSFailure as exc:
                     return all_same(env, RcptOutcome(PERMANENT if exc.permanent else TRANSIENT, exc.reply, exc.status))
                 except ConnectFailure as exc:
+                    label = self.decision.label if self.decision else None
+                    if exc.tls_result and label:
+                        metrics.DELIVERY_TLS.labels(label, exc.tls_result).inc()
+                    # A TLS policy failure is not a dead host: it answered, and must not suspend the destination.
                     return all_same(env, RcptOutcome(PERMANENT if exc.permanent else TRANSIENT, exc.reply, exc.status,
-                                                     exc.host, exc.tls, connection_failed=not exc.permanent))
+                                                     exc.host, exc.tls, connection_failed=not exc.permanent
+                                                     and not exc.tls_result, tls_policy=label,
+                                                     tls_result=exc.tls_result))
             try:
-                return await self.session.send(env, xfer_timeout=d.data_xfer_timeout,
-                                               done_timeout=d.data_done_timeout, fence=fence)
+                outcomes = await self.session.send(env, xfer_timeout=d.data_xfer_timeout,
+                                                   done_timeout=d.data_done_timeout, fence=fence)
+                return self._with_tls(outcomes)
             except StaleSession:
                 # A cached session died while idle; nothing was sent, so one fresh connection is safe.
                 await self.session.close()
                 self.session = None
         return all_same(env, RcptOutcome(TRANSIENT, "connection lost twice before MAIL FROM", "4.4.2",
                                          connection_failed=True))
+
+    def _with_tls(self, outcomes: dict[str, RcptOutcome]) -> dict[str, RcptOutcome]:
+        """Each outcome carries the policy applied and the session's TLS (RFC 8460 counts sessions;
+        we count attempts: one per message sent over the session)."""
+        s, dec = self.session, self.decision
+        if s is None or dec is None:
+            return outcomes
+        label = dec.label
+        result = "verified" if s.verified else "encrypted" if s.tls != "plain" else "plain"
+        metrics.DELIVERY_TLS.labels(label, result).inc()
+        return {a: dataclasses.replace(o, tls_policy=label, tls_cipher=s.cipher, tls_verified=s.verified)
+                for a, o in outcomes.items()}
 
     async def close(self) -> None:
         if self.session is not None:
@@ -77,21 +104,33 @@ class MXRoute(_Route):
     def __init__(self, router: "Router", domain: str):
         super().__init__(router)
         self.domain = domain
-        d = router.cfg.delivery
-        self.require_tls = d.require_tls or domain in d.require_tls_domains
 
     async def _connect(self) -> Session:
         """Try the MX hosts in order (RFC 5321 5.1), within the attempt's limits: at most
         max_mx_addresses addresses and max_mx_sessions sessions that got past the greeting
         (Postfix's smtp_mx_address_limit and smtp_mx_session_limit: a domain with 25 MX records
-        must not cost 25 connection timeouts per attempt)."""
+        must not cost 25 connection timeouts per attempt). The TLS policy decides per domain
+        which hosts may be used (MTA-STS enforce) and how each one is tried (`Decision.steps`)."""
         r = self.router
         d = r.cfg.delivery
+        policy = r.tls_policy
+        decision = self.decision = await policy.decide(self.domain)
         hosts = await resolve_mx(r.resolver, self.domain)
         last: ConnectFailure | None = None
         any_address = False
         addresses_tried = sessions = 0
         for host in hosts:
+            if decision.sts is not None and not decision.sts.allows(host):
+                patterns = ",".join(decision.sts.mx)
+                policy.failed(decision, host, "mx-mismatch", f"{host} matches none of {patterns}")
+                policy.count(decision, host, "mx-mismatch")
+                if decision.enforce_mx:
+                    # RFC 8461 5: an MX host the policy does not list is not used. Transient (4.7.x):
+                    # the policy may change, and RFC 8461 5.1 wants a fresh look before giving up.
+                    last = ConnectFailure(f"{host} is not a mail host allowed by the MTA-STS policy of "
+                                          f"{self.domain} (mx: {patterns}); will retry", "4.7.5", host=host,
+                                          tls_result="mx-mismatch")
+                    continue
             try:
                 addresses = await resolve_addresses(r.resolver, host)
             except DNSFailure as exc:
@@ -115,15 +154,14 @@ class MXRoute(_Route):
                           sessions=sessions)
                     raise last
                 addresses_tried += 1
-                for tls in ("required",) if self.require_tls else ("opportunistic", "none"):
+                verified_failed = ""
+                for tls, verify in decision.steps(policy.verify_known_bad(host) and not decision.report):
                     try:
                         s = await Session.open(
                             address=address, port=d.mx_port, host=host, helo=r.cfg.helo_hostname,
                             connect_timeout=d.connect_timeout, command_timeout=d.command_timeout, tls=tls,
-                            verify=self.require_tls, tls_context=r.verified_tls if self.require_tls else r.opportunistic_tls,
+                            verify=verify, tls_context=r.verified_tls if verify else r.opportunistic_tls,
                             own_hostname=r.own_hostname)
-                        event(log, "outbound_connected", domain=self.domain, mx=host, address=address, tls=s.tls)
-                        return s
                     except ConnectFailure as exc:
                         if exc.permanent and exc.status == "5.4.6":
                             metrics.MAIL_LOOPS.inc()
@@ -131,15 +169,60 @@ class MXRoute(_Route):
                                                  f"({exc.reply})", "5.4.6", permanent=True, host=host) from None
                         last = exc
                         sessions += exc.greeted
-                        event(log, "outbound_connect_failed", logging.WARNING, domain=self.domain, mx=host,
-                              address=address, error=exc.reply)
-                        # Opportunistic TLS that fails its handshake: retry the same host in plain text.
+                        # A verification only being learnt (may, encrypt) failing is news, not trouble.
+                        learning = verify and not decision.verify_required and exc.tls_failed
+                        event(log, "outbound_connect_failed", logging.INFO if learning else logging.WARNING,
+                              domain=self.domain, mx=host,
+                              address=address, error=exc.reply, tls_policy=decision.label,
+                              tls_result=exc.tls_result)
+                        if exc.tls_result:
+                            last = self._tls_failure(decision, host, exc, verify)
+                            if decision.report and verify:
+                                verified_failed = exc.tls_result  # counted with the session that follows
+                        # A failed handshake: try the next step of the policy on the same host
+                        # (without verification, then in plain text, where the level allows).
                         if not exc.tls_failed:
                             break
+                        continue
+                    if decision.report and s.tls == "plain":
+                        policy.failed(decision, host, "starttls-not-supported", "delivered without TLS (testing)")
+                        policy.count(decision, host, "starttls-not-supported")
+                    elif decision.report and verified_failed:
+                        policy.count(decision, host, verified_failed)  # testing: would have failed
+                    else:
+                        policy.count(decision, host)
+                    await policy.observe(decision, s.security)
+                    event(log, "outbound_connected", domain=self.domain, mx=host, address=address, tls=s.tls,
+                          tls_cipher=s.cipher, tls_verified=s.verified, tls_policy=decision.label)
+                    return s
         if not any_address and last is None:
             raise DNSFailure(True, f"550 5.1.2 No address records for the mail hosts of {self.domain}", "5.1.2")
         assert last is not None
         raise last
+
+    def _tls_failure(self, decision: Decision, host: str, exc: ConnectFailure, verify: bool) -> ConnectFailure:
+        """Account for a TLS failure on `host`; the failure to carry on with (maybe reworded)."""
+        policy = self.router.tls_policy
+        result = exc.tls_result or "validation-failure"
+        if verify and not decision.verify_required and result != "starttls-not-supported":
+            policy.note_unverifiable(host)  # learnt, not required: not tried verified for a while
+        # A failed session for TLSRPT: where the policy required what failed. (A testing policy's
+        # failure is counted with the session that follows; under may, a verification that was
+        # only being learnt is no failure.)
+        if not decision.report and (decision.verify_required or (decision.tls_required and
+                                                                 result == "starttls-not-supported")):
+            policy.count(decision, host, result)
+        if decision.source == "downgrade" and (decision.verify_required or result == "starttls-not-supported"):
+            # Less than this domain had before, and no policy says that is fine: a stripping attacker?
+            policy.refused(decision, host, result)
+            what = "verified TLS" if decision.floor == VERIFIED else "TLS"
+            return ConnectFailure(f"{exc.reply}; refused: {self.domain} was reached with {what} before "
+                                  "(downgrade protection); will retry", "4.7.5", host=host, tls=exc.tls,
+                                  greeted=exc.greeted, tls_result="downgrade-refused", tls_failed=exc.tls_failed)
+        if decision.verify_required or decision.report or (decision.tls_required and
+                                                           result == "starttls-not-supported"):
+            policy.failed(decision, host, result, exc.reply)
+        return exc
 
 
 class SmarthostRoute(_Route):
@@ -148,6 +231,9 @@ class SmarthostRoute(_Route):
         d = r.cfg.delivery
         sh = d.smarthost
         ctx = r.verified_tls if sh.verify_cert else r.opportunistic_tls
+        # Smarthost deliveries follow the smarthost's own settings, not recipient policies (design 2.1).
+        level = Level.NONE if sh.tls == "none" else Level.VERIFY if sh.verify_cert else Level.ENCRYPT
+        self.decision = Decision("smarthost", level, "smarthost")
         s = await Session.open(address=sh.host, port=sh.port, host=sh.host, helo=r.cfg.helo_hostname,
                                connect_timeout=d.connect_timeout, command_timeout=d.command_timeout,
                                tls=sh.tls, verify=sh.verify_cert, username=sh.username,
@@ -164,9 +250,12 @@ def _normal(address: str) -> str:
 
 
 class Router:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, tls_state: TLSState | None = None, clock: Callable[[], float] = time.time):
         self.own_listeners: set[tuple[str, int]] = set()
         self._local_cache: dict[str, bool] = {}
+        self.tls_state = tls_state
+        self.clock = clock
+        self.tls_policy: TLSPolicy | None = None
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
@@ -175,6 +264,12 @@ class Router:
         # Built once: loading the system CA store costs milliseconds per connection otherwise.
         self.opportunistic_tls = client_context(verify=False)
         self.verified_tls = client_context(verify=True)
+        if cfg.delivery.tls_ca_file:
+            self.verified_tls.load_verify_locations(cafile=cfg.delivery.tls_ca_file)
+        if self.tls_policy is None:
+            self.tls_policy = TLSPolicy(cfg, self.resolver, self.tls_state, self.clock, self.verified_tls)
+        else:
+            self.tls_policy.configure(cfg, self.resolver, self.verified_tls)
         # A greeting naming us is a loop only when our name is a real one: every box is "localhost".
         names = {n.lower().rstrip(".") for n in (cfg.server.hostname, cfg.helo_hostname)}
         self.own_hostname = frozenset(n for n in names if "." in n and n != "localhost")

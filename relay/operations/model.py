@@ -121,6 +121,11 @@ class Attempt:
     reply: str | None
     host: str | None = None  # the remote MTA that answered (schema 8; None before, and for our own notes)
     tls: str | None = None   # "TLSv1.3", "plain", or None when unknown
+    # issue 15: the outbound TLS policy applied (may, verify, sts-enforce, ...), the cipher, and
+    # whether the certificate was verified; None before that schema or for our own notes
+    tls_policy: str | None = None
+    tls_cipher: str | None = None
+    tls_verified: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,10 @@ class Queue:
                 last_error=r["last_error"], remote_mta=r["remote_mta"], in_flight=r["in_flight"])
                 for r in m["recipients"]),
             attempts=tuple(Attempt(ts=h["ts"], recipient=h["rcpt"], event=h["event"], reply=h["detail"],
-                                   host=h.get("host"), tls=h.get("tls")) for h in m["history"]))
+                                   host=h.get("host"), tls=h.get("tls"), tls_policy=h.get("tls_policy"),
+                                   tls_cipher=h.get("tls_cipher"),
+                                   tls_verified=None if h.get("tls_verified") is None else bool(h["tls_verified"]))
+                                   for h in m["history"]))
 
     async def retry(self, actor: Actor, qid: str | None) -> int:
         """Make a message's (or, with None, every) waiting recipient due now. A running relay's

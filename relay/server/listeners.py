@@ -10,6 +10,12 @@ We also run the accept loop ourselves: asyncio's, on EMFILE, logs a traceback an
 retry for every one of up to `backlog` accept() calls in the same tick (tens of thousands of
 tracebacks within seconds, burying the auth-failure lines fail2ban reads). Ours pauses the
 listener for ACCEPT_PAUSE seconds and logs at most one line per LOG_INTERVAL.
+
+A listener with `proxy_protocol = true` sits behind a load balancer: every connection comes from
+one of its trusted_proxies and starts with a PROXY header naming the real client (`ProxyGate`).
+There the accept-time per-IP cap would count the load balancer and throttle every client behind
+it, so the gate only applies the global cap (header readers included) and a cap on connections
+still reading their header; the session counts the real client per IP once the header is read.
 """
 from __future__ import annotations
 
@@ -17,13 +23,15 @@ import asyncio
 import errno
 import logging
 import socket
+import ipaddress
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
-from .. import metrics
+from .. import metrics, replies
 from ..config import Listener
 from ..logs import event
+from .proxy import ProxyError, read_header
 from .session import ServerState, Session
 
 log = logging.getLogger("relay.listeners")
@@ -56,9 +64,11 @@ class Acceptor:
     """One listening socket: accept() in batches from a reader callback, hand each socket to
     `connect_accepted_socket` with our protocol; on a resource error pause, log rarely."""
 
-    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol], name: str,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, sock: socket.socket, factory: Callable[..., asyncio.Protocol], name: str,
+                 clock: Callable[[], float] = time.monotonic, gate: "ProxyGate | None" = None):
         self.sock = sock
+        self._gate = gate
+        self._reading: set[asyncio.Task] = set()  # PROXY header reads: cancelled at close
         self.sockets = [sock]
         self.name = name
         self._factory = factory
@@ -92,8 +102,25 @@ class Acceptor:
             task.add_done_callback(self._tasks.discard)
 
     async def _connect(self, conn: socket.socket) -> None:
+        factory = self._factory
+        if self._gate is not None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._reading.add(task)
+            try:
+                client = await self._gate.admit(conn)
+            except asyncio.CancelledError:
+                conn.close()  # the listener closed (shutdown) while the header was awaited
+                return
+            finally:
+                self._reading.discard(task)
+            if client is None:
+                return  # refused and closed by the gate
+
+            def factory(client: tuple[str, bool] = client) -> asyncio.Protocol:
+                return self._factory(*client)
         try:
-            await self._loop.connect_accepted_socket(self._factory, conn)
+            await self._loop.connect_accepted_socket(factory, conn)
         except OSError:
             conn.close()  # reset before connection_made: nothing was counted yet
 
@@ -122,11 +149,95 @@ class Acceptor:
         if self._closed:
             return
         self._closed = True
+        for task in list(self._reading):
+            task.cancel()
         if self._paused is not None:
             self._paused.cancel()
         else:
             self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
+
+
+class ProxyGate:
+    """Admission for a PROXY-protocol listener, before any session exists: the peer must be a
+    trusted proxy, the global cap (sessions plus header reads) and the header-read cap must have
+    room, and a valid header must arrive within limits.proxy_header_timeout. The answer is the
+    client address the session is to use (and whether the header was LOCAL/UNKNOWN: the proxy
+    speaking for itself, its health checks), or None after closing the connection."""
+
+    def __init__(self, state: ServerState, listener: str, trusted: tuple[str, ...], implicit: bool):
+        self.state = state
+        self.listener = listener
+        self.trusted = tuple(ipaddress.ip_network(n, strict=False) for n in trusted)
+        self.implicit = implicit
+
+    def is_trusted(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.trusted)
+
+    def _refuse(self, conn: socket.socket, peer: str, reason: str, reply: Any = None, **fields: Any) -> None:
+        metrics.PROXY_REFUSED.labels(reason).inc()
+        suppressed = self.state.refusal_logged(peer, f"proxy_{reason}", time.monotonic())
+        if suppressed is not None:
+            event(log, "proxy_refused", logging.WARNING, reason=reason, peer=peer, listener=self.listener,
+                  unlogged_since_last=suppressed or None, **fields)
+        if reply is not None and not self.implicit:
+            try:
+                conn.send(f"{reply}\r\n".encode())
+            except OSError:
+                pass
+        conn.close()
+
+    async def admit(self, conn: socket.socket) -> tuple[str, bool] | None:
+        st = self.state
+        limits = st.settings.limits
+        try:
+            peer = _plain(str(conn.getpeername()[0]))
+        except (OSError, ValueError):
+            conn.close()
+            return None
+        if not self.is_trusted(peer):
+            # A PROXY listener is for the load balancer alone: anyone else could claim any address.
+            self._refuse(conn, peer, "untrusted_peer")
+            return None
+        if st.draining:
+            self._refuse(conn, peer, "draining", replies.SHUTTING_DOWN)
+            return None
+        if len(st.sessions) + st.proxy_pending >= limits.connections:
+            metrics.CONNECTIONS_REFUSED.labels("global").inc()
+            self._refuse(conn, peer, "global", replies.TOO_MANY_CONNECTIONS)
+            return None
+        if st.proxy_pending >= limits.proxy_headers:
+            # Silent or stalled connections from (or through) the proxy hold a slot each until the
+            # deadline: past the cap they are closed at once, so they cannot pile up.
+            metrics.CONNECTIONS_REFUSED.labels("proxy_headers").inc()
+            self._refuse(conn, peer, "proxy_headers", limit=limits.proxy_headers)
+            return None
+        st.proxy_pending += 1
+        metrics.PROXY_HEADERS_IN_PROGRESS.inc()
+        try:
+            header = await read_header(conn, limits.proxy_header_timeout)
+        except ProxyError as exc:
+            self._refuse(conn, peer, exc.reason, detail=exc.detail or None)
+            return None
+        finally:
+            st.proxy_pending -= 1
+            metrics.PROXY_HEADERS_IN_PROGRESS.dec()
+        if header.source is None:
+            return peer, True  # LOCAL / UNKNOWN: the proxy's own connection (health checks)
+        return _plain(header.source[0]), False
+
+
+def _plain(ip: str) -> str:
+    """::ffff:192.0.2.7 (a dual-stack socket, or a TCP6 header) is 192.0.2.7 for trusted_proxies,
+    caps and lockouts."""
+    addr = ipaddress.ip_address(ip.partition("%")[0])
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
 
 
 @dataclass
@@ -157,12 +268,16 @@ async def start(state: ServerState, listeners: tuple[Listener, ...]) -> list[Bou
             port = sock.getsockname()[1]
             name = str(port)  # ephemeral (tests) or configured: label by the port we have
 
-            def factory(name: str = name, implicit: bool = implicit) -> Session:
-                return Session(state, name, implicit)
+            gate = ProxyGate(state, name, lst.trusted_proxies, implicit) if lst.proxy_protocol else None
 
-            b = Bound(name, lst.address, port, lst.tls, Acceptor(sock, factory, name))
+            def factory(client: str | None = None, local: bool = False, name: str = name,
+                        implicit: bool = implicit) -> Session:
+                return Session(state, name, implicit, client_ip=client, proxy_local=local)
+
+            b = Bound(name, lst.address, port, lst.tls, Acceptor(sock, factory, name, gate=gate))
             bound.append(b)
-            event(log, "listening", address=lst.address, port=port, tls=lst.tls)
+            event(log, "listening", address=lst.address, port=port, tls=lst.tls,
+                  proxy_protocol=True if gate is not None else None)
     except BaseException:
         for b in bound:
             b.server.close()

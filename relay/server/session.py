@@ -64,6 +64,7 @@ class ServerState:
     sessions: set = field(default_factory=set)
     per_ip: dict[str, int] = field(default_factory=dict)
     handshakes: int = 0  # TLS handshakes in progress, capped by limits.tls_handshakes
+    proxy_pending: int = 0  # PROXY-listener connections reading their header (limits.proxy_headers)
     # (client, reason) -> [last logged (monotonic), refusals not logged since]: see refusal_logged.
     refusals_logged: dict[tuple[str, str], list] = field(default_factory=dict)
 
@@ -258,7 +259,8 @@ class Session(SMTP):
     # held to MAX_LINE in the command loop, DATA lines to 998 octets by policy.DataState.
     line_length_limit = MAX_RESPONSE + 2
 
-    def __init__(self, state: ServerState, listener_name: str, implicit_tls: bool):
+    def __init__(self, state: ServerState, listener_name: str, implicit_tls: bool, client_ip: str | None = None,
+                 proxy_local: bool = False):
         # Not SMTP.__init__: it introspects the class with inspect.getmembers() for every
         # connection (7% of CPU under load) to find hooks and AUTH mechanisms we replace anyway.
         # We set exactly the attributes aiosmtpd's protocol code we keep (connection_made/lost,
@@ -296,7 +298,15 @@ class Session(SMTP):
         self.state = state
         self.listener_name = listener_name
         self.implicit_tls = implicit_tls
-        self.client_ip = "unknown"
+        # The client, for every cap, lockout, trusted network, Received: field, log line and
+        # metric: the socket's peer, or on a PROXY listener the address its header named (given
+        # here, kept on the connection: aiosmtpd's own Session is replaced at STARTTLS).
+        self.client_ip = client_ip or "unknown"
+        self.proxy_peer: str | None = None
+        self._proxied = client_ip is not None
+        # A PROXY LOCAL/UNKNOWN header: the load balancer's own health check (every few seconds,
+        # on every port): its connect/tls/disconnect lines go to debug, not the operator's log.
+        self._quiet = logging.DEBUG if proxy_local else logging.INFO
         self.principal: Principal | None = None
         self.txn: Transaction | None = None
         self.helo: str | None = None
@@ -335,10 +345,14 @@ class Session(SMTP):
             self.tls_info = describe(transport.get_extra_info("ssl_object"))
             mode = "implicit" if self.implicit_tls else "starttls"
             metrics.TLS_HANDSHAKES.labels(mode, "ok").inc()
-            event(log, "tls", client=self.client_ip, listener=self.listener_name, mode=mode, tls=self.tls_info)
+            event(log, "tls", self._quiet, client=self.client_ip, listener=self.listener_name, mode=mode,
+                  tls=self.tls_info)
             return
         peer = transport.get_extra_info("peername") or ("unknown", 0)
-        self.client_ip = str(peer[0])
+        if self._proxied:
+            self.proxy_peer = str(peer[0])
+        else:
+            self.client_ip = str(peer[0])
         # asyncio sets TCP_NODELAY only when the listening socket says IPPROTO_TCP, which a socket
         # bound by hand (port 0) does not: then Nagle held the 2nd reply of every pipelined group
         # until the client's delayed ACK, 40 ms each.
@@ -378,7 +392,8 @@ class Session(SMTP):
         metrics.CONNECTIONS.labels(self.listener_name).inc()
         metrics.SESSIONS_ACTIVE.inc()
         self._session_timer = self.loop.call_later(limits.session_timeout, self._session_expired)
-        event(log, "connect", client=self.client_ip, listener=self.listener_name, tls=self.tls_info)
+        event(log, "connect", self._quiet, client=self.client_ip, listener=self.listener_name, tls=self.tls_info,
+              peer=self.proxy_peer, proxy="local" if self._quiet == logging.DEBUG else None)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._registered:
@@ -393,8 +408,8 @@ class Session(SMTP):
             metrics.SESSIONS_ACTIVE.dec()
             if self._session_timer is not None:
                 self._session_timer.cancel()
-            event(log, "disconnect", client=self.client_ip, user=self.principal.username if self.principal else None,
-                  commands=self.commands)
+            event(log, "disconnect", self._quiet, client=self.client_ip,
+                  user=self.principal.username if self.principal else None, commands=self.commands)
         if self.session is not None and self._timeout_handle is not None:
             super().connection_lost(error)
         else:
@@ -595,7 +610,8 @@ class Session(SMTP):
         if not self.tls_active:
             lines.append("STARTTLS")
         else:
-            lines.append("AUTH " + " ".join(AUTH_MECHANISMS))
+            # RFC 8689 4.1: REQUIRETLS is offered only once the session is encrypted.
+            lines += ["REQUIRETLS", "AUTH " + " ".join(AUTH_MECHANISMS)]
         await self.push("\r\n".join(replies.multiline(250, lines)))
 
     async def smtp_NOOP(self, arg: str | None) -> None:
@@ -877,7 +893,8 @@ class Session(SMTP):
         if param_text and not self.esmtp:
             await self.reply(replies.MAIL_SYNTAX)
             return
-        params = policy.parse_mail_params(param_text, size_limit=self.state.settings.limits.message_size)
+        params = policy.parse_mail_params(param_text, size_limit=self.state.settings.limits.message_size,
+                                          requiretls=self.tls_active)
         if isinstance(params, Reply):
             await self.reply(self._reject("size" if params is replies.SIZE_EXCEEDED else "parameter", params))
             return
@@ -1116,6 +1133,7 @@ class Session(SMTP):
             recipients=tuple(NewRecipient(str(a), a.ascii_domain, p.notify, p.orcpt) for a, p in txn.recipients),
             data=message, auth_user=txn.principal.username, client_ip=self.client_ip,
             ret=txn.params.ret, envid=txn.params.envid, smtputf8=txn.params.smtputf8, queue_id=qid,
+            requiretls=txn.params.requiretls,
             dkim_domain=sign_domain, spool_file=incoming.file.name if incoming.file else None,
             spool_size=size if spooled else 0,
             spool_ascii=incoming.ascii)

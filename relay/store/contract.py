@@ -3,7 +3,8 @@ and other backends) may ask of storage, as typed data and one Protocol per store
 
 Ownership: the queue store owns `messages`, `bodies`, `recipients`, `history`; the credential
 store owns `domains` and `credentials`; the DKIM store owns `dkim_keys` (and the domain's
-`verified_at`); `audit.py` owns `audit_log` and `api_keys.py` owns `api_keys` (issue 14). No store
+`verified_at`); `audit.py` owns `audit_log` and `api_keys.py` owns `api_keys` (issue 14); `tls_state.py` owns
+`mta_sts_policies` and `tls_security` (issue 15). No store
 writes another's tables. A store's change methods take `also=` (an extra write run inside the
 same transaction): the operations layer passes its audit row that way. A backend (today SQLite) implements these
 Protocols; `factory.open_stores` is the one place that picks and builds it.
@@ -82,6 +83,7 @@ class NewMessage:
     spool_file: str | None = None
     spool_size: int = 0
     spool_ascii: bool = False      # the spooled bytes are all ASCII (delivery then skips a scan)
+    requiretls: bool = False       # RFC 8689 REQUIRETLS: only over verified TLS to a REQUIRETLS server
 
     @property
     def size(self) -> int:
@@ -114,6 +116,7 @@ class Job:
     recipients: list[ClaimedRecipient] = field(default_factory=list)
     confirmed_at: float = 0.0      # when the store last confirmed the token (claim or renewal)
     lost: bool = False             # a renewal found the token gone: never send, never settle
+    requiretls: bool = False       # RFC 8689 (issue 15)
 
 
 @dataclass(frozen=True)
@@ -170,3 +173,19 @@ class CredentialStore(Protocol):
 
 class DKIMKeyStore(Protocol):
     async def is_verified(self, domain: str) -> bool: ...
+
+
+class TLSState(Protocol):
+    """What the outbound TLS policy asks of storage (issue 15): the MTA-STS cache and the
+    downgrade memory. The one store handed to `delivery/`, through the Router."""
+    async def get_sts(self, domain: str) -> dict[str, Any] | None: ...
+    async def put_sts(self, domain: str, policy: Any, now: float) -> None: ...
+    async def sts_checked(self, domain: str, now: float) -> None: ...
+    async def get_security(self, domain: str) -> tuple[str, float] | None: ...
+    async def note_security(self, domain: str, seen: str, now: float) -> None: ...
+    async def reset_security(self, domain: str, seen: str, now: float) -> None: ...
+    async def add_tlsrpt(self, rows: list[tuple[str, str, str, str, str, str, int]]) -> None: ...
+    # The TLSRPT sender's (relay/tls_reports.py, outside delivery/):
+    async def tlsrpt_rows(self, day: str) -> list[dict[str, Any]]: ...
+    async def tlsrpt_sent(self, day: str) -> list[str]: ...
+    async def mark_tlsrpt_sent(self, day: str, domain: str, now: float) -> None: ...

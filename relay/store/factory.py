@@ -19,6 +19,7 @@ from .api_keys import ApiKeyStore
 from .audit import AuditStore
 from .contract import LeaseOwner
 from .sqlite_queue import QueueStore
+from .tls_state import TLSStateStore
 from .writer import GroupWriter
 
 
@@ -36,6 +37,7 @@ class Stores:
     lock: db.WriterLock
     audit: AuditStore | None = None        # the operations layer's audit rows (issue 14)
     api_keys: ApiKeyStore | None = None    # HTTP API keys (issue 14)
+    tls_state: TLSStateStore | None = None  # MTA-STS cache and downgrade memory (issue 15)
     _conns: list[aiosqlite.Connection] = field(default_factory=list)
 
     async def close(self) -> None:
@@ -75,8 +77,9 @@ async def open_stores(cfg: Config, *, role: str, executor: Executor | None = Non
         dkim = DKIMStore(cred_conn, writer=writer)
         audit = AuditStore(cred_conn)
         api_keys = ApiKeyStore(cred_conn, writer)
+        tls_state = TLSStateStore(queue_conn, writer)
     except BaseException:
         for conn in conns:
             await conn.close()
         raise
-    return Stores(writer, queue, creds, dkim, lock, audit, api_keys, conns)
+    return Stores(writer, queue, creds, dkim, lock, audit, api_keys, tls_state, conns)

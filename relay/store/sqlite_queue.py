@@ -86,9 +86,9 @@ class QueueStore:
     def _insert(self, conn: sqlite3.Connection, qid: str, msg: NewMessage, now: float) -> None:
         conn.execute(
             "INSERT INTO messages(id, sender, created_at, size, auth_user, client_ip, ret, envid, smtputf8, "
-            "dkim_domain) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "dkim_domain, requiretls) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (qid, msg.sender, now, msg.size, msg.auth_user, msg.client_ip, msg.ret, msg.envid, int(msg.smtputf8),
-             msg.dkim_domain))
+             msg.dkim_domain, int(msg.requiretls)))
         conn.execute("INSERT INTO bodies(id, data, path, ascii) VALUES (?, ?, ?, ?)",
                      (qid, msg.data, msg.spool_file, int(msg.spool_ascii) if msg.spool_file else None))
         conn.executemany(
@@ -124,7 +124,7 @@ class QueueStore:
         def op(conn: sqlite3.Connection) -> list[Job]:
             rows = conn.execute(
                 "SELECT r.id, r.msg_id, r.rcpt, r.route, r.attempts, r.notify, r.orcpt, "
-                "m.sender, m.created_at, m.size, m.ret, m.envid, m.smtputf8, m.warned "
+                "m.sender, m.created_at, m.size, m.ret, m.envid, m.smtputf8, m.warned, m.requiretls "
                 "FROM recipients r JOIN messages m ON m.id = r.msg_id "
                 "WHERE r.state IN ('pending', 'deferred') AND r.next_attempt_at <= ?"
                 f"{skip.replace('route', 'r.route')} ORDER BY r.next_attempt_at LIMIT ?",
@@ -137,7 +137,7 @@ class QueueStore:
                 if job is None:
                     job = jobs[key] = Job(r["msg_id"], key[1], secrets.token_hex(8), r["sender"], r["created_at"],
                                           r["size"], r["ret"], r["envid"], bool(r["smtputf8"]), bool(r["warned"]),
-                                          until, confirmed_at=t)
+                                          until, confirmed_at=t, requiretls=bool(r["requiretls"]))
                 job.recipients.append(ClaimedRecipient(r["id"], r["rcpt"], r["attempts"] + 1, r["notify"], r["orcpt"]))
                 # The lease is the due time: a crashed worker's rows come due again by themselves.
                 updates.append((until, job.token, owner, r["id"]))
@@ -304,10 +304,11 @@ class QueueStore:
                 if cur.rowcount != 1:
                     raise LeaseLost(job.msg_id)
             if history:
-                # (rcpt, event, detail) or (rcpt, event, detail, host, tls): the attempt's remote host and TLS
-                conn.executemany("INSERT INTO history(msg_id, ts, rcpt, event, detail, host, tls) "
-                                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                 [(job.msg_id, now, *(tuple(h) + (None, None))[:5]) for h in history])
+                # (rcpt, event, detail[, host, tls[, tls_policy, tls_cipher, tls_verified]]): the
+                # attempt's remote host, its TLS, and the outbound TLS policy applied (issue 15)
+                conn.executemany("INSERT INTO history(msg_id, ts, rcpt, event, detail, host, tls, tls_policy, "
+                                 "tls_cipher, tls_verified) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 [(job.msg_id, now, *(tuple(h) + (None,) * 5)[:8]) for h in history])
             if mark_warned:
                 conn.execute("UPDATE messages SET warned = 1 WHERE id = ?", (job.msg_id,))
             for qid, b in zip(bounce_ids, bounces):
@@ -442,7 +443,8 @@ class QueueStore:
             "lease_owner "
             "FROM recipients WHERE msg_id = ? ORDER BY id", (msg_id,))
         hist = await self._conn.execute_fetchall(
-            "SELECT ts, rcpt, event, detail, host, tls FROM history WHERE msg_id = ? ORDER BY ts, rowid", (msg_id,))
+            "SELECT ts, rcpt, event, detail, host, tls, tls_policy, tls_cipher, tls_verified FROM history "
+            "WHERE msg_id = ? ORDER BY ts, rowid", (msg_id,))
         body = await self.body(msg_id, limit=0) or b""  # the header block is all it shows
         head = body.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
         now = self._clock()

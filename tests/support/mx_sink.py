@@ -117,7 +117,8 @@ class _SinkSMTP(SMTP):
         super().connection_lost(error)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        await super().smtp_MAIL(self._take_dsn_params(arg, _DSN_MAIL_PARAMS))
+        names = _DSN_MAIL_PARAMS | ({"REQUIRETLS"} if self.sink.advertise_requiretls else set())
+        await super().smtp_MAIL(self._take_dsn_params(arg, frozenset(names)))
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         await super().smtp_RCPT(self._take_dsn_params(arg, _DSN_RCPT_PARAMS))
@@ -125,7 +126,8 @@ class _SinkSMTP(SMTP):
     def _take_dsn_params(self, arg: str | None, names: frozenset[str]) -> str | None:
         """Strip DSN parameters aiosmtpd would refuse with 555; the handler records them."""
         self.dsn_params = []
-        if not arg or not self.sink.advertise_dsn or not self.session.extended_smtp:
+        if not arg or not (self.sink.advertise_dsn or self.sink.advertise_requiretls) \
+                or not self.session.extended_smtp:
             return arg
         # Parameters follow the bracketed path; look only after '>' so an address
         # can never be mistaken for a parameter.
@@ -179,6 +181,11 @@ class _Handler:
             responses = [r for r in responses if not r[4:].startswith("AUTH")]
         if self.sink.advertise_dsn:
             responses.insert(len(responses) - 1, "250-DSN")  # before the final "250 HELP"
+        if self.sink.advertise_requiretls and session.ssl is not None:
+            responses.insert(len(responses) - 1, "250-REQUIRETLS")  # RFC 8689 2: only over TLS
+        if self.sink.strip_starttls:
+            # A STARTTLS-stripping man in the middle: the extension vanishes from the EHLO reply.
+            responses = [r for r in responses if "STARTTLS" not in r.upper()]
         return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
@@ -254,6 +261,8 @@ class MXSink:
         self._requested_port = port
 
         # Scripted behaviour: plain attributes, read on the loop thread when needed.
+        self.strip_starttls = False       # drop STARTTLS from EHLO (a downgrade attack)
+        self.advertise_requiretls = False  # offer REQUIRETLS (RFC 8689) after STARTTLS
         self.rcpt_replies: dict[str, str] = {}
         self.mail_reply: str | None = None
         self.data_reply: str | None = None

@@ -29,9 +29,11 @@ class RawSMTP:
     """Blocking line-level SMTP client: exact bytes out, every reply line in."""
 
     def __init__(self, port: int, *, implicit: bool = False, source: str | None = None, timeout: float = 10,
-                 context: ssl.SSLContext | None = None):
+                 context: ssl.SSLContext | None = None, preamble: bytes = b""):
         sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
                                         source_address=(source, 0) if source else None)
+        if preamble:  # a PROXY protocol header, written as a load balancer would: before TLS
+            sock.sendall(preamble)
         if implicit:
             sock = (context or client_tls_context()).wrap_socket(sock)
         self.sock: socket.socket = sock

@@ -55,6 +55,10 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v))
 
 
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+
 def to_toml(data: dict) -> str:
     lines: list[str] = []
 
@@ -62,9 +66,9 @@ def to_toml(data: dict) -> str:
         scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and not (
             isinstance(v, list) and v and isinstance(v[0], dict))}
         for k, v in scalars.items():
-            lines.append(f"{k} = {_toml_value(v)}")
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
         for k, v in d.items():
-            name = f"{prefix}.{k}" if prefix else k
+            name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
             if isinstance(v, dict):
                 lines.append(f"\n[{name}]")
                 emit(name, v)
@@ -99,8 +103,14 @@ def client_tls_context() -> ssl.SSLContext:
 
 class RelayInstance:
     def __init__(self, workdir: Path, *, dns: str | None = None, mx_port: int | None = None,
-                 config: dict | None = None, env: dict[str, str] | None = None, nofile: int | None = None):
+                 config: dict | None = None, env: dict[str, str] | None = None, nofile: int | None = None,
+                 log_to_file: bool = False):
         self.dir = Path(workdir)
+        # The benchmark's mode: the relay logs to a file (as it would under systemd) that the
+        # harness reads only when asked (`log_paused`), so parsing never competes with the
+        # system under test; tests read the pipe as it comes.
+        self.log_to_file = log_to_file
+        self.log_paused = threading.Event()
         self.dir.mkdir(parents=True, exist_ok=True)
         base: dict[str, Any] = {
             "server": {"hostname": "relay.test", "shutdown_grace": 5},
@@ -134,6 +144,7 @@ class RelayInstance:
         self.raw_log: list[str] = []
         self._lock = threading.Lock()
         self.ports: dict[str, int] = {}
+        self.listener_ports: list[int] = []  # the SMTP listeners' bound ports, in config order
         self.write_config()
 
     # ------------------------------------------------------------ config and CLI
@@ -165,31 +176,67 @@ class RelayInstance:
             def preexec(n: int = self.nofile) -> None:
                 import resource
                 resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
-        self.proc = subprocess.Popen(relay_executable() + ["-c", str(self.config_path), "serve"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env,
-                                     preexec_fn=preexec)
-        self._reader = threading.Thread(target=self._read_log, args=(self.proc,), daemon=True)
+        log_file = open(self.dir / "relay.log", "ab") if self.log_to_file else None
+        start = log_file.tell() if log_file is not None else 0
+        try:
+            self.proc = subprocess.Popen(relay_executable() + ["-c", str(self.config_path), "serve"],
+                                         stdout=subprocess.DEVNULL, stderr=log_file or subprocess.PIPE,
+                                         env=self.env, preexec_fn=preexec)
+        finally:
+            if log_file is not None:
+                log_file.close()
+        if self.log_to_file:
+            self._reader = threading.Thread(target=self._tail_log, args=(self.proc, start), daemon=True)
+        else:
+            self._reader = threading.Thread(target=self._read_log, args=(self.proc,), daemon=True)
         self._reader.start()
         if not self.wait_event("ready", timeout=timeout):
             self.kill()
             raise RuntimeError("relay did not become ready:\n" + "\n".join(self.raw_log[-30:]))
+        self.listener_ports = []
         for e in self.events_named("listening"):
             key = e.get("refusal") or ("metrics" if e.get("metrics") else "admin" if e.get("admin") else e.get("tls"))
+            if e.get("proxy_protocol"):
+                key = f"proxy_{key}"  # "proxy_starttls", "proxy_implicit"
             self.ports.setdefault(key, e["port"])
+            if not e.get("refusal") and not e.get("metrics") and not e.get("admin"):
+                self.listener_ports.append(e["port"])
         return self
+
+    def _tail_log(self, proc: subprocess.Popen, start: int) -> None:
+        with open(self.dir / "relay.log", "rb") as f:
+            f.seek(start)  # this run's lines (the file may hold earlier runs')
+            while True:
+                if self.log_paused.is_set() and proc.poll() is None:
+                    time.sleep(0.05)
+                    continue
+                raw = f.readline()
+                if raw.endswith(b"\n"):
+                    self._take_line(raw)
+                elif proc.poll() is not None:
+                    if raw:
+                        self._take_line(raw)
+                    return
+                else:
+                    if raw:
+                        f.seek(-len(raw), os.SEEK_CUR)  # half a line: read it whole later
+                    time.sleep(0.02)
 
     def _read_log(self, proc: subprocess.Popen) -> None:
         assert proc.stderr is not None
         for raw in proc.stderr:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            with self._lock:
-                self.raw_log.append(line)
-                try:
-                    self.events.append(json.loads(line))
-                except ValueError:
-                    fields = parse_logfmt(line)  # logging.format = "logfmt" (what operators see)
-                    if "event" in fields:
-                        self.events.append(fields)
+            self._take_line(raw)
+
+    def _take_line(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\n")
+        with self._lock:
+            self.raw_log.append(line)
+            try:
+                self.events.append(json.loads(line))
+            except ValueError:
+                fields = parse_logfmt(line)  # logging.format = "logfmt" (what operators see)
+                if "event" in fields:
+                    self.events.append(fields)
 
     def events_named(self, name: str, **match: Any) -> list[dict]:
         with self._lock:

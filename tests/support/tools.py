@@ -1,5 +1,5 @@
 """External tools some tests drive (swaks, msmtp, openssl, testssl.sh, promtool, systemd-analyze, chromium,
-postgresql).
+haproxy, postgresql).
 
 Where a tool is absent its tests skip and say why, so `make test` works on a bare machine. Under
 RELAY_REQUIRE_TOOLS=1 (set by .ci/run once it has installed them) they FAIL instead: a failed
@@ -28,6 +28,13 @@ def missing(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+# Debian packages for the tools tests name by program (.ci/run installs these).
+PACKAGES = {"swaks": "swaks", "msmtp": "msmtp", "openssl": "openssl", "promtool": "prometheus",
+            "systemd-analyze": "systemd", "testssl": "testssl.sh", "testssl.sh": "testssl.sh",
+            "fail2ban-regex": "fail2ban", "chromium": "chromium", "haproxy": "haproxy",
+            "initdb": "postgresql", "pg_ctl": "postgresql"}
+
+
 def needs(*tools: str, reason: str | None = None) -> pytest.MarkDecorator:
     """Mark a test as driving these programs (looked up on PATH when the test starts)."""
     return pytest.mark.needs_tools(*tools, reason=reason)
@@ -37,7 +44,9 @@ def check_marker(item: pytest.Item) -> None:
     for mark in item.iter_markers("needs_tools"):
         absent = [t for t in mark.args if shutil.which(t) is None]
         if absent:
-            why = mark.kwargs.get("reason") or "CI installs it"
+            pkgs = sorted({PACKAGES[t] for t in absent if t in PACKAGES})
+            why = mark.kwargs.get("reason") or (f"Debian package {', '.join(pkgs)}; CI installs it" if pkgs
+                                                 else "CI installs it")
             missing(f"{', '.join(absent)} not installed ({why})")
 
 

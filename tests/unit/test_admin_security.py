@@ -376,3 +376,28 @@ async def test_after_an_action_the_redirect_stays_on_our_queue_pages(ops_admin):
     assert _back({"back": "/queue?state=all"}) == "/queue?state=all"
     for evil in ("https://evil.test/", "//evil.test/queue", "/queue\\evil", "/login"):
         assert _back({"back": evil}, "Q1") == "/queue/Q1"
+
+
+async def test_a_bug_in_a_page_is_a_plain_500_with_the_headers_and_one_log_line(caplog):
+    # An unexpected exception must not reach aiohttp's own 500 (no CSP, no no-store) nor show
+    # anything of itself to the browser.
+    from aiohttp import web as aioweb
+
+    async def broken(request):
+        raise RuntimeError("secret detail")
+
+    app = aioweb.Application(middlewares=[security.headers_middleware()])
+    app.router.add_get("/boom", broken)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        import aiohttp
+        async with aiohttp.ClientSession() as s, s.get(server.make_url("/boom")) as r:
+            body = await r.text()
+            assert r.status == 500 and r.headers["Content-Security-Policy"] == security.CSP
+            assert r.headers["Cache-Control"] == "no-store" and "secret detail" not in body
+    finally:
+        await server.close()
+    from relay import logs
+    found = [getattr(rec, logs._EXTRA_KEY) for rec in caplog.records if rec.getMessage() == "admin_error"]
+    assert len(found) == 1 and found[0]["error"] == "RuntimeError: secret detail" and found[0]["path"] == "/boom"

@@ -112,7 +112,14 @@ def test_every_field_appears_in_shipped_file_with_its_default():
     # trusted_networks is off by default: the file documents it as a commented-out example.
     assert defaults["trusted_networks"] == [] and "trusted_networks" not in data
     data["trusted_networks"] = []
+    # The PROXY-protocol keys are off by default and shown in a commented-out listener block.
+    proxy_keys = {"proxy_protocol": False, "trusted_proxies": []}
+    for lst in data["listeners"]:
+        assert not proxy_keys.keys() & lst.keys()
+        lst.update(proxy_keys)
     assert _walk_missing(Config, data, "", defaults) == []
+    for key in proxy_keys:
+        assert f"# {key} = " in text, f"listeners.{key} is not documented"
     for f in dataclasses.fields(config.TrustedNetwork):
         assert f"# {f.name} = " in text, f"trusted_networks.{f.name} is not documented"
     assert "# [[trusted_networks]]" in text
@@ -154,6 +161,18 @@ BAD = [
     ("listeners = []", "listeners", "at least one listener"),
     # enums
     ("[[listeners]]\nport = 465\ntls = 'ssl'", "listeners[0].tls", "must be one of starttls, implicit, got 'ssl'"),
+    ("[[listeners]]\nport = 587\nproxy_protocol = true", "listeners[0].trusted_proxies",
+     "required with proxy_protocol = true"),
+    ("[[listeners]]\nport = 587\nproxy_protocol = true\ntrusted_proxies = []", "listeners[0].trusted_proxies",
+     "required with proxy_protocol = true"),
+    ("[[listeners]]\nport = 587\ntrusted_proxies = ['10.0.0.5/32']", "listeners[0].trusted_proxies",
+     "only means something with proxy_protocol = true"),
+    ("[[listeners]]\nport = 587\nproxy_protocol = true\ntrusted_proxies = ['10.0.0.5/33']",
+     "listeners[0].trusted_proxies[0]", "not a CIDR network"),
+    ("[[listeners]]\nport = 587\nproxy_protocol = 'yes'\ntrusted_proxies = ['10.0.0.5']",
+     "listeners[0].proxy_protocol", "expected"),
+    ("[limits]\nproxy_header_timeout = 0", "limits.proxy_header_timeout", "must be > 0"),
+    ("[limits]\nproxy_headers = 0", "limits.proxy_headers", "must be > 0"),
     ("[delivery]\nmode = 'foo'", "delivery.mode", "must be 'mx' or 'smarthost', got 'foo'"),
     ("[delivery.smarthost]\ntls = 'ssl'", "delivery.smarthost.tls", "starttls, implicit, none, got 'ssl'"),
     ("[logging]\nlevel = 'verbose'", "logging.level", "got 'verbose'"),
