@@ -109,7 +109,8 @@ STORAGE_BACKENDS = ("sqlite", "postgres")
 # What `storage.backend = "postgres"` does not cover yet (issue 17): while this is not empty the
 # config is refused at load, so no process (serve, delivery, CLI, web admin) can run half on
 # PostgreSQL and half on the SQLite file.
-POSTGRES_NOT_YET = ("relay serve", "the delivery process", "the CLI", "the web admin and HTTP API")
+POSTGRES_NOT_YET = ("the TLS state store (MTA-STS cache, downgrade memory, TLSRPT counts)",
+                    "relay serve, the delivery process, the CLI, the web admin and HTTP API opening the stores")
 
 
 @dataclass(frozen=True)
@@ -532,8 +533,8 @@ def _validate_storage(st: StorageConfig) -> None:
         return
     check_postgres_dsn(st)
     if POSTGRES_NOT_YET:
-        raise ConfigError("storage.backend", "'postgres' is a preview: every store exists on PostgreSQL, but "
-                          f"{', '.join(POSTGRES_NOT_YET)} do not open them yet; use 'sqlite' (issue 17)")
+        raise ConfigError("storage.backend", "'postgres' is a preview, not usable yet: missing "
+                          f"{'; '.join(POSTGRES_NOT_YET)}; use 'sqlite' (issue 17)")
 
 
 def check_postgres_dsn(st: StorageConfig) -> None:

@@ -220,7 +220,8 @@ class PgQueueStore:
         rcpts = msg.recipients
         await conn.execute(
             "WITH m AS (INSERT INTO messages(id, sender, created_at, size, auth_user, client_ip, ret, envid, "
-            "  smtputf8, dkim_domain, accepted_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)), "
+            "  smtputf8, dkim_domain, accepted_by, requiretls) "
+            "  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $18)), "
             "b AS (INSERT INTO bodies(id, data) VALUES ($1, $12)), "
             "r AS (INSERT INTO recipients(msg_id, rcpt, route, state, next_attempt_at, notify, orcpt, updated_at) "
             "  SELECT $1, a, rt, 'pending', $3, n, o, $3 FROM unnest($13::text[], $14::text[], $15::text[], "
@@ -230,7 +231,8 @@ class PgQueueStore:
             msg.dkim_domain, self.owner.node, msg.data if data is None else data,
             [r.address for r in rcpts], [r.route for r in rcpts], [r.notify for r in rcpts],
             [r.orcpt for r in rcpts],
-            f"from=<{msg.sender}> rcpts={len(rcpts)} size={msg.size}", timeout=self.commit_timeout)
+            f"from=<{msg.sender}> rcpts={len(rcpts)} size={msg.size}", int(msg.requiretls),
+            timeout=self.commit_timeout)
 
     # ------------------------------------------------------------ claim / renew / holds
 
@@ -246,7 +248,7 @@ class PgQueueStore:
         async def op(conn: asyncpg.Connection) -> list[Job]:
             rows = await conn.fetch(
                 "SELECT r.id, r.msg_id, r.rcpt, r.route, r.attempts, r.notify, r.orcpt, "
-                "m.sender, m.created_at, m.size, m.ret, m.envid, m.smtputf8, m.warned "
+                "m.sender, m.created_at, m.size, m.ret, m.envid, m.smtputf8, m.warned, m.requiretls "
                 "FROM recipients r JOIN messages m ON m.id = r.msg_id "
                 "WHERE r.state IN ('pending', 'deferred') AND r.next_attempt_at <= $1 "
                 "AND NOT (r.route = ANY($2::text[])) "
@@ -262,7 +264,7 @@ class PgQueueStore:
                 if job is None:
                     job = jobs[key] = Job(r["msg_id"], key[1], secrets.token_hex(8), r["sender"], r["created_at"],
                                           r["size"], r["ret"], r["envid"], bool(r["smtputf8"]), bool(r["warned"]),
-                                          until, confirmed_at=t)
+                                          until, confirmed_at=t, requiretls=bool(r["requiretls"]))
                 job.recipients.append(ClaimedRecipient(r["id"], r["rcpt"], r["attempts"] + 1, r["notify"],
                                                        r["orcpt"]))
                 ids.append(r["id"])
@@ -389,11 +391,12 @@ class PgQueueStore:
                 [u.error for u in updates], [u.remote_mta for u in updates], job.token)
             if len(changed) != len(updates):
                 raise LeaseLost(job.msg_id)  # rolls back: nothing of this settle remains
-            notes = [(*(tuple(h) + (None, None))[:5],) for h in history]
-            notes += [(None, "bounce", f"report {qid} queued to <{b.recipients[0].address}>", None, None)
+            # (rcpt, event, detail[, host, tls[, tls_policy, tls_cipher, tls_verified]])
+            notes = [(tuple(h) + (None,) * 5)[:8] for h in history]
+            notes += [(None, "bounce", f"report {qid} queued to <{b.recipients[0].address}>") + (None,) * 5
                       for qid, b in zip(bounce_ids, bounces)]
             if not job.sender and any(u.state == "failed" for u in updates):
-                notes.append((None, "dropped", "a bounce that failed: no bounce for a bounce", None, None))
+                notes.append((None, "dropped", "a bounce that failed: no bounce for a bounce") + (None,) * 5)
             if notes:
                 await self._history(conn, job.msg_id, now, notes)
             if mark_warned:
@@ -410,11 +413,13 @@ class PgQueueStore:
 
     @staticmethod
     async def _history(conn: asyncpg.Connection, msg_id: str, now: float, notes: list[tuple]) -> None:
+        cols = [list(col) for col in zip(*notes)]
+        cols[7] = [None if v is None else int(v) for v in cols[7]]  # tls_verified: a bool or None
         await conn.execute(
-            "INSERT INTO history(msg_id, ts, rcpt, event, detail, host, tls) "
-            "SELECT $1, $2, a, e, d, h, t FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[]) "
-            "AS u(a, e, d, h, t)",
-            msg_id, now, *[list(col) for col in zip(*notes)])
+            "INSERT INTO history(msg_id, ts, rcpt, event, detail, host, tls, tls_policy, tls_cipher, tls_verified) "
+            "SELECT $1, $2, a, e, d, h, t, p, c, v FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], "
+            "$7::text[], $8::text[], $9::text[], $10::smallint[]) AS u(a, e, d, h, t, p, c, v)",
+            msg_id, now, *cols)
 
     @staticmethod
     async def _finish_if_final(conn: asyncpg.Connection, msg_id: str, now: float) -> bool:
@@ -522,7 +527,8 @@ class PgQueueStore:
             "SELECT rcpt, route, state, attempts, next_attempt_at, last_error, remote_mta, notify, orcpt, lease_token, "
             "lease_owner FROM recipients WHERE msg_id = $1 ORDER BY id", msg_id)
         hist = await self._fetch(
-            "SELECT ts, rcpt, event, detail, host, tls FROM history WHERE msg_id = $1 ORDER BY ts, seq", msg_id)
+            "SELECT ts, rcpt, event, detail, host, tls, tls_policy, tls_cipher, tls_verified FROM history "
+            "WHERE msg_id = $1 ORDER BY ts, seq", msg_id)
         body = await self.body(msg_id, limit=0) or b""
         head = body.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
         now = self._clock()

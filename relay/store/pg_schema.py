@@ -148,6 +148,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX admin_sessions_user ON admin_sessions(username);
     """,
+    # 5: what SQLite's schema 9 added to the queue (issue 15): per attempt the outbound TLS
+    # policy applied, the cipher and whether the certificate was verified; RFC 8689 REQUIRETLS
+    # per message. (The TLS state tables are not here yet: that store is not on PostgreSQL.)
+    """
+    ALTER TABLE history ADD COLUMN tls_policy text;
+    ALTER TABLE history ADD COLUMN tls_cipher text;
+    ALTER TABLE history ADD COLUMN tls_verified smallint;
+    ALTER TABLE messages ADD COLUMN requiretls smallint NOT NULL DEFAULT 0;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

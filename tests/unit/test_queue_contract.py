@@ -341,3 +341,14 @@ async def test_activity_by_domain_counts_outcomes(store, clock):
                        history=[(bob.address, "delivered", "250"), (carol.address, "deferred", "451 x")])
     assert await store.activity_by_domain(clock.t - 1) == {"mg.example.com": {"delivered": 1, "deferred": 1}}
     assert await store.activity_by_domain(clock.t + 1) == {}
+
+
+async def test_requiretls_and_the_attempts_tls_policy_are_kept(store):
+    qid = await store.enqueue(message("bob@example.net", requiretls=True))
+    [job] = await store.claim(100)
+    assert job.requiretls is True
+    await store.settle(job, done(job), history=[("bob@example.net", "delivered", "250 ok", "mx.example.net",
+                                                 "TLSv1.3", "sts-enforce", "TLS_AES_256_GCM_SHA384", True)])
+    [h] = [h for h in (await store.show(qid))["history"] if h["event"] == "delivered"]
+    assert (h["host"], h["tls"], h["tls_policy"], h["tls_cipher"], bool(h["tls_verified"])) == (
+        "mx.example.net", "TLSv1.3", "sts-enforce", "TLS_AES_256_GCM_SHA384", True)
