@@ -251,3 +251,21 @@ async def test_the_two_schemas_have_the_same_tables_and_columns(dsn, tmp_path):
     finally:
         await pg.close()
     assert lite - only_sqlite == pgcols - only_pg
+
+
+async def test_nodes_lists_each_owners_leases(dsn):
+    """The data behind a later `relay node list`: who holds how many recipients, until when."""
+    pool = await create_pool(dsn, size=2)
+    try:
+        a = PgQueueStore(pool, owner=LeaseOwner("a", "1"), lease_seconds=60)
+        b = PgQueueStore(pool, owner=LeaseOwner("b", "1"), lease_seconds=60)
+        for i in range(3):
+            await a.enqueue(message(f"u{i}@d{i}.example"))
+        ja = await a.claim(2)
+        jb = await b.claim(10)
+        assert [(n["lease_owner"], n["leased"]) for n in await a.nodes()] == [("a/1", 2), ("b/1", 1)]
+        await b.settle(jb[0], [RecipientUpdate(jb[0].recipients[0].id, "delivered", 0.0)])
+        await a.release(ja[0])
+        assert [(n["lease_owner"], n["leased"]) for n in await a.nodes()] == [("a/1", 1)]
+    finally:
+        await pool.close()
