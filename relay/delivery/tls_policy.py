@@ -4,7 +4,10 @@ router and the outbound session follow, instead of loose tls/verify flags.
 Levels (Postfix TLS_README): none, may, encrypt, verify, dane, dane-only. Where a level comes
 from, the operator's word last:
   1. `[delivery.tls_policy]` per-domain overrides (config) - final, the downgrade memory too;
-  2. DANE (RFC 7672): the hook `_dane()`; not implemented yet, it returns None;
+  2. DANE (RFC 7672, `dane.py`), with `dns.dnssec_resolver` set: a DNSSEC-secure MX set whose
+     hosts have secure usable TLSA records = dane (TLS required, the certificate must match;
+     wins over MTA-STS, RFC 8461 2); only unusable records = encrypt; a bogus MX lookup = dane
+     with `dane.bogus` (the router defers); per host, `Decision.dane` says how each is tried;
   3. MTA-STS (RFC 8461): "enforce" = verify, and only MX hosts matching the policy;
      "testing" = may, with failures logged and counted (for TLSRPT, RFC 8460);
   4. `delivery.require_tls` / `require_tls_domains` = verify (what they always meant here);
@@ -30,6 +33,7 @@ import dns.asyncresolver
 from .. import metrics
 from ..config import Config
 from ..logs import event
+from .dane import DANE, DANEResult
 from .mta_sts import MTASTS, Fetcher, Policy
 
 log = logging.getLogger("relay.delivery")
@@ -40,8 +44,8 @@ class Level(str, enum.Enum):
     MAY = "may"
     ENCRYPT = "encrypt"
     VERIFY = "verify"
-    DANE = "dane"            # hook only: no source gives it yet
-    DANE_ONLY = "dane-only"  # hook only
+    DANE = "dane"            # from DNSSEC-secure usable TLSA records (dane.py)
+    DANE_ONLY = "dane-only"  # not a source yet: refused in config
 
     def __str__(self) -> str:
         return self.value
@@ -67,6 +71,7 @@ class Decision:
     source: str                     # config | mta-sts | require_tls | default | downgrade | smarthost
     sts: Policy | None = None       # the MTA-STS policy in force (enforce or testing)
     floor: str | None = None        # the remembered security that raised the level
+    dane: DANEResult | None = None  # the TLSA records per MX host (source "dane")
 
     @property
     def label(self) -> str:
@@ -146,6 +151,7 @@ class TLSPolicy:
         self.overrides = {k: Level(v) for k, v in d.tls_policy.items()}
         ctx = verified_context or ssl.create_default_context()
         self.mta_sts = MTASTS(Fetcher(resolver, ctx, d.mta_sts_port), self.state, self.clock) if d.mta_sts else None
+        self.dane = DANE.from_config(cfg)
 
     # ------------------------------------------------------------ deciding
 
@@ -156,8 +162,9 @@ class TLSPolicy:
         if level is not None:
             return Decision(domain, level, "config")
         decision = await self._dane(domain)
-        if decision is None:
-            decision = await self._sts(domain)
+        if decision is not None:
+            return decision  # DANE says what is allowed: the downgrade memory does not raise it
+        decision = await self._sts(domain)
         if decision is None:
             if d.require_tls or domain in d.require_tls_domains:
                 decision = Decision(domain, Level.VERIFY, "require_tls")
@@ -171,9 +178,17 @@ class TLSPolicy:
         return decision
 
     async def _dane(self, domain: str) -> Decision | None:
-        """DANE (RFC 7672) goes here: usable TLSA records for the MX hosts give `dane` (and win
-        over MTA-STS, RFC 8461 2); only unusable ones give `encrypt`. Not implemented yet."""
-        return None
+        """DANE (RFC 7672): usable TLSA records for the MX hosts give `dane` (and win over
+        MTA-STS, RFC 8461 2); only unusable ones give `encrypt`; a bogus lookup gives `dane` with
+        the failure, so nothing is sent. None: DANE does not apply (no resolver, insecure)."""
+        if self.dane is None:
+            return None
+        result = await self.dane.lookup(domain)
+        if result is None:
+            return None
+        if result.bogus or result.any_usable or all(h.bogus for h in result.hosts.values()):
+            return Decision(domain, Level.DANE, "dane", dane=result)
+        return Decision(domain, Level.ENCRYPT, "dane", dane=result)
 
     async def _sts(self, domain: str) -> Decision | None:
         if self.mta_sts is None or domain.startswith("["):
