@@ -183,6 +183,17 @@ MIGRATIONS: list[str] = [
     ALTER TABLE history ADD COLUMN tls_policy TEXT;
     ALTER TABLE history ADD COLUMN tls_cipher TEXT;
     ALTER TABLE history ADD COLUMN tls_verified INTEGER;
+    ALTER TABLE messages ADD COLUMN requiretls INTEGER NOT NULL DEFAULT 0;  -- RFC 8689 MAIL parameter
+    CREATE TABLE tlsrpt_counts (                 -- RFC 8460: sessions per UTC day and policy
+        day           TEXT NOT NULL,             -- YYYY-MM-DD
+        policy_domain TEXT NOT NULL,
+        policy_type   TEXT NOT NULL,             -- sts | no-policy-found
+        policy_string TEXT NOT NULL,             -- JSON list of the policy's lines
+        mx_host       TEXT NOT NULL,
+        result        TEXT NOT NULL,             -- '' = success, else the result type
+        count         INTEGER NOT NULL,
+        PRIMARY KEY (day, policy_domain, policy_type, policy_string, mx_host, result)
+    );
     """,
 ]
 

@@ -40,6 +40,7 @@ class MailParams:
     auth: str | None = None
     ret: str | None = None
     envid: str | None = None
+    requiretls: bool = False   # RFC 8689: deliver only over verified TLS, to servers that take it on
 
 
 @dataclass
@@ -186,7 +187,8 @@ def _split_params(text: str) -> list[tuple[str, str | None]] | Reply:
     return out
 
 
-def parse_mail_params(text: str, *, size_limit: int) -> MailParams | Reply:
+def parse_mail_params(text: str, *, size_limit: int, requiretls: bool = False) -> MailParams | Reply:
+    """`requiretls`: the REQUIRETLS parameter is offered (RFC 8689 4.1: only over TLS)."""
     params = MailParams()
     items = _split_params(text)
     if isinstance(items, Reply):
@@ -221,6 +223,10 @@ def parse_mail_params(text: str, *, size_limit: int) -> MailParams | Reply:
             if not value or decoded is None or len(value) > _ENVID_MAX:
                 return replies.PARAM_SYNTAX.with_text("ENVID must be xtext, at most 100 characters")
             params.envid = decoded
+        elif key == "REQUIRETLS" and requiretls:
+            if value is not None:
+                return replies.PARAM_SYNTAX.with_text("REQUIRETLS takes no value")
+            params.requiretls = True
         else:
             return replies.UNKNOWN_PARAM.with_text(f"Unsupported MAIL parameter {key}")
     return params

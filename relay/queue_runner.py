@@ -445,7 +445,7 @@ class QueueRunner:
                 return
             body = dataclasses.replace(body, prefix=prefix)
         env = Envelope(job.sender, tuple(OutRecipient(r.address, r.notify, r.orcpt) for r in job.recipients),
-                       body, job.smtputf8, job.ret, job.envid, job.msg_id)
+                       body, job.smtputf8, job.ret, job.envid, job.msg_id, job.requiretls)
         loop = asyncio.get_running_loop()
         attempt_deadline = loop.time() + self.cfg.delivery.attempt_timeout
         deadline = asyncio.timeout_at(min(attempt_deadline, self._lease_deadline(job, self.clock(), loop.time())))
@@ -642,6 +642,9 @@ class QueueRunner:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+        policy = getattr(self.router, "tls_policy", None)
+        if policy is not None:
+            await policy.flush()  # TLSRPT counts still in memory
 
     async def _release(self, job: Job) -> None:
         try:

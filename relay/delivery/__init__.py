@@ -54,6 +54,7 @@ class Envelope:
     ret: str | None = None
     envid: str | None = None
     qid: str | None = None     # for log lines only: delivery never sees the store
+    requiretls: bool = False   # RFC 8689: verified TLS and a receiver that advertises REQUIRETLS, or 5.7.30
 
 
 class Fenced(Exception):

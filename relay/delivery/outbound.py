@@ -222,6 +222,19 @@ class Session:
                     PERMANENT, f"{self.host} does not support SMTPUTF8, required by this message's addresses",
                     "5.6.7", self.host, self.tls))
             opts.append("SMTPUTF8")
+        if env.requiretls:
+            # RFC 8689 4.2.1: only over TLS whose certificate was verified, to a server that
+            # advertises REQUIRETLS (and takes the parameter on); anything else is a permanent
+            # failure, 5.7.30, never a silent downgrade.
+            if not self.verified:
+                return all_same(env, RcptOutcome(
+                    PERMANENT, f"REQUIRETLS: {self.host} could not be reached over verified TLS "
+                    f"(TLS: {self.tls})", "5.7.30", self.host, self.tls))
+            if not c.supports_extension("requiretls"):
+                return all_same(env, RcptOutcome(
+                    PERMANENT, f"REQUIRETLS: {self.host} does not support REQUIRETLS, required by the sender",
+                    "5.7.30", self.host, self.tls))
+            opts.append("REQUIRETLS")
         dsn = c.supports_extension("dsn")
         if dsn and env.ret:
             opts.append(f"RET={env.ret}")

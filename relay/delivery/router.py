@@ -119,6 +119,7 @@ class MXRoute(_Route):
         if decision.dane is not None and decision.dane.bogus:
             # RFC 7672 2.2.1: a bogus MX set under DNSSEC defers the whole domain; nothing is sent.
             policy.failed(decision, self.domain, "dnssec-invalid", decision.dane.bogus)
+            policy.count(decision, self.domain, "dnssec-invalid")
             raise ConnectFailure(f"DNSSEC validation failed for the mail hosts of {self.domain} "
                                  f"({decision.dane.bogus}); will retry", "4.7.5", tls_result="dnssec-invalid")
         hosts = await resolve_mx(r.resolver, self.domain)
@@ -129,6 +130,7 @@ class MXRoute(_Route):
             if decision.sts is not None and not decision.sts.allows(host):
                 patterns = ",".join(decision.sts.mx)
                 policy.failed(decision, host, "mx-mismatch", f"{host} matches none of {patterns}")
+                policy.count(decision, host, "mx-mismatch")
                 if decision.enforce_mx:
                     # RFC 8461 5: an MX host the policy does not list is not used. Transient (4.7.x):
                     # the policy may change, and RFC 8461 5.1 wants a fresh look before giving up.
@@ -140,6 +142,7 @@ class MXRoute(_Route):
             if dane_host is not None and dane_host.bogus:
                 # RFC 7672 2.1.1: a TLSA lookup that failed (SERVFAIL: bogus) rules the host out.
                 policy.failed(decision, host, "dnssec-invalid", dane_host.bogus)
+                policy.count(decision, host, "dnssec-invalid")
                 last = ConnectFailure(f"{host}: DANE TLSA lookup failed ({dane_host.bogus}); not used; "
                                       "will retry", "4.7.5", host=host, tls_result="dnssec-invalid")
                 continue
@@ -167,6 +170,7 @@ class MXRoute(_Route):
                           sessions=sessions)
                     raise last
                 addresses_tried += 1
+                verified_failed = ""
                 for tls, verify in steps:
                     check = verify if isinstance(verify, DANECheck) else None
                     verify = bool(verify) and check is None
@@ -191,6 +195,8 @@ class MXRoute(_Route):
                                   address=address, result=exc.tls_result, error=exc.reply)
                         if exc.tls_result:
                             last = self._tls_failure(decision, host, exc, verify)
+                            if decision.report and verify:
+                                verified_failed = exc.tls_result  # counted with the session that follows
                         # A failed handshake: try the next step of the policy on the same host
                         # (without verification, then in plain text, where the level allows).
                         if not exc.tls_failed:
@@ -198,6 +204,11 @@ class MXRoute(_Route):
                         continue
                     if decision.report and s.tls == "plain":
                         policy.failed(decision, host, "starttls-not-supported", "delivered without TLS (testing)")
+                        policy.count(decision, host, "starttls-not-supported")
+                    elif decision.report and verified_failed:
+                        policy.count(decision, host, verified_failed)  # testing: would have failed
+                    else:
+                        policy.count(decision, host)
                     await policy.observe(decision, s.security)
                     event(log, "outbound_connected", domain=self.domain, mx=host, address=address, tls=s.tls,
                           tls_cipher=s.cipher, tls_verified=s.verified, tls_policy=decision.label,
@@ -227,6 +238,12 @@ class MXRoute(_Route):
         result = exc.tls_result or "validation-failure"
         if verify and not decision.verify_required and result != "starttls-not-supported":
             policy.note_unverifiable(host)  # learnt, not required: not tried verified for a while
+        # A failed session for TLSRPT: where the policy required what failed. (A testing policy's
+        # failure is counted with the session that follows; under may, a verification that was
+        # only being learnt is no failure.)
+        if not decision.report and (decision.verify_required or (decision.tls_required and
+                                                                 result == "starttls-not-supported")):
+            policy.count(decision, host, result)
         if decision.source == "downgrade" and (decision.verify_required or result == "starttls-not-supported"):
             # Less than this domain had before, and no policy says that is fine: a stripping attacker?
             policy.refused(decision, host, result)

@@ -21,10 +21,13 @@ become a bounce without a fresh look at the policy (`MTASTS.forget` forces it).
 """
 from __future__ import annotations
 
+import asyncio
 import enum
+import json
 import logging
 import ssl
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -35,6 +38,7 @@ from ..config import Config
 from ..logs import event
 from .dane import DANE, DANEResult
 from .mta_sts import MTASTS, Fetcher, Policy
+from .tlsrpt import policy_lines
 
 log = logging.getLogger("relay.delivery")
 
@@ -62,6 +66,8 @@ SEEN_REFRESH = 3600
 # A host whose certificate did not verify is not tried with verification again (under may or
 # encrypt, where verification is only learnt, not required) for this long.
 UNVERIFIABLE_FOR = 3600
+# TLSRPT session counts are kept in memory and added to the store at most this often (and at stop).
+COUNTS_FLUSH = 60.0
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,9 @@ class TLSPolicy:
         self.clock = clock
         self._memory: dict[str, tuple[str, float, float]] = {}   # domain -> (best, seen_at, written_at)
         self._unverifiable: dict[str, float] = {}                 # MX host -> until
+        self._counts: Counter[tuple[str, str, str, str, str, str]] = Counter()
+        self._flushed_at = clock()
+        self._flush_task: asyncio.Task | None = None
         self.configure(cfg, resolver, verified_context)
 
     def configure(self, cfg: Config, resolver: dns.asyncresolver.Resolver,
@@ -265,6 +274,42 @@ class TLSPolicy:
         if len(self._unverifiable) > 50000:
             self._unverifiable.clear()
         self._unverifiable[host] = self.clock() + UNVERIFIABLE_FOR
+
+    # ------------------------------------------------------------ TLSRPT counts (RFC 8460)
+
+    def count(self, decision: Decision, host: str, result: str = "") -> None:
+        """One session (RFC 8460 counts sessions) to `host`: "" a success, else its result type."""
+        if decision.source == "smarthost" or decision.level is Level.NONE and decision.source == "config":
+            return
+        now = self.clock()
+        day = time.strftime("%Y-%m-%d", time.gmtime(now))
+        dane_host = decision.dane.host(host) if decision.dane is not None else None
+        if dane_host is not None and dane_host.records:
+            # RFC 8460 4.4: policy-type tlsa, the policy-string the TLSA RRset in presentation form.
+            lines = sorted(f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in dane_host.records)
+            key = (day, decision.domain, "tlsa", json.dumps(lines), host, result)
+        elif decision.dane is not None and decision.dane.bogus:
+            key = (day, decision.domain, "tlsa", "[]", host, result)
+        elif decision.sts is not None:
+            p = decision.sts
+            key = (day, decision.domain, "sts", json.dumps(policy_lines(p.mode, p.mx, p.max_age)), host, result)
+        else:
+            key = (day, decision.domain, "no-policy-found", "[]", host, result)
+        self._counts[key] += 1
+        if now - self._flushed_at >= COUNTS_FLUSH and (self._flush_task is None or self._flush_task.done()):
+            self._flush_task = asyncio.get_running_loop().create_task(self.flush())
+
+    async def flush(self) -> None:
+        """Add the counts held in memory to the store (one transaction)."""
+        self._flushed_at = self.clock()
+        if not self._counts or self.state is None:
+            return
+        counts, self._counts = self._counts, Counter()
+        try:
+            await self.state.add_tlsrpt([(*k, n) for k, n in counts.items()])
+        except Exception as exc:  # noqa: BLE001 - kept for the next flush
+            self._counts.update(counts)
+            event(log, "tlsrpt_counts_unsaved", logging.WARNING, error=f"{type(exc).__name__}: {exc}")
 
     def failed(self, decision: Decision, host: str, result: str, detail: str) -> None:
         """A policy failure (enforce: the MX is skipped; testing: the mail goes all the same)."""

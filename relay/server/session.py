@@ -577,7 +577,8 @@ class Session(SMTP):
         if not self.tls_active:
             lines.append("STARTTLS")
         else:
-            lines.append("AUTH " + " ".join(AUTH_MECHANISMS))
+            # RFC 8689 4.1: REQUIRETLS is offered only once the session is encrypted.
+            lines += ["AUTH " + " ".join(AUTH_MECHANISMS), "REQUIRETLS"]
         await self.push("\r\n".join(replies.multiline(250, lines)))
 
     async def smtp_NOOP(self, arg: str | None) -> None:
@@ -859,7 +860,8 @@ class Session(SMTP):
         if param_text and not self.esmtp:
             await self.reply(replies.MAIL_SYNTAX)
             return
-        params = policy.parse_mail_params(param_text, size_limit=self.state.settings.limits.message_size)
+        params = policy.parse_mail_params(param_text, size_limit=self.state.settings.limits.message_size,
+                                          requiretls=self.tls_active)
         if isinstance(params, Reply):
             await self.reply(self._reject("size" if params is replies.SIZE_EXCEEDED else "parameter", params))
             return
@@ -1089,6 +1091,7 @@ class Session(SMTP):
             recipients=tuple(NewRecipient(str(a), a.ascii_domain, p.notify, p.orcpt) for a, p in txn.recipients),
             data=message, auth_user=txn.principal.username, client_ip=self.client_ip,
             ret=txn.params.ret, envid=txn.params.envid, smtputf8=txn.params.smtputf8, queue_id=qid,
+            requiretls=txn.params.requiretls,
             dkim_domain=sign_domain, spool_file=qid if spooled else None, spool_size=size if spooled else 0,
             spool_ascii=incoming.ascii)
         await self.state.queue.enqueue(new)

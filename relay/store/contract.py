@@ -83,6 +83,7 @@ class NewMessage:
     spool_file: str | None = None
     spool_size: int = 0
     spool_ascii: bool = False      # the spooled bytes are all ASCII (delivery then skips a scan)
+    requiretls: bool = False       # RFC 8689 REQUIRETLS: only over verified TLS to a REQUIRETLS server
 
     @property
     def size(self) -> int:
@@ -115,6 +116,7 @@ class Job:
     recipients: list[ClaimedRecipient] = field(default_factory=list)
     confirmed_at: float = 0.0      # when the store last confirmed the token (claim or renewal)
     lost: bool = False             # a renewal found the token gone: never send, never settle
+    requiretls: bool = False       # RFC 8689 (issue 15)
 
 
 @dataclass(frozen=True)
@@ -179,3 +181,4 @@ class TLSState(Protocol):
     async def get_security(self, domain: str) -> tuple[str, float] | None: ...
     async def note_security(self, domain: str, seen: str, now: float) -> None: ...
     async def reset_security(self, domain: str, seen: str, now: float) -> None: ...
+    async def add_tlsrpt(self, rows: list[tuple[str, str, str, str, str, str, int]]) -> None: ...

@@ -76,9 +76,9 @@ class QueueStore:
     def _insert(self, conn: sqlite3.Connection, qid: str, msg: NewMessage, now: float) -> None:
         conn.execute(
             "INSERT INTO messages(id, sender, created_at, size, auth_user, client_ip, ret, envid, smtputf8, "
-            "dkim_domain) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "dkim_domain, requiretls) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (qid, msg.sender, now, msg.size, msg.auth_user, msg.client_ip, msg.ret, msg.envid, int(msg.smtputf8),
-             msg.dkim_domain))
+             msg.dkim_domain, int(msg.requiretls)))
         conn.execute("INSERT INTO bodies(id, data, path, ascii) VALUES (?, ?, ?, ?)",
                      (qid, msg.data, msg.spool_file, int(msg.spool_ascii) if msg.spool_file else None))
         conn.executemany(
@@ -114,7 +114,7 @@ class QueueStore:
         def op(conn: sqlite3.Connection) -> list[Job]:
             rows = conn.execute(
                 "SELECT r.id, r.msg_id, r.rcpt, r.route, r.attempts, r.notify, r.orcpt, "
-                "m.sender, m.created_at, m.size, m.ret, m.envid, m.smtputf8, m.warned "
+                "m.sender, m.created_at, m.size, m.ret, m.envid, m.smtputf8, m.warned, m.requiretls "
                 "FROM recipients r JOIN messages m ON m.id = r.msg_id "
                 "WHERE r.state IN ('pending', 'deferred') AND r.next_attempt_at <= ?"
                 f"{skip.replace('route', 'r.route')} ORDER BY r.next_attempt_at LIMIT ?",
@@ -127,7 +127,7 @@ class QueueStore:
                 if job is None:
                     job = jobs[key] = Job(r["msg_id"], key[1], secrets.token_hex(8), r["sender"], r["created_at"],
                                           r["size"], r["ret"], r["envid"], bool(r["smtputf8"]), bool(r["warned"]),
-                                          until, confirmed_at=t)
+                                          until, confirmed_at=t, requiretls=bool(r["requiretls"]))
                 job.recipients.append(ClaimedRecipient(r["id"], r["rcpt"], r["attempts"] + 1, r["notify"], r["orcpt"]))
                 # The lease is the due time: a crashed worker's rows come due again by themselves.
                 updates.append((until, job.token, owner, r["id"]))

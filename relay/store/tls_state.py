@@ -59,6 +59,23 @@ class TLSStateStore:
             "FROM mta_sts_policies ORDER BY domain")
         return [dict(r) for r in rows]
 
+    # ------------------------------------------------------------ TLSRPT counts (RFC 8460)
+
+    async def add_tlsrpt(self, rows: list[tuple[str, str, str, str, str, str, int]]) -> None:
+        """Add (day, policy_domain, policy_type, policy_string, mx_host, result, count) rows."""
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO tlsrpt_counts(day, policy_domain, policy_type, policy_string, mx_host, result, count) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(day, policy_domain, policy_type, policy_string, mx_host, "
+                "result) DO UPDATE SET count = count + excluded.count", rows)
+        await self._writer.write(op)
+
+    async def tlsrpt_rows(self, day: str) -> list[dict[str, Any]]:
+        rows = await self._conn.execute_fetchall(
+            "SELECT day, policy_domain, policy_type, policy_string, mx_host, result, count FROM tlsrpt_counts "
+            "WHERE day = ? ORDER BY policy_domain, policy_type, policy_string, mx_host, result", (day,))
+        return [dict(r) for r in rows]
+
     # ------------------------------------------------------------ downgrade memory
 
     async def get_security(self, domain: str) -> tuple[str, float] | None:

@@ -173,6 +173,13 @@ def test_dane_ee_and_dane_ta_deliver_authenticated(make_relay, world, ca):
     assert connected["dane"].startswith("3 1 1 ")
     assert relay.events_named("outbound_connected", domain="ta.dane.test")[0]["dane"].startswith("2 0 1 ")
     assert metric(relay, "relay_delivery_tls_total", policy="dane", result="verified") == 2
+    relay.stop()
+    db = relay.db()
+    try:
+        rows = db.execute("SELECT policy_domain, policy_type, result FROM tlsrpt_counts").fetchall()
+    finally:
+        db.close()
+    assert {("ee.dane.test", "tlsa", ""), ("ta.dane.test", "tlsa", "")} <= {tuple(r) for r in rows}
 
 
 # ------------------------------------------------------------------ failures defer, nothing is sent
@@ -216,6 +223,18 @@ def test_mismatch_tampered_and_ta_name_failures_defer(make_relay, world, ca):
     assert not wrong.messages and not bogus.messages and not ta.messages
     assert metric(relay, "relay_tls_policy_failures_total", policy="dane") >= 3
     assert metric(relay, "relay_delivery_tls_total", policy="dane", result="tlsa-invalid") == 1
+    # TLSRPT (RFC 8460) session counts: policy-type tlsa, the TLSA RRset as the policy string.
+    relay.stop()
+    db = relay.db()
+    try:
+        rows = db.execute("SELECT policy_domain, policy_type, policy_string, mx_host, result "
+                          "FROM tlsrpt_counts").fetchall()
+    finally:
+        db.close()
+    got = {(d, t, mx, r): json.loads(ps) for d, t, ps, mx, r in rows}
+    assert got[("wrong.dane.test", "tlsa", "mx.wrong.dane.test", "tlsa-invalid")] == ["3 1 1 " + "ab" * 32]
+    assert ("bogus.dane.test", "tlsa", "mx.bogus.dane.test", "dnssec-invalid") in got
+    assert ("taname.dane.test", "tlsa", "mx.taname.dane.test", "certificate-host-mismatch") in got
 
 
 # ------------------------------------------------------------------ no DANE: unusable, unsigned

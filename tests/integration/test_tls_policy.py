@@ -76,12 +76,12 @@ def mx(dns_server, domain: str, host: str, ip: str) -> None:
     dns_server.set(host, "A", [ip])
 
 
-def send(relay, rcpt: str, subject: str = "hello") -> str:
+def send(relay, rcpt: str, subject: str = "hello", mail_options=()) -> str:
     s = relay.smtp()
     try:
         s.login(USER, PASSWORD)
         data = f"From: {USER}\r\nTo: {rcpt}\r\nSubject: {subject}\r\n\r\nbody\r\n"
-        code, msg = s.mail(USER)
+        code, msg = s.mail(USER, list(mail_options))
         assert code == 250, msg
         code, msg = s.rcpt(rcpt)
         assert code == 250, msg
@@ -168,6 +168,17 @@ def test_enforce_defers_a_non_matching_mx_or_a_bad_certificate(make_relay, dns_s
             assert not wrong.messages and not plain.messages and not base.messages  # nothing in the clear
             assert relay.events_named("tls_policy_failure", domain="b.test", result="mx-mismatch")
             assert metric(relay, "relay_tls_policy_failures_total", policy="sts-enforce") >= 3
+            # TLSRPT (RFC 8460) session counts, added to the store at stop at the latest.
+            relay.stop()
+            db = relay.db()
+            try:
+                rows = db.execute("SELECT policy_domain, policy_type, mx_host, result FROM tlsrpt_counts").fetchall()
+            finally:
+                db.close()
+            got = {tuple(r) for r in rows}
+            assert ("b.test", "sts", "rogue.example.test", "mx-mismatch") in got
+            assert ("c.test", "sts", "mx.c.test", "certificate-host-mismatch") in got
+            assert ("d.test", "sts", "mx.d.test", "starttls-not-supported") in got
         finally:
             wrong.stop()
             plain.stop()
@@ -342,3 +353,59 @@ def test_downgrade_protection_can_be_turned_off(make_relay, dns_server, ca, tmp_
             assert e["tls"] == "plain" and not relay.events_named("tls_downgrade_refused")
         finally:
             mx_sink.stop()
+
+
+# ------------------------------------------------------------------ REQUIRETLS (RFC 8689)
+
+def test_requiretls_is_offered_only_over_tls(make_relay, dns_server, ca, tmp_path):
+    with MXSink() as base:
+        relay = start_relay(make_relay, dns_server, base, ca, tmp_path, mta_sts=False)
+        s = smtplib.SMTP("127.0.0.1", relay.port, timeout=10)
+        try:
+            s.ehlo("client.test")
+            assert not s.has_extn("requiretls")
+            code, msg = s.mail(USER, ["REQUIRETLS"])
+            assert code in (530, 555), (code, msg)  # AUTH first, and the parameter is not offered here
+        finally:
+            s.close()
+        s = relay.smtp()
+        try:
+            assert s.has_extn("requiretls")
+            s.login(USER, PASSWORD)
+            assert s.mail(USER, ["REQUIRETLS=yes"])[0] == 501
+            assert s.mail(USER, ["REQUIRETLS"])[0] == 250
+        finally:
+            s.close()
+
+
+def test_requiretls_mail_goes_only_over_verified_tls_to_a_requiretls_server(make_relay, dns_server, ca, tmp_path):
+    with MXSink() as base:
+        able = sink_for(ca, "127.0.0.2", base.port, "mx.r1.test")
+        able.advertise_requiretls = True
+        unable = sink_for(ca, "127.0.0.3", base.port, "mx.r2.test")  # verified TLS, no REQUIRETLS
+        wrong = sink_for(ca, "127.0.0.4", base.port, "someone-else.test")
+        wrong.advertise_requiretls = True
+        try:
+            relay = start_relay(make_relay, dns_server, base, ca, tmp_path, mta_sts=False)
+            mx(dns_server, "r1.test", "mx.r1.test", "127.0.0.2")
+            mx(dns_server, "r2.test", "mx.r2.test", "127.0.0.3")
+            mx(dns_server, "r3.test", "mx.r3.test", "127.0.0.4")
+            q1, q2, q3 = (send(relay, f"bob@r{i}.test", mail_options=["REQUIRETLS"]) for i in (1, 2, 3))
+            e = delivery(relay, q1, result="delivered")
+            assert e["tls_verified"] is True
+            assert "REQUIRETLS" in able.messages[0].mail_options  # passed on
+            for q, why in ((q2, "does not support REQUIRETLS"), (q3, "could not be reached over verified TLS")):
+                e = delivery(relay, q, result="failed")
+                assert why in e["reply"], e
+                assert [r["state"] for r in show(relay, q)["recipients"]] == ["failed"]
+            assert not unable.messages and not wrong.messages
+            # The sender hears of it (RFC 8689 4.2.1: a permanent failure, 5.7.30).
+            wait_until(lambda: len([m for m in base.messages if m.mail_from in ("", "<>")]) == 2, timeout=20,
+                       what="two bounces")
+            assert all(b"5.7.30" in m.data for m in base.messages if m.mail_from in ("", "<>"))
+            # Mail without REQUIRETLS to the same host goes as before.
+            delivery(relay, send(relay, "bob@r2.test", "plain old"), result="delivered")
+        finally:
+            able.stop()
+            unable.stop()
+            wrong.stop()

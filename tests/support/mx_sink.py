@@ -117,7 +117,8 @@ class _SinkSMTP(SMTP):
         super().connection_lost(error)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        await super().smtp_MAIL(self._take_dsn_params(arg, _DSN_MAIL_PARAMS))
+        names = _DSN_MAIL_PARAMS | ({"REQUIRETLS"} if self.sink.advertise_requiretls else set())
+        await super().smtp_MAIL(self._take_dsn_params(arg, frozenset(names)))
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         await super().smtp_RCPT(self._take_dsn_params(arg, _DSN_RCPT_PARAMS))
@@ -125,7 +126,8 @@ class _SinkSMTP(SMTP):
     def _take_dsn_params(self, arg: str | None, names: frozenset[str]) -> str | None:
         """Strip DSN parameters aiosmtpd would refuse with 555; the handler records them."""
         self.dsn_params = []
-        if not arg or not self.sink.advertise_dsn or not self.session.extended_smtp:
+        if not arg or not (self.sink.advertise_dsn or self.sink.advertise_requiretls) \
+                or not self.session.extended_smtp:
             return arg
         # Parameters follow the bracketed path; look only after '>' so an address
         # can never be mistaken for a parameter.

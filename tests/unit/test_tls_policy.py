@@ -248,3 +248,97 @@ def test_tls_failure_classification():
     wrapped.__cause__ = verr(19)
     assert tls_result_of(wrapped) == "certificate-not-trusted"
     assert tls_result_of(ssl.SSLError("handshake")) == "validation-failure"
+
+
+# ------------------------------------------------------------------ the store behind it (SQLite)
+
+async def test_tls_state_store_on_sqlite(tmp_path):
+    from relay import db
+    from relay.store.tls_state import TLSStateStore
+    from relay.store.writer import GroupWriter
+
+    conn = await db.open_async(str(tmp_path / "tls.db"))
+    writer = GroupWriter(reader=conn)
+    try:
+        st_ = TLSStateStore(conn, writer)
+        assert await st_.get_sts("a.example") is None
+        p = Policy("id1", "enforce", ("mx.a.example", "*.b.a.example"), 600, 100.0)
+        await st_.put_sts("a.example", p, 100.0)
+        assert await st_.get_sts("a.example") == {"id": "id1", "mode": "enforce",
+                                                  "mx": ["mx.a.example", "*.b.a.example"],
+                                                  "max_age": 600, "fetched_at": 100.0}
+        await st_.put_sts("a.example", Policy("id2", "testing", ("mx.a.example",), 60, 200.0), 200.0)
+        await st_.sts_checked("a.example", 250.0)
+        (row,) = await st_.list_sts()
+        assert (row["policy_id"], row["mode"], row["expires_at"], row["txt_checked_at"]) == ("id2", "testing", 260.0, 250.0)
+        # The downgrade memory only rises (and is refreshed when equal) unless reset.
+        assert await st_.get_security("a.example") is None
+        await st_.note_security("a.example", "tls", 1.0)
+        await st_.note_security("a.example", "verified", 2.0)
+        await st_.note_security("a.example", "tls", 3.0)
+        assert await st_.get_security("a.example") == ("verified", 2.0)
+        await st_.note_security("a.example", "verified", 4.0)
+        assert await st_.get_security("a.example") == ("verified", 4.0)
+        await st_.reset_security("a.example", "tls", 5.0)
+        assert await st_.get_security("a.example") == ("tls", 5.0)
+        row = ("2025-12-02", "a.example", "sts", "[]", "mx.a.example", "", 2)
+        await st_.add_tlsrpt([row])
+        await st_.add_tlsrpt([row, row[:5] + ("certificate-expired", 1)])
+        got = await st_.tlsrpt_rows("2025-12-02")
+        assert [(r["result"], r["count"]) for r in got] == [("", 4), ("certificate-expired", 1)]
+    finally:
+        await writer.close()
+        await conn.close()
+
+
+def test_requiretls_mail_parameter():
+    from relay import policy as mail_policy, replies
+
+    assert mail_policy.parse_mail_params("REQUIRETLS", size_limit=10, requiretls=True).requiretls is True
+    assert mail_policy.parse_mail_params("", size_limit=10, requiretls=True).requiretls is False
+    refused = mail_policy.parse_mail_params("REQUIRETLS", size_limit=10, requiretls=False)
+    assert refused.code == replies.UNKNOWN_PARAM.code  # not offered before STARTTLS (RFC 8689 4.1)
+    assert mail_policy.parse_mail_params("REQUIRETLS=1", size_limit=10, requiretls=True).code == 501
+
+
+# ------------------------------------------------------------------ TLSRPT counts and report (RFC 8460)
+
+def test_tlsrpt_counts_and_report():
+    import gzip
+    import json as _json
+
+    from relay.delivery.tlsrpt import CountRow, build_report, gzip_report, policy_lines
+
+    now = 1_764_633_600.0  # 2025-12-02T00:00:00Z
+    state = FakeState()
+    added = []
+
+    async def add_tlsrpt(rows):
+        added.extend(rows)
+    state.add_tlsrpt = add_tlsrpt
+    p = _policy({}, state, now)
+    enforce = Decision("a.example", Level.VERIFY, "mta-sts", Policy("1", "enforce", ("mx.a.example",), 86400, 0.0))
+    plain = Decision("b.example", Level.MAY, "default")
+
+    async def run():
+        p.count(enforce, "mx.a.example")
+        p.count(enforce, "mx.a.example")
+        p.count(enforce, "rogue.example", "mx-mismatch")
+        p.count(plain, "mx.b.example")
+        p.count(Decision("smarthost", Level.VERIFY, "smarthost"), "smtp.example")  # not a recipient policy
+        await p.flush()
+    asyncio.run(run())
+    rows = [CountRow(*r) for r in added]
+    assert sum(r.count for r in rows) == 4 and {r.day for r in rows} == {"2025-12-02"}
+    report = build_report(rows, day="2025-12-02", organization="relay.test", contact="postmaster@relay.test",
+                          report_id="r1")
+    assert report["date-range"] == {"start-datetime": "2025-12-02T00:00:00Z", "end-datetime": "2025-12-02T23:59:59Z"}
+    a, b = report["policies"]
+    assert a["policy"] == {"policy-type": "sts", "policy-domain": "a.example",
+                           "policy-string": policy_lines("enforce", ["mx.a.example"], 86400), "mx-host": ["mx.a.example"]}
+    assert a["summary"] == {"total-successful-session-count": 2, "total-failure-session-count": 1}
+    assert a["failure-details"] == [{"result-type": "validation-failure", "receiving-mx-hostname": "rogue.example",
+                                     "failed-session-count": 1}]
+    assert b["policy"] == {"policy-type": "no-policy-found", "policy-domain": "b.example"}
+    assert "failure-details" not in b
+    assert _json.loads(gzip.decompress(gzip_report(report))) == report
