@@ -288,7 +288,8 @@ class TLSPolicy:
             # RFC 8460 4.4: policy-type tlsa, the policy-string the TLSA RRset in presentation form.
             lines = sorted(f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in dane_host.records)
             key = (day, decision.domain, "tlsa", json.dumps(lines), host, result)
-        elif decision.dane is not None and decision.dane.bogus:
+        elif decision.dane is not None and (decision.dane.bogus or dane_host is not None):
+            # A bogus lookup (dnssec-invalid): a DANE policy whose records could not be had.
             key = (day, decision.domain, "tlsa", "[]", host, result)
         elif decision.sts is not None:
             p = decision.sts
