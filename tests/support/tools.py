@@ -1,4 +1,5 @@
-"""External tools some tests drive (swaks, msmtp, openssl, testssl.sh, promtool, systemd-analyze).
+"""External tools some tests drive (swaks, msmtp, openssl, testssl.sh, promtool, systemd-analyze,
+unbound: the DNSSEC-validating resolver of the DANE tests, tests/support/dnssec.py).
 
 Where a tool is absent its tests skip and say why, so `make test` works on a bare machine. Under
 RELAY_REQUIRE_TOOLS=1 (set by .ci/run once it has installed them) they FAIL instead: a failed
@@ -27,6 +28,11 @@ def missing(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+# Debian package of each tool whose name differs from it, for the skip reason; .ci/run installs them.
+PACKAGES = {"promtool": "prometheus", "systemd-analyze": "systemd", "testssl.sh": "testssl.sh",
+            "unbound": "unbound"}
+
+
 def needs(*tools: str, reason: str | None = None) -> pytest.MarkDecorator:
     """Mark a test as driving these programs (looked up on PATH when the test starts)."""
     return pytest.mark.needs_tools(*tools, reason=reason)
@@ -37,4 +43,5 @@ def check_marker(item: pytest.Item) -> None:
         absent = [t for t in mark.args if shutil.which(t) is None]
         if absent:
             why = mark.kwargs.get("reason") or "CI installs it"
-            missing(f"{', '.join(absent)} not installed ({why})")
+            pkgs = " ".join(PACKAGES.get(t, t) for t in absent)
+            missing(f"{', '.join(absent)} not installed ({why}; apt-get install {pkgs})")

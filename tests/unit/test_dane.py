@@ -1,0 +1,112 @@
+"""DANE matching (RFC 7672 3) on real certificate chains from trustme, and the config of the
+validating resolver. Discovery against real DNSSEC is in tests/integration/test_dane.py."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+trustme = pytest.importorskip("trustme")
+
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+
+from relay import config  # noqa: E402
+from relay.delivery.dane import (DANE, DANEMismatch, DANEResult, HostTLSA, TLSARecord,  # noqa: E402
+                                 match, matches)
+from relay.delivery.tls_policy import Level, TLSPolicy  # noqa: E402
+
+
+def der(pem: bytes) -> bytes:
+    return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+
+
+def spki(d: bytes) -> bytes:
+    return x509.load_der_x509_certificate(d).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@pytest.fixture(scope="module")
+def chain():
+    """leaf (mx.example.test) <- intermediate <- root, as a server sends it: leaf, intermediate."""
+    root = trustme.CA()
+    inter = root.create_child_ca()
+    leaf = inter.issue_cert("mx.example.test")
+    return [der(leaf.cert_chain_pems[0].bytes()), der(inter.cert_pem.bytes())]
+
+
+NAMES = ("example.test", "mx.example.test")
+
+
+@pytest.mark.parametrize("selector,mtype", [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)])
+def test_dane_ee_matches_every_selector_and_matching_type(chain, selector, mtype):
+    data = chain[0] if selector == 0 else spki(chain[0])
+    data = data if mtype == 0 else hashlib.sha256(data).digest() if mtype == 1 else hashlib.sha512(data).digest()
+    rr = TLSARecord(3, selector, mtype, data)
+    assert matches(rr, chain[0])
+    # DANE-EE: no name checks, so any reference identifiers do.
+    assert match((rr,), chain, ("nothing.example",)) == rr
+
+
+def test_dane_ee_mismatch_and_unusable_records_are_refused(chain):
+    wrong = TLSARecord(3, 1, 1, b"\xab" * 32)
+    pkix = TLSARecord(1, 1, 1, hashlib.sha256(spki(chain[0])).digest())  # would match, but usage 1 is unusable
+    with pytest.raises(DANEMismatch) as e:
+        match((wrong, pkix), chain, NAMES)
+    assert e.value.result == "tlsa-invalid" and "no TLSA record matches" in e.value.reason
+    assert not pkix.usable and not TLSARecord(3, 2, 1, b"").usable and not TLSARecord(3, 1, 3, b"").usable
+    with pytest.raises(DANEMismatch, match="no certificate"):
+        match((wrong,), [], NAMES)
+
+
+def test_dane_ta_on_the_intermediate_verifies_chain_and_name(chain):
+    rr = TLSARecord(2, 0, 1, hashlib.sha256(chain[1]).digest())
+    assert match((rr,), chain, NAMES) == rr
+    assert match((TLSARecord(2, 1, 1, hashlib.sha256(spki(chain[1])).digest()),), chain, NAMES)
+    with pytest.raises(DANEMismatch) as e:
+        match((rr,), chain, ("example.org", "mx.example.org"))
+    assert e.value.result == "certificate-host-mismatch"
+    # A DANE-TA record naming the leaf itself is no trust anchor.
+    with pytest.raises(DANEMismatch):
+        match((TLSARecord(2, 0, 1, hashlib.sha256(chain[0]).digest()),), chain, NAMES)
+
+
+def test_resolver_must_be_loopback_and_dane_is_off_without_one():
+    cfg = config.from_dict({"dns": {"dnssec_resolver": "127.0.0.1:5353"}})
+    assert cfg.dns.dnssec_resolver == "127.0.0.1:5353" and DANE.from_config(cfg) is not None
+    assert DANE.from_config(config.from_dict({"dns": {"dnssec_resolver": "[::1]:53"}})) is not None
+    with pytest.raises(config.ConfigError, match="not a loopback address"):
+        config.from_dict({"dns": {"dnssec_resolver": "192.0.2.1"}})
+    with pytest.raises(config.ConfigError, match="dns.dnssec_resolver"):
+        config.from_dict({"dns": {"dnssec_resolver": "resolver.example"}})
+    assert DANE.from_config(config.from_dict({})) is None
+    assert DANE.from_config(config.from_dict({"delivery": {"dane": False},
+                                              "dns": {"dnssec_resolver": "127.0.0.1"}})) is None
+
+
+class _FakeDANE:
+    def __init__(self, result):
+        self.result = result
+
+    async def lookup(self, domain):
+        return self.result
+
+
+async def test_dane_wins_over_everything_but_config_and_unusable_gives_encrypt():
+    cfg = config.from_dict({"delivery": {"require_tls_domains": ["a.example"], "mta_sts": False,
+                                         "tls_policy": {"b.example": "may"}}})
+    import dns.asyncresolver
+    policy = TLSPolicy(cfg, dns.asyncresolver.Resolver(configure=False))
+    usable = DANEResult("a.example", {"mx.a.example": HostTLSA("mx.a.example", (TLSARecord(3, 1, 1, b"x" * 32),))})
+    policy.dane = _FakeDANE(usable)
+    d = await policy.decide("a.example")
+    assert (d.level, d.source, d.label) == (Level.DANE, "dane", "dane") and d.verify_required
+    assert (await policy.decide("b.example")).source == "config"
+    policy.dane = _FakeDANE(DANEResult("a.example", {"mx.a.example": HostTLSA("mx.a.example",
+                                                                              (TLSARecord(1, 1, 1, b"x"),))}))
+    d = await policy.decide("a.example")
+    assert (d.level, d.source) == (Level.ENCRYPT, "dane") and d.tls_required and not d.verify_required
+    policy.dane = _FakeDANE(DANEResult("a.example", bogus="MX a.example: SERVFAIL"))
+    assert (await policy.decide("a.example")).level is Level.DANE
+    policy.dane = _FakeDANE(None)  # insecure: what would apply without DANE
+    assert (await policy.decide("a.example")).source == "require_tls"
