@@ -177,10 +177,10 @@ def match(records: tuple[TLSARecord, ...], chain: list[bytes], names: tuple[str,
 
 def peer_chain(ssl_object) -> list[bytes]:
     """The peer's certificates as sent (leaf first), DER. Unverified: we verify them ourselves."""
+    import _ssl
     public = getattr(ssl_object, "get_unverified_chain", None)
     if public is not None:                       # Python 3.13+
-        return [c if isinstance(c, bytes) else c.public_bytes(1) for c in (public() or [])]
-    import _ssl
+        return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in (public() or [])]
     inner = getattr(ssl_object, "_sslobj", ssl_object)
     chain = inner.get_unverified_chain() or []   # 3.10-3.12: private, but there
     if not chain:

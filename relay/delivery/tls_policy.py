@@ -194,9 +194,15 @@ class TLSPolicy:
             return None
         result = await self.dane.lookup(domain)
         if result is None:
+            metrics.DANE_LOOKUPS.labels("insecure").inc()
             return None
-        if result.bogus or result.any_usable or all(h.bogus for h in result.hosts.values()):
+        if result.bogus or all(h.bogus for h in result.hosts.values()):
+            metrics.DANE_LOOKUPS.labels("bogus").inc()
             return Decision(domain, Level.DANE, "dane", dane=result)
+        if result.any_usable:
+            metrics.DANE_LOOKUPS.labels("dane").inc()
+            return Decision(domain, Level.DANE, "dane", dane=result)
+        metrics.DANE_LOOKUPS.labels("encrypt").inc()
         return Decision(domain, Level.ENCRYPT, "dane", dane=result)
 
     async def _sts(self, domain: str) -> Decision | None:

@@ -173,6 +173,7 @@ def test_dane_ee_and_dane_ta_deliver_authenticated(make_relay, world, ca):
     assert connected["dane"].startswith("3 1 1 ")
     assert relay.events_named("outbound_connected", domain="ta.dane.test")[0]["dane"].startswith("2 0 1 ")
     assert metric(relay, "relay_delivery_tls_total", policy="dane", result="verified") == 2
+    assert metric(relay, "relay_dane_lookups_total", result="dane") >= 2
     relay.stop()
     db = relay.db()
     try:
@@ -223,6 +224,7 @@ def test_mismatch_tampered_and_ta_name_failures_defer(make_relay, world, ca):
     assert not wrong.messages and not bogus.messages and not ta.messages
     assert metric(relay, "relay_tls_policy_failures_total", policy="dane") >= 3
     assert metric(relay, "relay_delivery_tls_total", policy="dane", result="tlsa-invalid") == 1
+    assert metric(relay, "relay_dane_lookups_total", result="bogus") >= 1
     # TLSRPT (RFC 8460) session counts: policy-type tlsa, the TLSA RRset as the policy string.
     relay.stop()
     db = relay.db()
@@ -255,5 +257,7 @@ def test_unusable_records_mean_encrypt_and_an_unsigned_zone_falls_back(make_rela
     e = delivery(relay, send(relay, "bob@plain.test"), result="delivered")
     assert e["tls_policy"] == "may" and e["tls"] == "plain", e
     assert plain_tls.messages
+    assert metric(relay, "relay_dane_lookups_total", result="insecure") >= 1
+    assert metric(relay, "relay_dane_lookups_total", result="encrypt") >= 1
     e = delivery(relay, send(relay, "bob@nostarttls.dane.test"), result="deferred")
     assert e["tls_policy"] == "encrypt" and e["tls_result"] == "starttls-not-supported", e
