@@ -157,6 +157,11 @@ class DeliveryConfig:
     tls_ca_file: str = ""
     # Port of the MTA-STS policy host: 443 as RFC 8461 3.3 says; another value is for tests.
     mta_sts_port: int = 443
+    # TLSRPT (RFC 8460): send daily reports from this address (a sending domain's, so they are
+    # DKIM-signed) to the rua of each policy domain; empty: sessions are counted, nothing is sent.
+    tlsrpt_from: str = ""
+    # organization-name in the reports; empty: server.hostname.
+    tlsrpt_organization: str = ""
     max_connections: int = 50
     max_connections_per_destination: int = 5
     # Messages carried by one outbound session before it is closed.
@@ -520,6 +525,9 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"delivery.tls_policy.{k}",
                               f"must be one of {', '.join(TLS_POLICY_LEVELS)}, got {v!r}")
     _check_port("delivery.mta_sts_port", d.mta_sts_port)
+    if d.tlsrpt_from and (d.tlsrpt_from.count("@") != 1 or not is_hostname(d.tlsrpt_from.rpartition("@")[2])
+                          or not d.tlsrpt_from.isascii() or " " in d.tlsrpt_from):
+        raise ConfigError("delivery.tlsrpt_from", f"expected an address like tlsrpt@example.com, got {d.tlsrpt_from!r}")
     _check_positive("delivery.downgrade_memory", d.downgrade_memory)
     if not d.retry_schedule:
         raise ConfigError("delivery.retry_schedule", "needs at least one delay")

@@ -194,6 +194,12 @@ MIGRATIONS: list[str] = [
         count         INTEGER NOT NULL,
         PRIMARY KEY (day, policy_domain, policy_type, policy_string, mx_host, result)
     );
+    CREATE TABLE tlsrpt_sent (                   -- a day's report done for a policy domain
+        day           TEXT NOT NULL,
+        policy_domain TEXT NOT NULL,
+        sent_at       REAL NOT NULL,
+        PRIMARY KEY (day, policy_domain)
+    );
     """,
 ]
 

@@ -283,11 +283,19 @@ class _Child:
         self.ctl.send(b"R" + os.fsencode(os.path.realpath(self.cfg.storage.path)))  # see DeliveryProcess._spawn
         self.ctl.setblocking(False)
         loop.add_reader(self.ctl.fileno(), self._on_ctl)
+        reporter_task = None
+        if self.cfg.delivery.tlsrpt_from and stores.tls_state is not None:
+            from .tls_reports import TLSReporter
+            reporter = TLSReporter(self.cfg, stores.tls_state, queue, router.resolver, router.verified_tls)
+            reporter_task = asyncio.create_task(reporter.run(), name="tlsrpt")
         run_task = asyncio.create_task(runner.run(), name="queue-runner")
         run_task.add_done_callback(self._runner_ended)
         event(log, "delivery_ready", pid=os.getpid())
         await self.stop_event.wait()
         loop.remove_reader(self.wake_fd)
+        if reporter_task is not None:
+            reporter_task.cancel()
+            await asyncio.gather(reporter_task, return_exceptions=True)
         await runner.stop(timeout=self.cfg.server.shutdown_grace)
         loop.remove_reader(self.ctl.fileno())
         run_task.cancel()

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from collections import deque
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from aiohttp import web
 

@@ -187,7 +187,10 @@ class MXRoute(_Route):
                                                  f"({exc.reply})", "5.4.6", permanent=True, host=host) from None
                         last = exc
                         sessions += exc.greeted
-                        event(log, "outbound_connect_failed", logging.WARNING, domain=self.domain, mx=host,
+                        # A verification only being learnt (may, encrypt) failing is news, not trouble.
+                        learning = verify and not decision.verify_required and exc.tls_failed
+                        event(log, "outbound_connect_failed", logging.INFO if learning else logging.WARNING,
+                              domain=self.domain, mx=host,
                               address=address, error=exc.reply, tls_policy=decision.label,
                               tls_result=exc.tls_result)
                         if check is not None and exc.tls_result:

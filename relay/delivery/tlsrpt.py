@@ -63,7 +63,11 @@ def build_report(rows: Iterable[CountRow], *, day: str, organization: str, conta
         policy: dict[str, Any] = {"policy-type": ptype, "policy-domain": domain}
         if lines:
             policy["policy-string"] = lines
-            policy["mx-host"] = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("mx:")]
+            if ptype == "tlsa":
+                # DANE: the policy string is the host's TLSA RRset; mx-host names the host(s) it is for.
+                policy["mx-host"] = sorted({r.mx_host for r in members})
+            else:
+                policy["mx-host"] = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("mx:")]
         entry: dict[str, Any] = {
             "policy": policy,
             "summary": {"total-successful-session-count": ok,

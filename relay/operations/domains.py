@@ -5,11 +5,10 @@ What `relay domain ...` did inline, for the CLI, the web pages and the API alike
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from .. import config as config_mod, dkim_keys
 from ..config import Config
-from ..credentials import CredentialStore, display_domain, normalize_domain
+from ..credentials import CredentialStore, normalize_domain
 from ..dkim_keys import DKIMKey, DKIMStore
 from ..store.sqlite_queue import QueueStore
 from .audit import Audit
@@ -165,11 +164,3 @@ class Domains:
         d = self._normal(name)
         with translated():
             await self._dkim.remove(d, selector, also=self._audit.row(actor, "dkim.remove", d, selector))
-
-
-def display(name: str) -> str:
-    return display_domain(name)
-
-
-def record_dict(r: Any) -> dict:
-    return {"name": r.name, "type": r.type, "value": r.value, "purpose": r.purpose, "required": r.required}

@@ -76,6 +76,19 @@ class TLSStateStore:
             "WHERE day = ? ORDER BY policy_domain, policy_type, policy_string, mx_host, result", (day,))
         return [dict(r) for r in rows]
 
+    async def tlsrpt_sent(self, day: str) -> list[str]:
+        rows = await self._conn.execute_fetchall("SELECT policy_domain FROM tlsrpt_sent WHERE day = ?", (day,))
+        return [r[0] for r in rows]
+
+    async def mark_tlsrpt_sent(self, day: str, domain: str, now: float) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR IGNORE INTO tlsrpt_sent(day, policy_domain, sent_at) VALUES (?, ?, ?)",
+                         (day, domain, now))
+            # Counts older than a week have been reported (or never will be).
+            conn.execute("DELETE FROM tlsrpt_counts WHERE day < date(?, 'unixepoch', '-7 days')", (now,))
+            conn.execute("DELETE FROM tlsrpt_sent WHERE day < date(?, 'unixepoch', '-7 days')", (now,))
+        await self._writer.write(op)
+
     # ------------------------------------------------------------ downgrade memory
 
     async def get_security(self, domain: str) -> tuple[str, float] | None:

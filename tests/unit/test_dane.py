@@ -3,6 +3,7 @@ validating resolver. Discovery against real DNSSEC is in tests/integration/test_
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
@@ -110,3 +111,20 @@ async def test_dane_wins_over_everything_but_config_and_unusable_gives_encrypt()
     assert (await policy.decide("a.example")).level is Level.DANE
     policy.dane = _FakeDANE(None)  # insecure: what would apply without DANE
     assert (await policy.decide("a.example")).source == "require_tls"
+
+
+def test_tlsrpt_report_of_a_tlsa_policy_names_its_host():
+    from relay.delivery.tlsrpt import CountRow, build_report
+    rr = json.dumps(["3 1 1 " + "ab" * 32])
+    rows = [CountRow("2026-12-01", "a.example", "tlsa", rr, "mx.a.example", "", 3),
+            CountRow("2026-12-01", "a.example", "tlsa", rr, "mx.a.example", "tlsa-invalid", 1),
+            CountRow("2026-12-01", "a.example", "tlsa", "[]", "mx2.a.example", "dnssec-invalid", 2)]
+    report = build_report(rows, day="2026-12-01", organization="o", contact="c", report_id="r")
+    by_string = {json.dumps(p["policy"].get("policy-string", [])): p for p in report["policies"]}
+    good = by_string[rr]
+    assert good["policy"] == {"policy-type": "tlsa", "policy-domain": "a.example",
+                              "policy-string": ["3 1 1 " + "ab" * 32], "mx-host": ["mx.a.example"]}
+    assert good["summary"] == {"total-successful-session-count": 3, "total-failure-session-count": 1}
+    assert good["failure-details"][0]["result-type"] == "tlsa-invalid"
+    bogus = by_string["[]"]
+    assert bogus["failure-details"][0]["result-type"] == "dnssec-invalid"

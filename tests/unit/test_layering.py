@@ -47,3 +47,13 @@ def test_the_operations_layer_knows_no_front_end_and_no_smtp_server():
         bad = sorted(n for n in names if n.startswith(("relay.api", "relay.admin", "relay.cli", "relay.server",
                                                        "aiohttp", "sqlite3", "aiosqlite")))
         assert not bad, f"relay/{path} imports {bad}"
+
+
+def test_delivery_sees_no_store_but_the_tls_state_protocol():
+    """Outbound: bytes and an envelope in, outcomes out. The TLS policy's store (MTA-STS cache,
+    downgrade memory) reaches it only as the `TLSState` Protocol, injected into the Router."""
+    for path, names in imports("delivery").items():
+        bad = sorted(n for n in names if n.startswith(("relay.store", "relay.db", "relay.credentials",
+                                                       "relay.queue_runner", "relay.server", "sqlite3", "aiosqlite"))
+                     and n != "relay.store.contract")
+        assert not bad, f"relay/{path} imports {bad}"
