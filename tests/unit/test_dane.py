@@ -128,3 +128,84 @@ def test_tlsrpt_report_of_a_tlsa_policy_names_its_host():
     assert good["failure-details"][0]["result-type"] == "tlsa-invalid"
     bogus = by_string["[]"]
     assert bogus["failure-details"][0]["result-type"] == "dnssec-invalid"
+
+
+# ------------------------------------------------------------------ discovery, against a stub that sets AD
+
+from tests.support.dns_server import DNSServer  # noqa: E402
+
+
+class ADServer(DNSServer):
+    """The test DNS server claiming to validate: AD on every answer except names in `insecure`."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.insecure: set[str] = set()
+
+    def _to_wire(self, query, response, *, tcp):
+        import dns.flags as flags
+        name = query.question[0].name.to_text(omit_final_dot=True).lower()
+        if name not in self.insecure:
+            response.flags |= flags.AD
+        return DNSServer._to_wire(query, response, tcp=tcp)
+
+
+@pytest.fixture
+def ad_server():
+    with ADServer({"a.example": [("MX", "10 mx1.a.example."), ("MX", "20 mx2.a.example.")],
+                   "mx1.a.example": [("A", "127.0.0.2")], "mx2.a.example": [("A", "127.0.0.3")],
+                   "_25._tcp.mx1.a.example": [("TLSA", "3 1 1 " + "ab" * 32)],
+                   "_25._tcp.mx2.a.example": [("TLSA", "1 1 1 " + "cd" * 32)]}) as server:
+        yield server
+
+
+def dane_for(server) -> DANE:
+    return DANE(config.from_dict({"dns": {"dnssec_resolver": server.address, "timeout": 1}}))
+
+
+async def test_discovery_per_host_and_the_security_of_mx_and_address(ad_server):
+    d = dane_for(ad_server)
+    r = await d.lookup("a.example")
+    assert r.any_usable and not r.bogus
+    assert r.host("mx1.a.example").usable == (TLSARecord(3, 1, 1, b"\xab" * 32),)
+    assert r.host("mx2.a.example").records and not r.host("mx2.a.example").usable
+    # The address of mx1 is not secure: its TLSA is not even asked (Postfix, maddy).
+    ad_server.insecure.add("mx1.a.example")
+    ad_server.queries.clear()
+    r = await d.lookup("a.example")
+    assert r.host("mx1.a.example") is None and not r.any_usable
+    assert ("_25._tcp.mx1.a.example", "TLSA") not in ad_server.queries
+    # An insecure MX set: no DANE at all (RFC 7672 2.2.1).
+    ad_server.insecure.add("a.example")
+    assert await d.lookup("a.example") is None
+
+
+async def test_bogus_and_timeouts_rule_hosts_out_and_a_bogus_mx_defers_the_domain(ad_server):
+    d = dane_for(ad_server)
+    ad_server.servfail.add("_25._tcp.mx1.a.example")
+    ad_server.drop.add("_25._tcp.mx2.a.example")
+    r = await d.lookup("a.example")
+    assert "SERVFAIL" in r.host("mx1.a.example").bogus and "timed out" in r.host("mx2.a.example").bogus
+    assert not r.any_usable and r.bogus is None
+    ad_server.servfail.add("a.example")
+    r = await d.lookup("a.example")
+    assert r.bogus and "SERVFAIL" in r.bogus and not r.hosts
+
+
+async def test_secure_denial_means_no_dane_for_that_host(ad_server):
+    d = dane_for(ad_server)
+    ad_server.set("_25._tcp.mx1.a.example", "TLSA", [])     # NODATA, AD set: secure denial
+    ad_server.remove("_25._tcp.mx2.a.example")              # NXDOMAIN, AD set
+    assert await d.lookup("a.example") is None
+
+
+async def test_dane_is_decided_before_mta_sts_which_is_not_even_asked():
+    import dns.asyncresolver
+    policy = TLSPolicy(config.from_dict({}), dns.asyncresolver.Resolver(configure=False))
+    policy.dane = _FakeDANE(DANEResult("a.example", {"mx.a.example": HostTLSA(
+        "mx.a.example", (TLSARecord(2, 0, 1, b"x" * 32),))}))
+
+    async def no_sts(domain):
+        raise AssertionError("MTA-STS asked although DANE applies")
+    policy._sts = no_sts
+    assert (await policy.decide("a.example")).level is Level.DANE
