@@ -26,9 +26,10 @@ SEARCH_PATHS = (DEFAULT_CONFIG_PATH, SYSTEM_CONFIG_PATH)
 TLS_MODES = ("starttls", "implicit")
 SMARTHOST_TLS_MODES = ("starttls", "implicit", "none")
 FROM_HEADER_MODES = ("domain", "off")
-# Outbound TLS levels accepted in delivery.tls_policy (Postfix's names). dane and dane-only are
-# refused with a clear message: DANE applies by itself where dns.dnssec_resolver is set.
-TLS_POLICY_LEVELS = ("none", "may", "encrypt", "verify")
+# Outbound TLS levels accepted in delivery.tls_policy (Postfix's names). "dane-only" (DANE
+# required for that domain) needs dns.dnssec_resolver; plain "dane" is refused: DANE applies by
+# itself wherever there are secure TLSA records.
+TLS_POLICY_LEVELS = ("none", "may", "encrypt", "verify", "dane-only")
 
 
 class ConfigError(Exception):
@@ -517,10 +518,13 @@ def _validate(cfg: Config) -> None:
     if d.smarthost.username and d.smarthost.tls == "none":
         raise ConfigError("delivery.smarthost.tls", "'none' would send the smarthost password in clear text")
     for k, v in d.tls_policy.items():
-        if v in ("dane", "dane-only"):
+        if v == "dane":
             raise ConfigError(f"delivery.tls_policy.{k}", f"{v!r}: not a per-domain level; DANE applies by "
                               "itself to every domain with secure TLSA records once dns.dnssec_resolver is "
                               f"set; use one of {', '.join(TLS_POLICY_LEVELS)}")
+        if v == "dane-only" and not (cfg.dns.dnssec_resolver and d.dane):
+            raise ConfigError(f"delivery.tls_policy.{k}", "'dane-only' needs DANE: set dns.dnssec_resolver "
+                              "(a validating resolver on loopback) and keep delivery.dane = true")
         if v not in TLS_POLICY_LEVELS:
             raise ConfigError(f"delivery.tls_policy.{k}",
                               f"must be one of {', '.join(TLS_POLICY_LEVELS)}, got {v!r}")

@@ -146,6 +146,14 @@ class MXRoute(_Route):
                 last = ConnectFailure(f"{host}: DANE TLSA lookup failed ({dane_host.bogus}); not used; "
                                       "will retry", "4.7.5", host=host, tls_result="dnssec-invalid")
                 continue
+            if decision.level is Level.DANE_ONLY and (dane_host is None or not dane_host.usable):
+                # [delivery.tls_policy] says dane-only: without usable, DNSSEC-validated TLSA, no mail.
+                policy.failed(decision, host, "dane-required", "no usable DNSSEC-validated TLSA records")
+                policy.count(decision, host, "dane-required")
+                last = ConnectFailure(f"{host} has no usable DNSSEC-validated TLSA records and {self.domain} "
+                                      "requires DANE (delivery.tls_policy dane-only); will retry", "4.7.5",
+                                      host=host, tls_result="dane-required")
+                continue
             steps = self._steps(decision, host, dane_host)
             try:
                 addresses = await resolve_addresses(r.resolver, host)

@@ -49,7 +49,7 @@ class Level(str, enum.Enum):
     ENCRYPT = "encrypt"
     VERIFY = "verify"
     DANE = "dane"            # from DNSSEC-secure usable TLSA records (dane.py)
-    DANE_ONLY = "dane-only"  # not a source yet: refused in config
+    DANE_ONLY = "dane-only"  # [delivery.tls_policy] only: DANE required, else deferred (dane-required)
 
     def __str__(self) -> str:
         return self.value
@@ -168,6 +168,13 @@ class TLSPolicy:
         d = self.cfg.delivery
         domain = domain.lower().rstrip(".")
         level = self.overrides.get(domain)
+        if level is Level.DANE_ONLY:
+            found = await self._dane(domain)
+            if found is not None and found.level is Level.DANE:
+                return found
+            # No usable TLSA (insecure, or only unusable records): every host fails dane-required.
+            return Decision(domain, Level.DANE_ONLY, "config",
+                            dane=found.dane if found is not None else DANEResult(domain))
         if level is not None:
             return Decision(domain, level, "config")
         decision = await self._dane(domain)
@@ -294,7 +301,8 @@ class TLSPolicy:
             # RFC 8460 4.4: policy-type tlsa, the policy-string the TLSA RRset in presentation form.
             lines = sorted(f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in dane_host.records)
             key = (day, decision.domain, "tlsa", json.dumps(lines), host, result)
-        elif decision.dane is not None and (decision.dane.bogus or dane_host is not None):
+        elif decision.dane is not None and (decision.dane.bogus or dane_host is not None
+                                            or decision.level is Level.DANE_ONLY):
             # A bogus lookup (dnssec-invalid): a DANE policy whose records could not be had.
             key = (day, decision.domain, "tlsa", "[]", host, result)
         elif decision.sts is not None:

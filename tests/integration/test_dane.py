@@ -250,7 +250,13 @@ def test_unusable_records_mean_encrypt_and_an_unsigned_zone_falls_back(make_rela
     # An unusable-only host that offers no STARTTLS: deferred, not sent in the clear.
     world.sink("127.0.0.9")
     world.mx("nostarttls.dane.test", "mx.nostarttls.dane.test", "127.0.0.9", tlsa=["0 0 1 " + "12" * 32])
-    relay, _ = serve(world, make_relay)
+    # dane-only (config) for a domain in the unsigned zone, and for one with usable TLSA.
+    world.mx("only.plain.test", "mx.plain.test", "127.0.0.8")
+    only_cert = ca.issue_cert("mx.only.dane.test")
+    only = world.sink("127.0.0.10", only_cert)
+    world.mx("only.dane.test", "mx.only.dane.test", "127.0.0.10",
+             tlsa=[f"3 1 1 {spki_sha256(only_cert.cert_chain_pems[0].bytes())}"])
+    relay, _ = serve(world, make_relay, tls_policy={"only.plain.test": "dane-only", "only.dane.test": "dane-only"})
     e = delivery(relay, send(relay, "bob@pkix.dane.test"), result="delivered")
     assert e["tls_policy"] == "encrypt" and e["tls_verified"] is False and e["tls"].startswith("TLSv1."), e
     # plain.test is not signed (no trust anchor): insecure, so no DANE; the default applies.
@@ -261,3 +267,9 @@ def test_unusable_records_mean_encrypt_and_an_unsigned_zone_falls_back(make_rela
     assert metric(relay, "relay_dane_lookups_total", result="encrypt") >= 1
     e = delivery(relay, send(relay, "bob@nostarttls.dane.test"), result="deferred")
     assert e["tls_policy"] == "encrypt" and e["tls_result"] == "starttls-not-supported", e
+    before = len(plain_tls.messages)
+    e = delivery(relay, send(relay, "bob@only.plain.test"), result="deferred")
+    assert e["tls_policy"] == "dane-only" and e["tls_result"] == "dane-required", e
+    assert "requires DANE" in e["reply"] and len(plain_tls.messages) == before
+    e = delivery(relay, send(relay, "bob@only.dane.test"), result="delivered")
+    assert e["tls_policy"] == "dane" and e["tls_verified"] is True and only.messages, e

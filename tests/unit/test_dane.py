@@ -72,6 +72,21 @@ def test_dane_ta_on_the_intermediate_verifies_chain_and_name(chain):
         match((TLSARecord(2, 0, 1, hashlib.sha256(chain[0]).digest()),), chain, NAMES)
 
 
+async def test_dane_only_per_domain_needs_a_resolver_and_usable_records():
+    with pytest.raises(config.ConfigError, match="'dane-only' needs DANE"):
+        config.from_dict({"delivery": {"tls_policy": {"a.example": "dane-only"}}})
+    cfg = config.from_dict({"delivery": {"tls_policy": {"a.example": "dane-only"}},
+                            "dns": {"dnssec_resolver": "127.0.0.1"}})
+    import dns.asyncresolver
+    policy = TLSPolicy(cfg, dns.asyncresolver.Resolver(configure=False))
+    policy.dane = _FakeDANE(None)
+    d = await policy.decide("a.example")
+    assert (d.level, d.source, d.label) == (Level.DANE_ONLY, "config", "dane-only") and d.dane is not None
+    usable = DANEResult("a.example", {"mx.a.example": HostTLSA("mx.a.example", (TLSARecord(3, 1, 1, b"x" * 32),))})
+    policy.dane = _FakeDANE(usable)
+    assert (await policy.decide("a.example")).level is Level.DANE
+
+
 def test_resolver_must_be_loopback_and_dane_is_off_without_one():
     cfg = config.from_dict({"dns": {"dnssec_resolver": "127.0.0.1:5353"}})
     assert cfg.dns.dnssec_resolver == "127.0.0.1:5353" and DANE.from_config(cfg) is not None

@@ -169,7 +169,7 @@ def test_levels_and_precedence():
 
 
 def test_config_refuses_unknown_and_dane_levels():
-    with pytest.raises(config.ConfigError, match="must be one of none, may, encrypt, verify"):
+    with pytest.raises(config.ConfigError, match="must be one of none, may, encrypt, verify, dane-only"):
         config.from_dict({"delivery": {"tls_policy": {"a.example": "secure"}}})
     with pytest.raises(config.ConfigError, match="DANE applies by itself"):
         config.from_dict({"delivery": {"tls_policy": {"a.example": "dane"}}})
