@@ -127,16 +127,16 @@ def matches(rr: TLSARecord, cert_der: bytes) -> bool:
         return False
 
 
-def _verify_ta(chain: list[bytes], anchor_index: int, names: tuple[str, ...]) -> str | None:
+def _verify_ta(chain: list[bytes], anchor_index: int, names: tuple[str, ...]) -> tuple[str, str] | None:
     """None when chain[0] verifies up to chain[anchor_index] (the trust anchor) for one of `names`;
-    else why not."""
+    else (why not, the TLSRPT result type)."""
     from cryptography import x509
     from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store
 
     certs = [x509.load_der_x509_certificate(c) for c in chain[:anchor_index + 1]]
     leaf, intermediates, anchor = certs[0], certs[1:anchor_index], certs[anchor_index]
     ee = ExtensionPolicy.permit_all().require_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
-    last = "no reference identifier"
+    last = ("no reference identifier", "validation-failure")
     for name in names:
         try:
             verifier = (PolicyBuilder().store(Store([anchor]))
@@ -145,7 +145,12 @@ def _verify_ta(chain: list[bytes], anchor_index: int, names: tuple[str, ...]) ->
             verifier.verify(leaf, intermediates)
             return None
         except Exception as exc:  # noqa: BLE001 - cryptography's VerificationError and bad names alike
-            last = f"{name}: {exc}"
+            text = str(exc).split(" (encountered", 1)[0]
+            kind = "certificate-host-mismatch" if "no matching subjectaltname" in text.lower() else "validation-failure"
+            # The name that does match the leaf says what is really wrong with the chain; a name
+            # mismatch is the answer only when no reference identifier matched.
+            if kind == "validation-failure" or last[0] == "no reference identifier":
+                last = (f"{name}: {text}", kind)
     return last
 
 
@@ -168,9 +173,8 @@ def match(records: tuple[TLSARecord, ...], chain: list[bytes], names: tuple[str,
                     return rr
                 ta_failure = why
     if ta_failure is not None:
-        result = "certificate-host-mismatch" if "name" in ta_failure.lower() or "subject" in ta_failure.lower() \
-            else "validation-failure"
-        raise DANEMismatch(f"the chain matches a DANE-TA record but does not verify ({ta_failure})", result)
+        raise DANEMismatch(f"the chain matches a DANE-TA record but does not verify ({ta_failure[0]})",
+                           ta_failure[1])
     shown = ", ".join(str(r) for r in records if r.usable)
     raise DANEMismatch(f"no TLSA record matches the certificate chain (records: {shown})")
 

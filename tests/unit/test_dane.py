@@ -67,6 +67,13 @@ def test_dane_ta_on_the_intermediate_verifies_chain_and_name(chain):
     with pytest.raises(DANEMismatch) as e:
         match((rr,), chain, ("example.org", "mx.example.org"))
     assert e.value.result == "certificate-host-mismatch"
+    # A CA in the sent chain that did not issue the leaf: matched, but the chain does not verify.
+    stranger = der(trustme.CA().create_child_ca().cert_pem.bytes())
+    with pytest.raises(DANEMismatch) as e:
+        match((TLSARecord(2, 0, 1, hashlib.sha256(stranger).digest()),), [chain[0], stranger], NAMES)
+    assert e.value.result == "validation-failure" and "does not verify" in e.value.reason
+    # A name containing "name" is no name mismatch by itself (the reason text is not guessed at).
+    assert match((rr,), chain, ("mailname.example", "mx.example.test")) == rr
     # A DANE-TA record naming the leaf itself is no trust anchor.
     with pytest.raises(DANEMismatch):
         match((TLSARecord(2, 0, 1, hashlib.sha256(chain[0]).digest()),), chain, NAMES)
