@@ -578,7 +578,7 @@ class Session(SMTP):
             lines.append("STARTTLS")
         else:
             # RFC 8689 4.1: REQUIRETLS is offered only once the session is encrypted.
-            lines += ["AUTH " + " ".join(AUTH_MECHANISMS), "REQUIRETLS"]
+            lines += ["REQUIRETLS", "AUTH " + " ".join(AUTH_MECHANISMS)]
         await self.push("\r\n".join(replies.multiline(250, lines)))
 
     async def smtp_NOOP(self, arg: str | None) -> None:
