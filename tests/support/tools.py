@@ -1,5 +1,5 @@
 """External tools some tests drive (swaks, msmtp, openssl, testssl.sh, promtool, systemd-analyze, chromium,
-haproxy).
+haproxy, unbound: the DNSSEC-validating resolver of the DANE tests, tests/support/dnssec.py).
 
 Where a tool is absent its tests skip and say why, so `make test` works on a bare machine. Under
 RELAY_REQUIRE_TOOLS=1 (set by .ci/run once it has installed them) they FAIL instead: a failed
@@ -31,7 +31,8 @@ def missing(reason: str) -> NoReturn:
 # Debian packages for the tools tests name by program (.ci/run installs these).
 PACKAGES = {"swaks": "swaks", "msmtp": "msmtp", "openssl": "openssl", "promtool": "prometheus",
             "systemd-analyze": "systemd", "testssl": "testssl.sh", "testssl.sh": "testssl.sh",
-            "fail2ban-regex": "fail2ban", "chromium": "chromium", "haproxy": "haproxy"}
+            "fail2ban-regex": "fail2ban", "chromium": "chromium", "haproxy": "haproxy",
+            "unbound": "unbound"}
 
 
 def needs(*tools: str, reason: str | None = None) -> pytest.MarkDecorator:
