@@ -27,9 +27,10 @@ SEARCH_PATHS = (DEFAULT_CONFIG_PATH, SYSTEM_CONFIG_PATH)
 TLS_MODES = ("starttls", "implicit")
 SMARTHOST_TLS_MODES = ("starttls", "implicit", "none")
 FROM_HEADER_MODES = ("domain", "off")
-# Outbound TLS levels accepted in delivery.tls_policy (Postfix's names; dane and dane-only
-# are not implemented yet and are refused with a clear message).
-TLS_POLICY_LEVELS = ("none", "may", "encrypt", "verify")
+# Outbound TLS levels accepted in delivery.tls_policy (Postfix's names). "dane-only" (DANE
+# required for that domain) needs dns.dnssec_resolver; plain "dane" is refused: DANE applies by
+# itself wherever there are secure TLSA records.
+TLS_POLICY_LEVELS = ("none", "may", "encrypt", "verify", "dane-only")
 
 
 class ConfigError(Exception):
@@ -183,6 +184,8 @@ class DeliveryConfig:
     tls_policy: dict[str, str] = field(default_factory=dict)
     # Look up and apply MTA-STS policies (RFC 8461) of recipient domains.
     mta_sts: bool = True
+    # DANE (RFC 7672) for recipient domains; only with dns.dnssec_resolver set.
+    dane: bool = True
     # Remember per destination domain the best TLS seen (verified > encrypted > plain) and defer
     # rather than deliver below it (a STARTTLS-stripping attacker gets a deferral, not the mail).
     downgrade_protection: bool = True
@@ -235,6 +238,10 @@ class DeliveryConfig:
 class DNSConfig:
     nameservers: tuple[str, ...] = ()
     timeout: int = 10
+    # A DNSSEC-validating resolver (unbound on loopback) for DANE (RFC 7672): the MX and TLSA
+    # lookups of DANE go there and its AD bit is trusted. Loopback only (an AD bit that crossed
+    # a network is worth nothing); empty = no DANE.
+    dnssec_resolver: str = ""
 
 
 @dataclass(frozen=True)
@@ -611,9 +618,13 @@ def _validate(cfg: Config) -> None:
     if d.smarthost.username and d.smarthost.tls == "none":
         raise ConfigError("delivery.smarthost.tls", "'none' would send the smarthost password in clear text")
     for k, v in d.tls_policy.items():
-        if v in ("dane", "dane-only"):
-            raise ConfigError(f"delivery.tls_policy.{k}", f"{v!r}: DANE is not implemented yet; "
-                              f"use one of {', '.join(TLS_POLICY_LEVELS)}")
+        if v == "dane":
+            raise ConfigError(f"delivery.tls_policy.{k}", f"{v!r}: not a per-domain level; DANE applies by "
+                              "itself to every domain with secure TLSA records once dns.dnssec_resolver is "
+                              f"set; use one of {', '.join(TLS_POLICY_LEVELS)}")
+        if v == "dane-only" and not (cfg.dns.dnssec_resolver and d.dane):
+            raise ConfigError(f"delivery.tls_policy.{k}", "'dane-only' needs DANE: set dns.dnssec_resolver "
+                              "(a validating resolver on loopback) and keep delivery.dane = true")
         if v not in TLS_POLICY_LEVELS:
             raise ConfigError(f"delivery.tls_policy.{k}",
                               f"must be one of {', '.join(TLS_POLICY_LEVELS)}, got {v!r}")
@@ -644,6 +655,17 @@ def _validate(cfg: Config) -> None:
         except ValueError:
             raise ConfigError(f"dns.nameservers[{i}]", f"expected an IP address with optional :port, got {ns!r}") from None
     _check_positive("dns.timeout", cfg.dns.timeout)
+    if cfg.dns.dnssec_resolver:
+        try:
+            host, port = parse_hostport(cfg.dns.dnssec_resolver, 53)
+            ip = ipaddress.ip_address(host)
+            _check_port("dns.dnssec_resolver", port)
+        except ValueError:
+            raise ConfigError("dns.dnssec_resolver", "expected a loopback IP address with optional :port, "
+                              f"got {cfg.dns.dnssec_resolver!r}") from None
+        if not ip.is_loopback:
+            raise ConfigError("dns.dnssec_resolver", f"{host} is not a loopback address: the AD bit is only "
+                              "trusted from a validating resolver on this host (run unbound on 127.0.0.1)")
     for f in dataclasses.fields(LimitsConfig):
         _check_positive(f"limits.{f.name}", getattr(cfg.limits, f.name), allow_zero=(f.name == "auth_failure_delay"))
     for name, top in (("auth_ipv4_prefix", 32), ("auth_ipv6_prefix", 128)):

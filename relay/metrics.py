@@ -75,6 +75,9 @@ TLS_DOWNGRADE_REFUSED = Counter("relay_tls_downgrade_refused_total",
                                 registry=REGISTRY)
 MTA_STS_FETCHES = Counter("relay_mta_sts_fetches_total", "MTA-STS policy look-ups that fetched, by result "
                           "(ok or a TLSRPT result type)", ["result"], registry=REGISTRY)
+DANE_LOOKUPS = Counter("relay_dane_lookups_total", "DANE (RFC 7672) look-ups per destination domain, by result "
+                       "(dane: usable TLSA; encrypt: only unusable; insecure: no DANE; bogus: deferred)", ["result"],
+                       registry=REGISTRY)
 BOUNCES = Counter("relay_bounces_total", "Delivery status notifications generated, by kind", ["kind"],
                   registry=REGISTRY)
 STORE_COMMITS = Counter("relay_store_commits_total", "Queue commits (each one fsync under synchronous=FULL)",

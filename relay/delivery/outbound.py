@@ -23,6 +23,7 @@ from ..logs import event
 from ..policy import xtext_encode
 from ..spool import Body
 from . import DELIVERED, PERMANENT, TRANSIENT, Envelope, Fenced, RcptOutcome, all_same
+from .dane import DANECheck, DANEMismatch
 from .tls_policy import tls_result_of
 
 log = logging.getLogger("relay.delivery")
@@ -89,12 +90,27 @@ def _describe_exc(exc: BaseException) -> str:
     return " ".join(text.split())[:300]
 
 
+def _dane_verify(client: aiosmtplib.SMTP, dane: DANECheck, where: str, host: str):
+    """Match the peer's chain to the TLSA records (RFC 7672 3); ConnectFailure (4.7.5) if not."""
+    ssl_obj = client.transport.get_extra_info("ssl_object") if client.transport else None
+    try:
+        if ssl_obj is None:
+            raise DANEMismatch("no TLS session after STARTTLS")
+        return dane.verify(ssl_obj)
+    except DANEMismatch as exc:
+        client.close()
+        raise ConnectFailure(f"{where}: DANE authentication failed: {exc.reason}; will retry", "4.7.5",
+                             tls_failed=True, host=host, tls="failed", tls_result=exc.result) from None
+
+
 class Session:
     """An open, greeted (and where possible encrypted) session to `host`."""
 
     def __init__(self, client: aiosmtplib.SMTP, host: str, tls: str | None, cipher: str | None = None,
-                 verified: bool = False):
+                 verified: bool = False, dane: str | None = None):
         self.client = client
+        # The TLSA record (text) that authenticated the peer (DANE, RFC 7672), or None.
+        self.dane = dane
         self.host = host
         self.tls = tls or "plain"
         self.cipher = cipher
@@ -105,18 +121,25 @@ class Session:
     @property
     def security(self) -> str:
         """plain | tls | verified: what the downgrade memory compares."""
+        # A DANE-authenticated peer counts as "tls" only: "verified" in the memory means PKIX, which
+        # a DANE-EE host with a self-signed certificate could not offer once its TLSA goes.
+        if self.dane:
+            return "tls"
         return "verified" if self.verified else "tls" if self.tls != "plain" else "plain"
 
     @classmethod
     async def open(cls, *, address: str, port: int, host: str, helo: str, connect_timeout: float,
                    command_timeout: float, tls: str, verify: bool, username: str = "", password: str = "",
                    tls_context: ssl.SSLContext | None = None,
-                   own_hostname: frozenset[str] = frozenset()) -> "Session":
-        """tls: 'opportunistic' | 'required' | 'starttls' | 'implicit' | 'none'."""
+                   own_hostname: frozenset[str] = frozenset(), dane: DANECheck | None = None) -> "Session":
+        """tls: 'opportunistic' | 'required' | 'starttls' | 'implicit' | 'none'. With `dane`, the
+        handshake does not verify (tls_context must not) and the peer's chain is matched against
+        the TLSA records right after it, before the second EHLO: a mismatch aborts (4.7.5)."""
         client = aiosmtplib.SMTP(hostname=address, port=port, local_hostname=helo, timeout=command_timeout,
                                  use_tls=tls == "implicit", start_tls=False, validate_certs=verify,
                                  tls_context=tls_context if tls == "implicit" else None)
         where = f"{host}[{address}]:{port}"
+        matched = None
         try:
             greeting = await client.connect(timeout=connect_timeout)
         except aiosmtplib.SMTPConnectResponseError as exc:
@@ -149,6 +172,8 @@ class Session:
                         raise ConnectFailure(f"{where}: STARTTLS failed: {_describe_exc(exc)}",
                                              "4.7.5" if tls != "opportunistic" else "4.4.1", tls_failed=True,
                                              host=host, tls="failed", tls_result=tls_result_of(exc)) from None
+                    if dane is not None:
+                        matched = _dane_verify(client, dane, where, host)
                     await client.ehlo()
                 elif tls != "opportunistic":
                     client.close()
@@ -170,6 +195,9 @@ class Session:
             raise ConnectFailure(f"{where}: {_describe_exc(exc)}", host=host, greeted=True) from None
         ssl_obj = client.transport.get_extra_info("ssl_object") if client.transport else None
         cipher = ssl_obj.cipher() if ssl_obj else None
+        if dane is not None:
+            return cls(client, host, ssl_obj.version() if ssl_obj else None, cipher[0] if cipher else None,
+                       verified=ssl_obj is not None, dane=str(matched))
         return cls(client, host, ssl_obj.version() if ssl_obj else None, cipher[0] if cipher else None,
                    verified=verify and ssl_obj is not None)
 

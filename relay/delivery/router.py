@@ -18,6 +18,7 @@ from ..logs import event
 from ..tls import client_context
 from . import PERMANENT, TRANSIENT, Envelope, RcptOutcome, all_same
 from .mx import DNSFailure, make_resolver, resolve_addresses, resolve_mx
+from .dane import DANECheck
 from .outbound import ConnectFailure, Session, StaleSession
 from .tls_policy import VERIFIED, Decision, Level, TLSPolicy
 
@@ -115,6 +116,12 @@ class MXRoute(_Route):
         d = r.cfg.delivery
         policy = r.tls_policy
         decision = self.decision = await policy.decide(self.domain)
+        if decision.dane is not None and decision.dane.bogus:
+            # RFC 7672 2.2.1: a bogus MX set under DNSSEC defers the whole domain; nothing is sent.
+            policy.failed(decision, self.domain, "dnssec-invalid", decision.dane.bogus)
+            policy.count(decision, self.domain, "dnssec-invalid")
+            raise ConnectFailure(f"DNSSEC validation failed for the mail hosts of {self.domain} "
+                                 f"({decision.dane.bogus}); will retry", "4.7.5", tls_result="dnssec-invalid")
         hosts = await resolve_mx(r.resolver, self.domain)
         last: ConnectFailure | None = None
         any_address = False
@@ -131,6 +138,23 @@ class MXRoute(_Route):
                                           f"{self.domain} (mx: {patterns}); will retry", "4.7.5", host=host,
                                           tls_result="mx-mismatch")
                     continue
+            dane_host = decision.dane.host(host) if decision.dane is not None else None
+            if dane_host is not None and dane_host.bogus:
+                # RFC 7672 2.1.1: a TLSA lookup that failed (SERVFAIL: bogus) rules the host out.
+                policy.failed(decision, host, "dnssec-invalid", dane_host.bogus)
+                policy.count(decision, host, "dnssec-invalid")
+                last = ConnectFailure(f"{host}: DANE TLSA lookup failed ({dane_host.bogus}); not used; "
+                                      "will retry", "4.7.5", host=host, tls_result="dnssec-invalid")
+                continue
+            if decision.level is Level.DANE_ONLY and (dane_host is None or not dane_host.usable):
+                # [delivery.tls_policy] says dane-only: without usable, DNSSEC-validated TLSA, no mail.
+                policy.failed(decision, host, "dane-required", "no usable DNSSEC-validated TLSA records")
+                policy.count(decision, host, "dane-required")
+                last = ConnectFailure(f"{host} has no usable DNSSEC-validated TLSA records and {self.domain} "
+                                      "requires DANE (delivery.tls_policy dane-only); will retry", "4.7.5",
+                                      host=host, tls_result="dane-required")
+                continue
+            steps = self._steps(decision, host, dane_host)
             try:
                 addresses = await resolve_addresses(r.resolver, host)
             except DNSFailure as exc:
@@ -155,13 +179,15 @@ class MXRoute(_Route):
                     raise last
                 addresses_tried += 1
                 verified_failed = ""
-                for tls, verify in decision.steps(policy.verify_known_bad(host) and not decision.report):
+                for tls, verify in steps:
+                    check = verify if isinstance(verify, DANECheck) else None
+                    verify = bool(verify) and check is None
                     try:
                         s = await Session.open(
                             address=address, port=d.mx_port, host=host, helo=r.cfg.helo_hostname,
                             connect_timeout=d.connect_timeout, command_timeout=d.command_timeout, tls=tls,
                             verify=verify, tls_context=r.verified_tls if verify else r.opportunistic_tls,
-                            own_hostname=r.own_hostname)
+                            own_hostname=r.own_hostname, dane=check)
                     except ConnectFailure as exc:
                         if exc.permanent and exc.status == "5.4.6":
                             metrics.MAIL_LOOPS.inc()
@@ -175,6 +201,9 @@ class MXRoute(_Route):
                               domain=self.domain, mx=host,
                               address=address, error=exc.reply, tls_policy=decision.label,
                               tls_result=exc.tls_result)
+                        if check is not None and exc.tls_result:
+                            event(log, "dane_failure", logging.WARNING, domain=self.domain, mx=host,
+                                  address=address, result=exc.tls_result, error=exc.reply)
                         if exc.tls_result:
                             last = self._tls_failure(decision, host, exc, verify)
                             if decision.report and verify:
@@ -193,12 +222,26 @@ class MXRoute(_Route):
                         policy.count(decision, host)
                     await policy.observe(decision, s.security)
                     event(log, "outbound_connected", domain=self.domain, mx=host, address=address, tls=s.tls,
-                          tls_cipher=s.cipher, tls_verified=s.verified, tls_policy=decision.label)
+                          tls_cipher=s.cipher, tls_verified=s.verified, tls_policy=decision.label,
+                          **({"dane": s.dane} if s.dane else {}))
                     return s
         if not any_address and last is None:
             raise DNSFailure(True, f"550 5.1.2 No address records for the mail hosts of {self.domain}", "5.1.2")
         assert last is not None
         raise last
+
+    def _steps(self, decision: Decision, host: str, dane_host) -> tuple:
+        """How `host` is tried: under DANE per its own TLSA records (RFC 7672 2.2: usable ones =
+        authenticated TLS, only unusable ones = mandatory TLS, none = opportunistic)."""
+        policy = self.router.tls_policy
+        known_bad = policy.verify_known_bad(host) and not decision.report
+        if decision.dane is None:
+            return decision.steps(known_bad)
+        if dane_host is None:
+            return Decision(self.domain, Level.MAY, "dane").steps(known_bad)
+        if dane_host.usable:
+            return (("required", DANECheck(dane_host.usable, (self.domain, host))),)
+        return (("required", False),)
 
     def _tls_failure(self, decision: Decision, host: str, exc: ConnectFailure, verify: bool) -> ConnectFailure:
         """Account for a TLS failure on `host`; the failure to carry on with (maybe reworded)."""

@@ -4,7 +4,10 @@ router and the outbound session follow, instead of loose tls/verify flags.
 Levels (Postfix TLS_README): none, may, encrypt, verify, dane, dane-only. Where a level comes
 from, the operator's word last:
   1. `[delivery.tls_policy]` per-domain overrides (config) - final, the downgrade memory too;
-  2. DANE (RFC 7672): the hook `_dane()`; not implemented yet, it returns None;
+  2. DANE (RFC 7672, `dane.py`), with `dns.dnssec_resolver` set: a DNSSEC-secure MX set whose
+     hosts have secure usable TLSA records = dane (TLS required, the certificate must match;
+     wins over MTA-STS, RFC 8461 2); only unusable records = encrypt; a bogus MX lookup = dane
+     with `dane.bogus` (the router defers); per host, `Decision.dane` says how each is tried;
   3. MTA-STS (RFC 8461): "enforce" = verify, and only MX hosts matching the policy;
      "testing" = may, with failures logged and counted (for TLSRPT, RFC 8460);
   4. `delivery.require_tls` / `require_tls_domains` = verify (what they always meant here);
@@ -33,6 +36,7 @@ import dns.asyncresolver
 from .. import metrics
 from ..config import Config
 from ..logs import event
+from .dane import DANE, DANEResult
 from .mta_sts import MTASTS, Fetcher, Policy
 from .tlsrpt import policy_lines
 
@@ -44,8 +48,8 @@ class Level(str, enum.Enum):
     MAY = "may"
     ENCRYPT = "encrypt"
     VERIFY = "verify"
-    DANE = "dane"            # hook only: no source gives it yet
-    DANE_ONLY = "dane-only"  # hook only
+    DANE = "dane"            # from DNSSEC-secure usable TLSA records (dane.py)
+    DANE_ONLY = "dane-only"  # [delivery.tls_policy] only: DANE required, else deferred (dane-required)
 
     def __str__(self) -> str:
         return self.value
@@ -73,6 +77,7 @@ class Decision:
     source: str                     # config | mta-sts | require_tls | default | downgrade | smarthost
     sts: Policy | None = None       # the MTA-STS policy in force (enforce or testing)
     floor: str | None = None        # the remembered security that raised the level
+    dane: DANEResult | None = None  # the TLSA records per MX host (source "dane")
 
     @property
     def label(self) -> str:
@@ -155,6 +160,7 @@ class TLSPolicy:
         self.overrides = {k: Level(v) for k, v in d.tls_policy.items()}
         ctx = verified_context or ssl.create_default_context()
         self.mta_sts = MTASTS(Fetcher(resolver, ctx, d.mta_sts_port), self.state, self.clock) if d.mta_sts else None
+        self.dane = DANE.from_config(cfg)
 
     # ------------------------------------------------------------ deciding
 
@@ -162,11 +168,19 @@ class TLSPolicy:
         d = self.cfg.delivery
         domain = domain.lower().rstrip(".")
         level = self.overrides.get(domain)
+        if level is Level.DANE_ONLY:
+            found = await self._dane(domain)
+            if found is not None and found.level is Level.DANE:
+                return found
+            # No usable TLSA (insecure, or only unusable records): every host fails dane-required.
+            return Decision(domain, Level.DANE_ONLY, "config",
+                            dane=found.dane if found is not None else DANEResult(domain))
         if level is not None:
             return Decision(domain, level, "config")
         decision = await self._dane(domain)
-        if decision is None:
-            decision = await self._sts(domain)
+        if decision is not None:
+            return decision  # DANE says what is allowed: the downgrade memory does not raise it
+        decision = await self._sts(domain)
         if decision is None:
             if d.require_tls or domain in d.require_tls_domains:
                 decision = Decision(domain, Level.VERIFY, "require_tls")
@@ -180,9 +194,23 @@ class TLSPolicy:
         return decision
 
     async def _dane(self, domain: str) -> Decision | None:
-        """DANE (RFC 7672) goes here: usable TLSA records for the MX hosts give `dane` (and win
-        over MTA-STS, RFC 8461 2); only unusable ones give `encrypt`. Not implemented yet."""
-        return None
+        """DANE (RFC 7672): usable TLSA records for the MX hosts give `dane` (and win over
+        MTA-STS, RFC 8461 2); only unusable ones give `encrypt`; a bogus lookup gives `dane` with
+        the failure, so nothing is sent. None: DANE does not apply (no resolver, insecure)."""
+        if self.dane is None:
+            return None
+        result = await self.dane.lookup(domain)
+        if result is None:
+            metrics.DANE_LOOKUPS.labels("insecure").inc()
+            return None
+        if result.bogus or all(h.bogus for h in result.hosts.values()):
+            metrics.DANE_LOOKUPS.labels("bogus").inc()
+            return Decision(domain, Level.DANE, "dane", dane=result)
+        if result.any_usable:
+            metrics.DANE_LOOKUPS.labels("dane").inc()
+            return Decision(domain, Level.DANE, "dane", dane=result)
+        metrics.DANE_LOOKUPS.labels("encrypt").inc()
+        return Decision(domain, Level.ENCRYPT, "dane", dane=result)
 
     async def _sts(self, domain: str) -> Decision | None:
         if self.mta_sts is None or domain.startswith("["):
@@ -268,7 +296,16 @@ class TLSPolicy:
             return
         now = self.clock()
         day = time.strftime("%Y-%m-%d", time.gmtime(now))
-        if decision.sts is not None:
+        dane_host = decision.dane.host(host) if decision.dane is not None else None
+        if dane_host is not None and dane_host.records:
+            # RFC 8460 4.4: policy-type tlsa, the policy-string the TLSA RRset in presentation form.
+            lines = sorted(f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in dane_host.records)
+            key = (day, decision.domain, "tlsa", json.dumps(lines), host, result)
+        elif decision.dane is not None and (decision.dane.bogus or dane_host is not None
+                                            or decision.level is Level.DANE_ONLY):
+            # A bogus lookup (dnssec-invalid): a DANE policy whose records could not be had.
+            key = (day, decision.domain, "tlsa", "[]", host, result)
+        elif decision.sts is not None:
             p = decision.sts
             key = (day, decision.domain, "sts", json.dumps(policy_lines(p.mode, p.mx, p.max_age)), host, result)
         else:

@@ -28,7 +28,7 @@ RESULT_TYPES = frozenset({
 class CountRow:
     day: str                 # UTC date, YYYY-MM-DD
     policy_domain: str
-    policy_type: str         # sts | no-policy-found (tlsa once DANE exists)
+    policy_type: str         # sts | tlsa | no-policy-found
     policy_string: str       # JSON list of the policy's lines ([] without a policy)
     mx_host: str             # receiving MX host name
     result: str              # "" = a successful session, else a result type (or one of ours, mapped)
@@ -63,7 +63,11 @@ def build_report(rows: Iterable[CountRow], *, day: str, organization: str, conta
         policy: dict[str, Any] = {"policy-type": ptype, "policy-domain": domain}
         if lines:
             policy["policy-string"] = lines
-            policy["mx-host"] = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("mx:")]
+            if ptype == "tlsa":
+                # DANE: the policy string is the host's TLSA RRset; mx-host names the host(s) it is for.
+                policy["mx-host"] = sorted({r.mx_host for r in members})
+            else:
+                policy["mx-host"] = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("mx:")]
         entry: dict[str, Any] = {
             "policy": policy,
             "summary": {"total-successful-session-count": ok,

@@ -1,5 +1,6 @@
 """External tools some tests drive (swaks, msmtp, openssl, testssl.sh, promtool, systemd-analyze, chromium,
-haproxy, postgresql).
+haproxy, unbound: the DNSSEC-validating resolver of the DANE tests, tests/support/dnssec.py; postgresql:
+tests/support/postgres.py).
 
 Where a tool is absent its tests skip and say why, so `make test` works on a bare machine. Under
 RELAY_REQUIRE_TOOLS=1 (set by .ci/run once it has installed them) they FAIL instead: a failed
@@ -32,7 +33,7 @@ def missing(reason: str) -> NoReturn:
 PACKAGES = {"swaks": "swaks", "msmtp": "msmtp", "openssl": "openssl", "promtool": "prometheus",
             "systemd-analyze": "systemd", "testssl": "testssl.sh", "testssl.sh": "testssl.sh",
             "fail2ban-regex": "fail2ban", "chromium": "chromium", "haproxy": "haproxy",
-            "initdb": "postgresql", "pg_ctl": "postgresql"}
+            "unbound": "unbound", "initdb": "postgresql", "pg_ctl": "postgresql"}
 
 
 def needs(*tools: str, reason: str | None = None) -> pytest.MarkDecorator:

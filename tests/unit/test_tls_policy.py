@@ -169,9 +169,9 @@ def test_levels_and_precedence():
 
 
 def test_config_refuses_unknown_and_dane_levels():
-    with pytest.raises(config.ConfigError, match="must be one of none, may, encrypt, verify"):
+    with pytest.raises(config.ConfigError, match="must be one of none, may, encrypt, verify, dane-only"):
         config.from_dict({"delivery": {"tls_policy": {"a.example": "secure"}}})
-    with pytest.raises(config.ConfigError, match="DANE is not implemented yet"):
+    with pytest.raises(config.ConfigError, match="DANE applies by itself"):
         config.from_dict({"delivery": {"tls_policy": {"a.example": "dane"}}})
     with pytest.raises(config.ConfigError, match="delivery.tls_policy.not a domain"):
         config.from_dict({"delivery": {"tls_policy": {"not a domain": "may"}}})
