@@ -15,6 +15,7 @@ import os
 import re
 import tomllib
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,9 +105,31 @@ class TLSConfig:
     key: str = "certs/relay.key"
 
 
+STORAGE_BACKENDS = ("sqlite", "postgres")
+
+# What `storage.backend = "postgres"` does not cover yet (issue 17): while this is not empty the
+# config is refused at load, so no process (serve, delivery, CLI, web admin) can run half on
+# PostgreSQL and half on the SQLite file.
+POSTGRES_NOT_YET = ("the TLS state store (MTA-STS cache, downgrade memory, TLSRPT counts)",
+                    "relay serve, the delivery process, the CLI, the web admin and HTTP API opening the stores")
+
+
 @dataclass(frozen=True)
 class StorageConfig:
+    # "sqlite" (one node, the default) or "postgres" (preview: see POSTGRES_NOT_YET).
+    backend: str = "sqlite"
     path: str = "var/relay.db"
+    # backend = "postgres": a libpq-style URL without a password, e.g.
+    # "postgresql://relay@db.example.net:5432/relay?sslmode=verify-full". The password comes
+    # from password_file (its first line) or the environment variable named by password_env.
+    dsn: str = ""
+    password_file: str = ""
+    password_env: str = ""
+    pool_size: int = 10
+    # Seconds a PostgreSQL statement (and a COMMIT's synchronous-replication wait) may take
+    # before the store gives up with StoreUnavailable (451 4.3.0 at the SMTP edge); below
+    # the clients' DATA timeout.
+    commit_timeout: float = 20.0
     # Seconds a finished message (delivered, bounced, failed) stays visible to `relay queue
     # history` and `queue show`, headers only; 0: purged at the next sweep (within a minute).
     finished_retention: int = 86400
@@ -117,6 +140,16 @@ class StorageConfig:
 
     def resolved_spool_dir(self) -> str:
         return self.spool_dir or f"{self.path}.spool"
+
+    def resolved_password(self) -> str | None:
+        """The PostgreSQL password (never logged), or None to let libpq-style defaults apply
+        (a .pgpass file, peer or certificate authentication)."""
+        if self.password_file:
+            with open(self.password_file, encoding="utf-8") as f:
+                return f.readline().rstrip("\r\n")
+        if self.password_env:
+            return os.environ.get(self.password_env)
+        return None
 
 
 @dataclass(frozen=True)
@@ -497,6 +530,53 @@ def _normalize(cfg: Config) -> Config:
     return dataclasses.replace(cfg, delivery=d, trusted_networks=nets)
 
 
+def _validate_storage(st: StorageConfig) -> None:
+    if st.backend not in STORAGE_BACKENDS:
+        raise ConfigError("storage.backend", f"must be one of {', '.join(STORAGE_BACKENDS)}, got {st.backend!r}")
+    if st.backend == "sqlite":
+        for key in ("dsn", "password_file", "password_env"):
+            if getattr(st, key):
+                raise ConfigError(f"storage.{key}", "only used with storage.backend = 'postgres'")
+        return
+    check_postgres_dsn(st)
+    if POSTGRES_NOT_YET:
+        raise ConfigError("storage.backend", "'postgres' is a preview, not usable yet: missing "
+                          f"{'; '.join(POSTGRES_NOT_YET)}; use 'sqlite' (issue 17)")
+
+
+def check_postgres_dsn(st: StorageConfig) -> None:
+    """storage.dsn and where its password comes from; ConfigError with one line otherwise.
+    The messages never repeat a password."""
+    _check_positive("storage.pool_size", st.pool_size)
+    _check_positive("storage.commit_timeout", st.commit_timeout)
+    if not st.dsn:
+        raise ConfigError("storage.dsn", "required with storage.backend = 'postgres', "
+                          "e.g. 'postgresql://relay@db.example.net/relay'")
+    try:
+        url = urllib.parse.urlsplit(st.dsn)
+        url.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError:
+        raise ConfigError("storage.dsn", "not a postgresql:// URL") from None
+    if url.scheme not in ("postgresql", "postgres"):
+        raise ConfigError("storage.dsn", f"must start with postgresql://, got {url.scheme or 'no scheme'}")
+    inline = url.password is not None or any(
+        k.lower() == "password" for k, _ in urllib.parse.parse_qsl(url.query, keep_blank_values=True))
+    if inline:
+        raise ConfigError("storage.dsn", "has a password in it: put the password in a file only relay can read "
+                          "and name it in storage.password_file, or in an environment variable named by "
+                          "storage.password_env")
+    if st.password_file and st.password_env:
+        raise ConfigError("storage.password_env", "set storage.password_file or storage.password_env, not both")
+    if st.password_file:
+        try:
+            with open(st.password_file, encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise ConfigError("storage.password_file", f"cannot read {st.password_file}: {exc.strerror}") from None
+    if st.password_env and st.password_env not in os.environ:
+        raise ConfigError("storage.password_env", f"the environment variable {st.password_env} is not set")
+
+
 def _validate(cfg: Config) -> None:
     # It goes into the banner, EHLO, Received: and the self-signed certificate: ASCII only.
     if not is_hostname(cfg.server.hostname):
@@ -566,6 +646,7 @@ def _validate(cfg: Config) -> None:
     _check_positive("limits.data_in_memory", cfg.limits.data_in_memory)
     _check_positive("limits.max_data_in_flight", cfg.limits.max_data_in_flight)
     _check_positive("storage.finished_retention", cfg.storage.finished_retention, allow_zero=True)
+    _validate_storage(cfg.storage)
     for i, ns in enumerate(cfg.dns.nameservers):
         try:
             host, port = parse_hostport(ns, 53)

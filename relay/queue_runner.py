@@ -264,11 +264,14 @@ class QueueRunner:
     async def _fence(self, job: Job) -> None:
         """Right before DATA: is the lease still ours? The heartbeat's last confirmation is
         trusted while it is recent (an unexpired lease cannot have been taken over); past one
-        heartbeat interval the store is asked."""
+        heartbeat interval the store is asked, and a store with `fence_each_attempt` always."""
         now = self.clock()
         if job.lost or now >= job.leased_until - self.lease_margin:
             raise Fenced(job.msg_id)
-        if now - job.confirmed_at > self.heartbeat_interval and not await self.queue.holds(job):
+        # A shared store (PostgreSQL: nodes whose clocks may disagree a little) is asked before
+        # every DATA; a single-node one only when the last confirmation is getting old.
+        ask = getattr(self.queue, "fence_each_attempt", False) or now - job.confirmed_at > self.heartbeat_interval
+        if ask and not await self.queue.holds(job):
             raise Fenced(job.msg_id)
 
     # ------------------------------------------------------------ destinations

@@ -49,3 +49,27 @@ def relay(make_relay):
     inst = make_relay(start=False)
     inst.add_user(USER, PASSWORD)
     return inst.start()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One throwaway PostgreSQL for the session (tests/support/postgres.py); each test that
+    uses it gets its own database."""
+    bindir = tools.postgresql()
+    from tests.support.postgres import PostgresServer
+    server = PostgresServer(bindir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store_backend(request, tmp_path):
+    """The store contract's backends: SQLite always, PostgreSQL when installed (skipped with a
+    reason otherwise, failed under RELAY_REQUIRE_TOOLS=1)."""
+    from tests.support.backends import PostgresBackend, SQLiteBackend
+    if request.param == "sqlite":
+        backend = await SQLiteBackend(tmp_path).start()
+    else:
+        backend = await PostgresBackend(request.getfixturevalue("pg_server")).start()
+    yield backend
+    await backend.close()

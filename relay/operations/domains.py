@@ -4,6 +4,7 @@ What `relay domain ...` did inline, for the CLI, the web pages and the API alike
 """
 from __future__ import annotations
 
+import inspect
 import time
 
 from .. import config as config_mod, dkim_keys
@@ -19,10 +20,21 @@ DAY = 86400.0
 
 
 def _both(*ops):
-    def op(conn) -> None:
+    """Several extra writes as one `also=`: in order, on SQLite (plain calls) and on PostgreSQL
+    (async ops, awaited in order by the store's transaction)."""
+    def op(conn):
+        pending = []
         for o in ops:
             if o is not None:
-                o(conn)
+                result = o(conn)
+                if inspect.isawaitable(result):
+                    pending.append(result)
+        if pending:
+            async def in_order() -> None:
+                for p in pending:
+                    await p
+            return in_order()
+        return None
     return op
 
 

@@ -131,6 +131,9 @@ class RecipientUpdate:
 class QueueStore(Protocol):
     lease_seconds: float
     owner: LeaseOwner
+    # True: the runner asks `holds` before the DATA of every attempt (a store shared by nodes);
+    # False (SQLite, one node): only when the heartbeat's last confirmation is getting old.
+    fence_each_attempt: bool
 
     async def enqueue(self, msg: NewMessage) -> str: ...
     async def claim(self, limit: int, now: float | None = None,

@@ -12,7 +12,7 @@ from typing import Callable
 import aiosqlite
 
 from .. import db
-from ..config import Config
+from ..config import Config, ConfigError
 from ..credentials import CredentialStore
 from ..dkim_keys import DKIMStore
 from .api_keys import ApiKeyStore
@@ -53,6 +53,10 @@ async def open_stores(cfg: Config, *, role: str, executor: Executor | None = Non
                       on_enqueue: Callable[[], None] | None = None) -> Stores:
     """role: "serve" (acceptance: synchronous commits, its 250 promises the disk), "delivery"
     (bookkeeping: commits without their own fsync, see below) or "cli"."""
+    if cfg.storage.backend != "sqlite":
+        # config.load refuses this already; a Config built in code must not reach SQLite instead.
+        raise ConfigError("storage.backend", f"{cfg.storage.backend!r}: only the queue store exists on it so far "
+                          "(relay.store.pg_queue); relay runs on 'sqlite' (issue 17)")
     # Reads go through aiosqlite; the queue and the credential side get a connection each so a
     # long queue listing never delays an AUTH lookup.
     queue_conn = await db.open_async(cfg.storage.path)

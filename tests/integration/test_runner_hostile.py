@@ -1,7 +1,8 @@
 """The queue runner in-process against hostile receivers: the middle layer between the store's
 unit tests and the whole relay.
 
-Real parts throughout: the SQLite queue (on a temp file), the real Router and outbound
+Real parts throughout: the queue store (every test runs on SQLite, on a temp file, and on a
+throwaway PostgreSQL when installed: fixture `store_backend`), the real Router and outbound
 sessions, a loopback DNS server, and scripted receivers on real sockets (`ScriptedPeer`). The
 runner and the store share an injectable clock, so retry, suspension and lease decisions can
 be moved along without sleeping. Each test asserts what the receiver got (exactly one copy, or
@@ -15,14 +16,24 @@ import time
 
 import pytest
 
-from relay import config as config_mod, db, metrics
+from relay import config as config_mod, metrics
 from relay.delivery import Router
 from relay.queue_runner import PER_DESTINATION_BACKLOG, QueueRunner
 from relay.store.contract import LeaseOwner, NewMessage, NewRecipient
-from relay.store.sqlite_queue import QueueStore
+from relay.store.contract import QueueStore
 from tests.support.scripted_peer import Script, ScriptedPeer
 
 SENDER = "app@mg.example.com"
+_BACKEND = None
+
+
+@pytest.fixture(autouse=True)
+def backend(store_backend):
+    """Every test here runs once per store backend; `running()` builds its store on it."""
+    global _BACKEND
+    _BACKEND = store_backend
+    yield store_backend
+    _BACKEND = None
 
 
 class Clock:
@@ -67,10 +78,9 @@ async def running(tmp_path, dns_server, mx_port: int, *, own_listeners=(), **del
         "dns": {"nameservers": [dns_server.address], "timeout": 2},
         "delivery": {"mx_port": mx_port, "connect_timeout": 2, "command_timeout": 5, **delivery},
     })
-    conn = await db.open_async(str(tmp_path / "queue.db"))
     runner: QueueRunner | None = None
-    store = QueueStore(conn, clock=clock, lease_seconds=cfg.delivery.lease_seconds,
-                       owner=LeaseOwner("node-a", "1"), on_enqueue=lambda: runner.wake() if runner else None)
+    store = await _BACKEND.store(clock=clock, lease_seconds=cfg.delivery.lease_seconds,
+                                 owner=LeaseOwner("node-a", "1"), on_enqueue=lambda: runner.wake() if runner else None)
     router = Router(cfg)
     router.set_own_listeners(list(own_listeners))
     runner = QueueRunner(store, router, cfg, clock=clock)
@@ -82,7 +92,6 @@ async def running(tmp_path, dns_server, mx_port: int, *, own_listeners=(), **del
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await store.close()
-        await conn.close()
 
 
 def mx(dns_server, domain: str, *addresses: str) -> None:
@@ -348,13 +357,11 @@ async def test_peer_greeting_with_our_hostname_is_a_loop(tmp_path, dns_server):
 # ------------------------------------------------------------------ lease ownership
 
 
-async def test_recovery_takes_back_only_this_nodes_leases(tmp_path):
-    path = str(tmp_path / "q.db")
-    conn = await db.open_async(path)
+async def test_recovery_takes_back_only_this_nodes_leases(backend):
     clock = Clock()
-    a1 = QueueStore(conn, clock=clock, lease_seconds=600, owner=LeaseOwner("node-a", "1"))
-    a2 = QueueStore(conn, clock=clock, lease_seconds=600, owner=LeaseOwner("node-a", "2"))
-    b = QueueStore(conn, clock=clock, lease_seconds=600, owner=LeaseOwner("node-b", "1"))
+    a1 = await backend.store(clock=clock, lease_seconds=600, owner=LeaseOwner("node-a", "1"))
+    a2 = await backend.store(clock=clock, lease_seconds=600, owner=LeaseOwner("node-a", "2"))
+    b = await backend.store(clock=clock, lease_seconds=600, owner=LeaseOwner("node-b", "1"), fresh_connection=True)
     try:
         await a1.enqueue(message("x@one.example"))
         await a1.enqueue(message("y@two.example"))
@@ -372,4 +379,3 @@ async def test_recovery_takes_back_only_this_nodes_leases(tmp_path):
     finally:
         for s in (a1, a2, b):
             await s.close()
-        await conn.close()

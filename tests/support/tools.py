@@ -1,5 +1,6 @@
 """External tools some tests drive (swaks, msmtp, openssl, testssl.sh, promtool, systemd-analyze, chromium,
-haproxy, unbound: the DNSSEC-validating resolver of the DANE tests, tests/support/dnssec.py).
+haproxy, unbound: the DNSSEC-validating resolver of the DANE tests, tests/support/dnssec.py; postgresql:
+tests/support/postgres.py).
 
 Where a tool is absent its tests skip and say why, so `make test` works on a bare machine. Under
 RELAY_REQUIRE_TOOLS=1 (set by .ci/run once it has installed them) they FAIL instead: a failed
@@ -32,7 +33,7 @@ def missing(reason: str) -> NoReturn:
 PACKAGES = {"swaks": "swaks", "msmtp": "msmtp", "openssl": "openssl", "promtool": "prometheus",
             "systemd-analyze": "systemd", "testssl": "testssl.sh", "testssl.sh": "testssl.sh",
             "fail2ban-regex": "fail2ban", "chromium": "chromium", "haproxy": "haproxy",
-            "unbound": "unbound"}
+            "unbound": "unbound", "initdb": "postgresql", "pg_ctl": "postgresql"}
 
 
 def needs(*tools: str, reason: str | None = None) -> pytest.MarkDecorator:
@@ -64,3 +65,18 @@ def chromium() -> str:
     except ImportError:
         missing("PyPI playwright not installed (pip install -e '.[test]')")
     return path
+
+
+def postgresql() -> str:
+    """The directory with Debian's PostgreSQL server programs (apt package `postgresql`,
+    installed by .ci/run; initdb and pg_ctl live in /usr/lib/postgresql/<version>/bin), and
+    asyncpg to talk to it: the directory, or skip/fail as above."""
+    from tests.support.postgres import binaries
+    found = binaries()
+    if found is None:
+        missing("postgresql not installed (initdb, pg_ctl; .ci/run installs the apt package)")
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        missing("asyncpg not installed (pip install -e .)")
+    return found
