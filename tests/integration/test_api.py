@@ -184,6 +184,11 @@ def test_queue_endpoints(w, api):
     err(w("GET", "/queue", "/queue?state=bogus", validate=False), 422, "invalid")
     err(w("GET", "/queue", "/queue?limit=abc", validate=False), 422, "invalid")
     err(w("GET", "/queue", "/queue?after=%%%"), 422, "invalid")
+    # Forged cursors: deep nesting (json.loads raises RecursionError), NaN, a dict: refused, never a 500.
+    import base64
+    for raw in (b"[" * 3000 + b"]" * 3000, b'[NaN,"x"]', b'{"a":1,"b":2}', b'[1e999,"x"]'):
+        forged = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        err(w("GET", "/queue", f"/queue?after={forged}"), 422, "invalid")
     err(w("GET", "/queue", "/queue?colour=red"), 422, "unknown_field")
     err(w("GET", "/queue", "/queue?state=active&state=all"), 422, "invalid")
     m = w("GET", "/queue/{qid}", f"/queue/{ids[0]}").json()
