@@ -290,3 +290,19 @@ def test_hostile_bodies_and_paths(tmp_path):
         # Unknown endpoints and methods: JSON too.
         err(w("GET", "/nope", validate=False), 404, "not_found")
         err(w("PATCH", "/domains", validate=False), 405, "method_not_allowed")
+
+
+def test_the_failure_limit_takes_an_ipv6_64_as_one_address():
+    # Like the admin login's limit and the SMTP side's limits.auth_ipv6_prefix default: one host
+    # holds a whole /64 and must not get 2^64 budgets (nor evict everyone else's by rotating).
+    clock = [1000.0]
+    failures = AuthFailures(limit=3, window=60, clock=lambda: clock[0])
+    for i in range(3):
+        failures.fail(f"2001:db8:1:2::{i + 1:x}")
+    assert failures.blocked_for("2001:db8:1:2:ffff::9") > 0
+    assert failures.blocked_for("2001:db8:1:3::1") == 0
+    assert failures.blocked_for("192.0.2.1") == 0
+    for _ in range(3):
+        failures.fail("192.0.2.1")
+    assert failures.blocked_for("192.0.2.1") > 0 and failures.blocked_for("192.0.2.2") == 0
+
