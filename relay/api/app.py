@@ -45,6 +45,8 @@ class AuthFailures:
             addr = ipaddress.ip_address(ip)
         except ValueError:
             return ip
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)  # not ::/64, which every mapped IPv4 client is in
         return str(ipaddress.ip_network(f"{addr}/64", strict=False)) if addr.version == 6 else str(addr)
 
     def _recent(self, ip: str) -> deque[float]:

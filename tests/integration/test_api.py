@@ -306,3 +306,10 @@ def test_the_failure_limit_takes_an_ipv6_64_as_one_address():
         failures.fail("192.0.2.1")
     assert failures.blocked_for("192.0.2.1") > 0 and failures.blocked_for("192.0.2.2") == 0
 
+
+def test_the_failure_limit_takes_an_ipv4_mapped_address_as_that_ipv4_address():
+    failures = AuthFailures(limit=3, window=60, clock=lambda: 1000.0)
+    for _ in range(3):
+        failures.fail("::ffff:203.0.113.9")
+    assert failures.blocked_for("203.0.113.9") > 0
+    assert failures.blocked_for("::ffff:198.51.100.7") == 0
