@@ -422,3 +422,18 @@ async def test_ipv4_mapped_forwarded_addresses_are_each_their_own_ipv4_budget(tm
 
 def test_limiter_keys_fold_ipv4_mapped_addresses():
     assert LoginLimiter.keys("::ffff:192.0.2.7", "x")[0] == LoginLimiter.keys("192.0.2.7", "x")[0] == "ip:192.0.2.7"
+
+
+async def test_guessing_the_current_password_on_the_password_form_spends_the_login_budget(admin):
+    # A session left open (or taken) must not become an unlimited password-guessing oracle:
+    # the login limit counts the change form's wrong current passwords too, and once locked,
+    # even the right one is refused until the lockout ends.
+    assert (await admin.login()).status == 303
+    csrf = await admin.csrf()
+    form = {"csrf": csrf, "new": "a brand new long password", "again": "a brand new long password"}
+    for _ in range(admin.cfg.admin.login_failures):
+        r = await admin.req("POST", "/sessions/password", {**form, "current": "a wrong guess!!"}, SAME)
+        assert r.status == 400
+    r = await admin.req("POST", "/sessions/password", {**form, "current": PASSWORD}, SAME)
+    assert r.status == 429, r.status
+    assert await admin.deps.accounts.verify(NAME, PASSWORD)  # unchanged
