@@ -108,3 +108,28 @@ def test_a_command_pipelined_after_the_dot_is_answered_after_the_250(make_relay,
     assert s.getreply()[0] == 250  # the NOOP's
     s.quit()
     assert mx_sink.wait_for(1, timeout=30)
+
+
+def test_a_header_block_of_many_short_dot_ended_lines_costs_linear_time(make_relay, dns_server, mx_sink):
+    # Each "x.\r\n" line is a read of its own (the reader stops at every ".\r\n"); past
+    # limits.data_in_memory, a header block that has not ended yet was joined and split again
+    # at every such read: quadratic, on the event loop every session shares. 64 KB of them
+    # froze the relay for tens of seconds; HEADER_LIMIT (1 MB) of them, for hours.
+    relay = start(make_relay, dns_server, mx_sink)
+    other = relay.smtp()
+    s = open_data(relay)
+    fields = b"".join(b"X-A: %05d.\r\n" % i for i in range(5000))  # 60 KB, all before the blank line
+    t0 = time.monotonic()
+    s.sock.sendall(head("many")[:-2] + fields + b"\r\nbody\r\n.\r\n")
+    time.sleep(0.2)
+    t1 = time.monotonic()
+    assert other.noop()[0] == 250
+    assert time.monotonic() - t1 < 3, "another session waited on this one's header block"
+    code, text = s.getreply()
+    assert code == 250, text
+    assert time.monotonic() - t0 < 10
+    s.quit()
+    other.quit()
+    assert mx_sink.wait_for(1, timeout=30)
+    got = mx_sink.messages[0].data
+    assert fields in got and got.endswith(b"\r\n\r\nbody\r\n")
