@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import time
 
+import dkim
+
 import pytest
 from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
 
 from tests.conftest import PASSWORD, USER
+from tests.integration.test_dkim import dnsfunc_for, publish
 
 SIZE_LIMIT = 60_000
 IN_MEMORY = 4096
@@ -106,12 +109,14 @@ def start(make_relay, dns_server, mx_sink):
                                "domains": {"public_addresses": ["192.0.2.10"]}})
     relay.add_user(USER, PASSWORD)
     relay.start()
+    publish(dns_server, relay)
     return relay
 
 
 def test_data_streams_match_the_line_by_line_model(make_relay, dns_server, mx_sink):
     relay = start(make_relay, dns_server, mx_sink)
     counter = iter(range(10**6))
+    dnsfunc = dnsfunc_for(dns_server)
 
     @settings(max_examples=120, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
@@ -160,6 +165,8 @@ def test_data_streams_match_the_line_by_line_model(make_relay, dns_server, mx_si
             trace = delivered[:len(delivered) - len(content)]
             # Only our trace field (and a signature) above what the client sent.
             assert b"Received: from client.test" in trace, trace[:500]
+            # The signature covers what was sent (the content unstuffed from the spool file's wire form).
+            assert dkim.verify(delivered, dnsfunc=dnsfunc), tag
             assert all(ln[:1] in (b" ", b"\t") or ln.split(b":")[0] in (b"Received", b"DKIM-Signature")
                        for ln in trace.splitlines()), trace[:500]
 
