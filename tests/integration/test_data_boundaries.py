@@ -133,3 +133,33 @@ def test_a_header_block_of_many_short_dot_ended_lines_costs_linear_time(make_rel
     assert mx_sink.wait_for(1, timeout=30)
     got = mx_sink.messages[0].data
     assert fields in got and got.endswith(b"\r\n\r\nbody\r\n")
+
+
+def test_a_body_of_dot_ended_lines_is_read_in_runs_not_a_line_a_read(make_relay, dns_server, mx_sink):
+    # Every "a.\r\n" stops the reader's search for ".\r\n": read one line a read, 8 MB of them
+    # cost the loop every session shares over 10 s (~0.7 s at a stretch per buffer).
+    relay = start(make_relay, dns_server, mx_sink)
+    other = relay.smtp()
+    s = open_data(relay)
+    body = b"a.\r\n" * 2_000_000
+    import threading
+    sender = threading.Thread(target=s.sock.sendall, args=(head("dots") + body + b".\r\n",))
+    t0 = time.monotonic()
+    sender.start()
+    worst = 0.0
+    while sender.is_alive() and time.monotonic() - t0 < 30:
+        t1 = time.monotonic()
+        assert other.noop()[0] == 250
+        worst = max(worst, time.monotonic() - t1)
+        time.sleep(0.05)
+    sender.join(30)
+    code, text = s.getreply()
+    assert code == 250, text
+    elapsed = time.monotonic() - t0
+    s.quit()
+    other.quit()
+    assert elapsed < 5, elapsed
+    assert worst < 0.5, worst
+    assert mx_sink.wait_for(1, timeout=60)
+    got = mx_sink.messages[0].data
+    assert got.endswith(b"\r\n\r\n" + b"a.\r\n" * 2_000_000)
