@@ -1031,9 +1031,9 @@ class Session(SMTP):
             # Lines ending in dots would make every read one line (5 us each, ~0.7 s of the
             # shared loop for a full buffer of them): take the complete lines the buffer holds
             # up to the first CRLF "." CRLF (or its last line end) at once. Not when the buffer
-            # starts with a dot after CRLF: that may be the end marker itself, whose CRLF we took.
+            # starts with what may be the end marker's ".\r\n" (its CRLF came with this line).
             buf = reader._buffer
-            if buf and not (prev == b"\r\n" and buf[:1] == b"."):
+            if buf and not b".\r\n".startswith(bytes(buf[:3])):
                 end = buf.find(b"\r\n.\r\n")
                 take = end + 2 if end >= 0 else buf.rfind(b"\n") + 1
                 if take:
