@@ -166,3 +166,31 @@ def test_a_body_of_dot_ended_lines_is_read_in_runs_not_a_line_a_read(make_relay,
     got = mx_sink.messages[0].data
     content = b"".join(ln[1:] if ln.startswith(b".") else ln for ln in [line]) * (8_000_000 // len(line))
     assert got.endswith(b"\r\n\r\n" + content)
+
+
+def test_the_rest_of_a_refused_body_is_counted_not_read_a_line_at_a_time(make_relay, dns_server, mx_sink):
+    # Once DATA is refused (a bare LF here) the rest is only counted to the end marker; a body
+    # of one-octet lines ("\n") was still split and fed a line at a time: 16 MB of them held
+    # the loop every session shares for ~8 s.
+    relay = start(make_relay, dns_server, mx_sink)
+    other = relay.smtp()
+    s = open_data(relay)
+    import threading
+    sender = threading.Thread(target=s.sock.sendall, args=(head("bare") + b"\n" * 16_000_000 + b"\r\n.\r\n",))
+    t0 = time.monotonic()
+    sender.start()
+    worst = 0.0
+    while sender.is_alive() and time.monotonic() - t0 < 30:
+        t1 = time.monotonic()
+        assert other.noop()[0] == 250
+        worst = max(worst, time.monotonic() - t1)
+        time.sleep(0.05)
+    sender.join(30)
+    code, text = s.getreply()
+    elapsed = time.monotonic() - t0
+    assert code == 550 and b"bare" in text.lower(), (code, text)
+    assert s.noop()[0] == 250
+    s.quit()
+    other.quit()
+    assert elapsed < 3, elapsed
+    assert worst < 0.5, worst
