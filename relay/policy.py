@@ -389,8 +389,13 @@ class DataState:
                 self._keep(block)
                 return
         # Something to refuse (or a 999-octet dot line): line by line decides which verdict.
+        # Once refused, the rest is only counted (feed would do no more), not split into lines:
+        # a refused body of one-octet lines cost the shared loop half a second a MB.
         start, end = 0, len(block)
         while start < end:
+            if self.problem is not None:
+                self.size += end - start
+                return
             stop = block.find(b"\n", start) + 1 or end
             self.feed(bytes(block[start:stop]))
             start = stop

@@ -26,8 +26,12 @@ class LoginLimiter:
     def keys(ip: str, username: str) -> tuple[str, str]:
         # IPv6 by /64, like the SMTP side's limits.auth_ipv6_prefix default: one host gets a
         # whole /64, and must not get 2^64 budgets. The username folded: "Admin" is "admin".
+        # ::ffff:a.b.c.d (a dual-stack proxy's X-Forwarded-For) is that IPv4 address: as an IPv6
+        # /64 every IPv4 client would share the one key ::/64.
         try:
             addr = ipaddress.ip_address(ip)
+            if addr.version == 6 and addr.ipv4_mapped is not None:
+                addr = addr.ipv4_mapped
             net = ipaddress.ip_network(f"{addr}/64", strict=False) if addr.version == 6 else addr
         except ValueError:
             net = ip

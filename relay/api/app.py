@@ -5,6 +5,7 @@ Every handler calls the operations layer and serialises what it returns; none to
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
@@ -37,7 +38,19 @@ class AuthFailures:
         self.limit, self.window, self._clock, self._max_ips = limit, window, clock, max_ips
         self._fails: dict[str, deque[float]] = {}
 
+    @staticmethod
+    def key(ip: str) -> str:
+        # An IPv6 /64 is one address (a host gets a whole /64), as for the admin's login limit.
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return ip
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)  # not ::/64, which every mapped IPv4 client is in
+        return str(ipaddress.ip_network(f"{addr}/64", strict=False)) if addr.version == 6 else str(addr)
+
     def _recent(self, ip: str) -> deque[float]:
+        ip = self.key(ip)
         q = self._fails.get(ip)
         if q is None:
             return deque()
@@ -56,6 +69,7 @@ class AuthFailures:
         return max(1.0, q[0] + self.window - self._clock())
 
     def fail(self, ip: str) -> None:
+        ip = self.key(ip)
         if ip not in self._fails and len(self._fails) >= self._max_ips:
             self._fails.pop(next(iter(self._fails)))
         self._fails.setdefault(ip, deque()).append(self._clock())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 
 from .. import bounce
@@ -25,14 +26,22 @@ def encode_cursor(created_at: float, qid: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+# A cursor we made is a timestamp and a queue id: well under this. A forged one is refused
+# before it is decoded (deep nesting made json.loads raise RecursionError: a 500).
+_CURSOR_MAX = 256
+
+
 def decode_cursor(cursor: str) -> tuple[float, str]:
     try:
+        if len(cursor) > _CURSOR_MAX:
+            raise ValueError
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, qid = json.loads(raw)
-        if not isinstance(created_at, (int, float)) or isinstance(created_at, bool) or not isinstance(qid, str):
+        if not isinstance(created_at, (int, float)) or isinstance(created_at, bool) or not isinstance(qid, str) \
+                or not math.isfinite(created_at):
             raise ValueError
         return float(created_at), qid
-    except (ValueError, TypeError, UnicodeDecodeError):
+    except (ValueError, TypeError, UnicodeDecodeError, RecursionError, OverflowError):
         raise invalid("not a cursor from a previous page") from None
 
 

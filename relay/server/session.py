@@ -145,6 +145,11 @@ class _Incoming:
         self.head = b""                      # the prepared header block, kept in the row
         self.ascii = True                    # every spooled byte so far is ASCII (BODY=8BITMIME later)
         self.enqueued = False
+        # While the header block has not ended, the next try at starting the file waits for
+        # the content to double (capped just past HEADER_LIMIT): each try joins and splits all
+        # of it, and a read can be one short line ("x.\r\n" ends a read), so trying at every
+        # read was quadratic on the shared loop. A few tries in all, as long as the header grows.
+        self.retry_at = 0
 
     def step_count(self, data: policy.DataState) -> None:
         grown = data.size - self.counted
@@ -169,7 +174,7 @@ class _Incoming:
         self.step_count(data)
         # Spooling starts at the threshold; then the file is written a SPILL_UNIT at a time
         # (a thread hop a write: at 1 MB messages they were a tenth of the acceptance CPU).
-        unit = self.threshold if self.file is None else max(self.threshold, SPILL_UNIT)
+        unit = max(self.threshold, self.retry_at) if self.file is None else max(self.threshold, SPILL_UNIT)
         if data.problem is None and data.buffered >= unit and self.state.spool_dir is not None:
             await self._spill(data)
 
@@ -197,6 +202,7 @@ class _Incoming:
             if len(wire) > HEADER_LIMIT:
                 data.problem = replies.HEADERS_TOO_LARGE
                 data.discard()
+            self.retry_at = min(2 * len(wire), HEADER_LIMIT + 1)
             return
         # Where the header section ends in the wire form: unstuffing removes a dot, never a
         # line, so it is after as many line ends as the fields hold.
@@ -1024,6 +1030,18 @@ class Session(SMTP):
             # "x.\r\n": a line that ends in a dot, not the end.
             data.feed_block(chunk)
             prev = chunk[-2:]
+            # Lines ending in dots would make every read one line (5 us each, ~0.7 s of the
+            # shared loop for a full buffer of them): take the complete lines the buffer holds
+            # up to the first CRLF "." CRLF (or its last line end) at once. Not when the buffer
+            # starts with what may be the end marker's ".\r\n" (its CRLF came with this line).
+            buf = reader._buffer
+            if buf and not b".\r\n".startswith(bytes(buf[:3])):
+                end = buf.find(b"\r\n.\r\n")
+                take = end + 2 if end >= 0 else buf.rfind(b"\n") + 1
+                if take:
+                    more = await reader.read(take)
+                    data.feed_block(more)
+                    prev = (prev + more)[-2:]
             await incoming.step(data)
             if data.size > hard_cap:
                 self._close_with(replies.SIZE_EXCEEDED)

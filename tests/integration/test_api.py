@@ -184,6 +184,11 @@ def test_queue_endpoints(w, api):
     err(w("GET", "/queue", "/queue?state=bogus", validate=False), 422, "invalid")
     err(w("GET", "/queue", "/queue?limit=abc", validate=False), 422, "invalid")
     err(w("GET", "/queue", "/queue?after=%%%"), 422, "invalid")
+    # Forged cursors: deep nesting (json.loads raises RecursionError), NaN, a dict: refused, never a 500.
+    import base64
+    for raw in (b"[" * 3000 + b"]" * 3000, b'[NaN,"x"]', b'{"a":1,"b":2}', b'[1e999,"x"]'):
+        forged = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        err(w("GET", "/queue", f"/queue?after={forged}"), 422, "invalid")
     err(w("GET", "/queue", "/queue?colour=red"), 422, "unknown_field")
     err(w("GET", "/queue", "/queue?state=active&state=all"), 422, "invalid")
     m = w("GET", "/queue/{qid}", f"/queue/{ids[0]}").json()
@@ -285,3 +290,26 @@ def test_hostile_bodies_and_paths(tmp_path):
         # Unknown endpoints and methods: JSON too.
         err(w("GET", "/nope", validate=False), 404, "not_found")
         err(w("PATCH", "/domains", validate=False), 405, "method_not_allowed")
+
+
+def test_the_failure_limit_takes_an_ipv6_64_as_one_address():
+    # Like the admin login's limit and the SMTP side's limits.auth_ipv6_prefix default: one host
+    # holds a whole /64 and must not get 2^64 budgets (nor evict everyone else's by rotating).
+    clock = [1000.0]
+    failures = AuthFailures(limit=3, window=60, clock=lambda: clock[0])
+    for i in range(3):
+        failures.fail(f"2001:db8:1:2::{i + 1:x}")
+    assert failures.blocked_for("2001:db8:1:2:ffff::9") > 0
+    assert failures.blocked_for("2001:db8:1:3::1") == 0
+    assert failures.blocked_for("192.0.2.1") == 0
+    for _ in range(3):
+        failures.fail("192.0.2.1")
+    assert failures.blocked_for("192.0.2.1") > 0 and failures.blocked_for("192.0.2.2") == 0
+
+
+def test_the_failure_limit_takes_an_ipv4_mapped_address_as_that_ipv4_address():
+    failures = AuthFailures(limit=3, window=60, clock=lambda: 1000.0)
+    for _ in range(3):
+        failures.fail("::ffff:203.0.113.9")
+    assert failures.blocked_for("203.0.113.9") > 0
+    assert failures.blocked_for("::ffff:198.51.100.7") == 0

@@ -108,3 +108,89 @@ def test_a_command_pipelined_after_the_dot_is_answered_after_the_250(make_relay,
     assert s.getreply()[0] == 250  # the NOOP's
     s.quit()
     assert mx_sink.wait_for(1, timeout=30)
+
+
+def test_a_header_block_of_many_short_dot_ended_lines_costs_linear_time(make_relay, dns_server, mx_sink):
+    # Each "x.\r\n" line is a read of its own (the reader stops at every ".\r\n"); past
+    # limits.data_in_memory, a header block that has not ended yet was joined and split again
+    # at every such read: quadratic, on the event loop every session shares. 64 KB of them
+    # froze the relay for tens of seconds; HEADER_LIMIT (1 MB) of them, for hours.
+    relay = start(make_relay, dns_server, mx_sink)
+    other = relay.smtp()
+    s = open_data(relay)
+    fields = b"".join(b"X-A: %05d.\r\n" % i for i in range(5000))  # 60 KB, all before the blank line
+    t0 = time.monotonic()
+    s.sock.sendall(head("many")[:-2] + fields + b"\r\nbody\r\n.\r\n")
+    time.sleep(0.2)
+    t1 = time.monotonic()
+    assert other.noop()[0] == 250
+    assert time.monotonic() - t1 < 3, "another session waited on this one's header block"
+    code, text = s.getreply()
+    assert code == 250, text
+    assert time.monotonic() - t0 < 10
+    s.quit()
+    other.quit()
+    assert mx_sink.wait_for(1, timeout=30)
+    got = mx_sink.messages[0].data
+    assert fields in got and got.endswith(b"\r\n\r\nbody\r\n")
+
+
+@pytest.mark.parametrize("line", [b"a.\r\n", b"..\r\n", b".a.\r\n"])
+def test_a_body_of_dot_ended_lines_is_read_in_runs_not_a_line_a_read(make_relay, dns_server, mx_sink, line):
+    # Every "a.\r\n" stops the reader's search for ".\r\n": read one line a read, 8 MB of them
+    # cost the loop every session shares over 7 s (~0.7 s at a stretch per buffer). Lines that
+    # start with a (stuffed) dot too.
+    relay = start(make_relay, dns_server, mx_sink)
+    other = relay.smtp()
+    s = open_data(relay)
+    body = line * (8_000_000 // len(line))
+    import threading
+    sender = threading.Thread(target=s.sock.sendall, args=(head("dots") + body + b".\r\n",))
+    t0 = time.monotonic()
+    sender.start()
+    worst = 0.0
+    while sender.is_alive() and time.monotonic() - t0 < 30:
+        t1 = time.monotonic()
+        assert other.noop()[0] == 250
+        worst = max(worst, time.monotonic() - t1)
+        time.sleep(0.05)
+    sender.join(30)
+    code, text = s.getreply()
+    assert code == 250, text
+    elapsed = time.monotonic() - t0
+    s.quit()
+    other.quit()
+    assert elapsed < 3, elapsed
+    assert worst < 0.5, worst
+    assert mx_sink.wait_for(1, timeout=60)
+    got = mx_sink.messages[0].data
+    content = b"".join(ln[1:] if ln.startswith(b".") else ln for ln in [line]) * (8_000_000 // len(line))
+    assert got.endswith(b"\r\n\r\n" + content)
+
+
+def test_the_rest_of_a_refused_body_is_counted_not_read_a_line_at_a_time(make_relay, dns_server, mx_sink):
+    # Once DATA is refused (a bare LF here) the rest is only counted to the end marker; a body
+    # of one-octet lines ("\n") was still split and fed a line at a time: 16 MB of them held
+    # the loop every session shares for ~8 s.
+    relay = start(make_relay, dns_server, mx_sink)
+    other = relay.smtp()
+    s = open_data(relay)
+    import threading
+    sender = threading.Thread(target=s.sock.sendall, args=(head("bare") + b"\n" * 16_000_000 + b"\r\n.\r\n",))
+    t0 = time.monotonic()
+    sender.start()
+    worst = 0.0
+    while sender.is_alive() and time.monotonic() - t0 < 30:
+        t1 = time.monotonic()
+        assert other.noop()[0] == 250
+        worst = max(worst, time.monotonic() - t1)
+        time.sleep(0.05)
+    sender.join(30)
+    code, text = s.getreply()
+    elapsed = time.monotonic() - t0
+    assert code == 550 and b"bare" in text.lower(), (code, text)
+    assert s.noop()[0] == 250
+    s.quit()
+    other.quit()
+    assert elapsed < 3, elapsed
+    assert worst < 0.5, worst

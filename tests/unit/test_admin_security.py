@@ -401,3 +401,39 @@ async def test_a_bug_in_a_page_is_a_plain_500_with_the_headers_and_one_log_line(
     from relay import logs
     found = [getattr(rec, logs._EXTRA_KEY) for rec in caplog.records if rec.getMessage() == "admin_error"]
     assert len(found) == 1 and found[0]["error"] == "RuntimeError: secret detail" and found[0]["path"] == "/boom"
+
+
+async def test_ipv4_mapped_forwarded_addresses_are_each_their_own_ipv4_budget(tmp_path):
+    # A proxy on a dual-stack socket (nginx listen [::]:443 ipv6only=off) forwards IPv4 clients as
+    # ::ffff:a.b.c.d. Taken as IPv6 by /64, every IPv4 client on earth was the one key ::/64: one
+    # stranger's failed logins locked every IPv4 admin out.
+    async with Admin(tmp_path, {"trusted_proxies": ["127.0.0.0/8"]}) as a:
+        await a.deps.accounts.add(NAME, PASSWORD)
+        for i in range(a.cfg.admin.login_failures):
+            r = await a.login(name=f"guess{i}", password="wrong password!",
+                              headers={**SAME, "X-Forwarded-For": "::ffff:203.0.113.9"})
+            assert r.status == 401
+        r = await a.login(headers={**SAME, "X-Forwarded-For": "::ffff:198.51.100.7"})
+        assert r.status == 303, r.body
+        r = await a.login(name="guess-more", password="wrong password!",
+                          headers={**SAME, "X-Forwarded-For": "203.0.113.9"})
+        assert r.status == 429  # the mapped and the plain form are one address
+
+
+def test_limiter_keys_fold_ipv4_mapped_addresses():
+    assert LoginLimiter.keys("::ffff:192.0.2.7", "x")[0] == LoginLimiter.keys("192.0.2.7", "x")[0] == "ip:192.0.2.7"
+
+
+async def test_guessing_the_current_password_on_the_password_form_spends_the_login_budget(admin):
+    # A session left open (or taken) must not become an unlimited password-guessing oracle:
+    # the login limit counts the change form's wrong current passwords too, and once locked,
+    # even the right one is refused until the lockout ends.
+    assert (await admin.login()).status == 303
+    csrf = await admin.csrf()
+    form = {"csrf": csrf, "new": "a brand new long password", "again": "a brand new long password"}
+    for _ in range(admin.cfg.admin.login_failures):
+        r = await admin.req("POST", "/sessions/password", {**form, "current": "a wrong guess!!"}, SAME)
+        assert r.status == 400
+    r = await admin.req("POST", "/sessions/password", {**form, "current": PASSWORD}, SAME)
+    assert r.status == 429, r.status
+    assert await admin.deps.accounts.verify(NAME, PASSWORD)  # unchanged

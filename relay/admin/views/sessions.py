@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from aiohttp import web
 
@@ -37,8 +38,17 @@ async def change_password(request: web.Request) -> web.StreamResponse:
     me = session_of(request)
     form = await request.post()
     current, new, again = (str(form.get(k, ""))[:1024] for k in ("current", "new", "again"))
+    ip = request.remote or "-"
+    # The current password is a login: the same budget, or an open session guesses it freely.
+    wait = d.limiter.locked(ip, me.username)
+    if wait:
+        event(log, "admin_auth_locked", logging.WARNING, ip=ip, user=me.username)
+        minutes = max(1, math.ceil(wait / 60))
+        return await sessions_page(request, status=429, error=(
+            f"Too many wrong passwords. Try again in {minutes} minute{'s' if minutes > 1 else ''}."))
     if not await d.accounts.verify(me.username, current):
-        event(log, "admin_auth_failed", logging.WARNING, ip=request.remote or "-", user=me.username)
+        d.limiter.failed(ip, me.username)
+        event(log, "admin_auth_failed", logging.WARNING, ip=ip, user=me.username)
         return await sessions_page(request, error="The current password is wrong.", status=400)
     problem = password_problem(me.username, new, d.cfg.credentials.min_password_length)
     if problem or new != again:
