@@ -1041,7 +1041,7 @@ class Session(SMTP):
                 if take:
                     more = await reader.read(take)
                     data.feed_block(more)
-                    prev = (prev + more)[-2:]
+                    prev = more[-2:] if len(more) >= 2 else (prev + more)[-2:]
             await incoming.step(data)
             if data.size > hard_cap:
                 self._close_with(replies.SIZE_EXCEEDED)
