@@ -313,6 +313,9 @@ class Session(SMTP):
         # A PROXY LOCAL/UNKNOWN header: the load balancer's own health check (every few seconds,
         # on every port): its connect/tls/disconnect lines go to debug, not the operator's log.
         self._quiet = logging.DEBUG if proxy_local else logging.INFO
+        # ... and never a trusted-network client, whatever the proxy's own address: the header
+        # named no client, so no client may relay without AUTH through it.
+        self._proxy_local = proxy_local
         self.principal: Principal | None = None
         self.txn: Transaction | None = None
         self.helo: str | None = None
@@ -863,7 +866,7 @@ class Session(SMTP):
     def _principal_for_mail(self) -> Principal | Reply:
         if self.principal is not None:
             return self.principal
-        trusted = self.state.trusted_principal(self.client_ip, self.helo)
+        trusted = None if self._proxy_local else self.state.trusted_principal(self.client_ip, self.helo)
         if trusted is not None:
             return trusted
         if not self.tls_active:
@@ -941,7 +944,7 @@ class Session(SMTP):
     async def smtp_RCPT(self, arg: str | None) -> None:
         if self.txn is None:
             if self._principal_for_mail() is not self.principal and self.principal is None \
-                    and self.state.trusted_principal(self.client_ip, self.helo) is None:
+                    and (self._proxy_local or self.state.trusted_principal(self.client_ip, self.helo) is None):
                 await self.reply(self._reject("auth_required", self._principal_for_mail()))
             else:
                 await self.reply(replies.NEED_MAIL)

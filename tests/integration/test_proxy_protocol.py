@@ -352,3 +352,24 @@ def test_shutdown_with_header_reads_pending(tmp_path):
     finally:
         inst.stop()
     assert not [line for line in inst.raw_log if "Traceback" in line]
+
+
+def test_a_proxys_own_check_is_never_a_trusted_client(tmp_path):
+    # HAProxy on the relay's own host, loopback trusted for local apps: a LOCAL/UNKNOWN header
+    # names no client, so the connection is the proxy's own and must not relay without AUTH.
+    inst = start_relay(tmp_path, config={
+        "listeners": [{"address": "127.0.0.1", "port": 0, "tls": "starttls", "proxy_protocol": True,
+                       "trusted_proxies": ["127.0.0.1/32"]}],
+        "trusted_networks": [{"network": "127.0.0.0/8", "domains": ["mg.example.com"]}],
+    })
+    try:
+        for header in (v2(None), b"PROXY UNKNOWN\r\n"):
+            with proxied(inst, header) as c:
+                c.ehlo()
+                assert c.cmd("MAIL FROM:<noreply@mg.example.com>").code == 530
+                assert c.cmd("RCPT TO:<bob@example.net>").code in (503, 530)
+        with proxied(inst, v2("127.0.0.77")) as c:  # a real client in the trusted network: trusted
+            c.ehlo()
+            assert c.cmd("MAIL FROM:<noreply@mg.example.com>").code == 250
+    finally:
+        inst.stop()
