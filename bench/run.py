@@ -641,7 +641,8 @@ def scenario7b(port: int, pid: int, sink: Sink, messages: int, size: int, relay:
     cpu0 = tree_cpu(pid)
     acc, e2e = run_smtp_source(port, sink, messages, 20, size, relay)
     cpu = tree_cpu(pid) - cpu0
-    return {"accepted_per_s": acc, "end_to_end_per_s": e2e, "cpu_ms_per_msg": cpu / messages * 1000}
+    return {"accepted_per_s": acc, "end_to_end_per_s": e2e, "cpu_ms_per_msg": cpu / messages * 1000,
+            "source_cpu_ms_per_msg": SOURCE_CPU["s"] / messages * 1000}
 
 
 def scenario7b_relay(workdir: Path, sink: Sink, messages: int, size: int) -> dict:
@@ -1093,7 +1094,8 @@ def main() -> int:
                                                          "back_within_50mb_s", "seconds", "delivered")))
             for k, runs7 in b_runs.items():
                 print(f"[7b] {k:<10} smtp-source -s 20 -m {args.mb_messages} -l 1048576: " + "; ".join(
-                    _median_line(runs7, key) for key in ("end_to_end_per_s", "accepted_per_s", "cpu_ms_per_msg")))
+                    _median_line(runs7, key) for key in ("end_to_end_per_s", "accepted_per_s", "cpu_ms_per_msg",
+                                                         "source_cpu_ms_per_msg")))
             results["scenario7"] = {"burst": a_runs, "one_mb": b_runs, "command": cmd}
     finally:
         sink.stop()
