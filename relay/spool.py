@@ -22,6 +22,8 @@ import os
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterable
 
+from .policy import unstuff
+
 CHUNK = 256 * 1024
 WIRE_SUFFIX = ".wire"
 _IOV_MAX = 1024
@@ -66,9 +68,9 @@ class Body:
             carry = block[cut:]
             if cut:
                 piece = block[:cut] if carry else block
-                yield _unstuff(piece) if self.wire else piece
+                yield unstuff(piece) if self.wire else piece  # pieces start at line starts
         if carry:
-            yield _unstuff(carry) if self.wire else carry
+            yield unstuff(carry) if self.wire else carry
 
     async def wire_chunks(self, size: int = CHUNK) -> AsyncIterator[bytes]:
         """A wire-form file's bytes as they are stored, in pieces of `size` (cut anywhere)."""
@@ -122,13 +124,6 @@ def _read_or_close(f, size: int) -> bytes:
     return block
 
 
-def _unstuff(piece: bytes) -> bytes:
-    # Each piece starts at a line start (chunks cuts after line ends).
-    if piece.startswith(b"."):
-        piece = piece[1:]
-    return piece.replace(b"\r\n.", b"\r\n")
-
-
 def _fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -172,11 +167,11 @@ class SpoolFile:
                 views.pop(0)
             if n:
                 views[0] = views[0][n:]
+        self.size += sum(len(p) for p in pieces)
 
     async def write(self, pieces: list[bytes]) -> None:
         """Append `pieces` (one system call for all of them, in a thread)."""
         await asyncio.to_thread(self._write, pieces)
-        self.size += sum(len(p) for p in pieces)
 
     def _commit(self, last: list[bytes]) -> None:
         if last:
@@ -192,7 +187,6 @@ class SpoolFile:
     async def commit(self, last: list[bytes] | None = None) -> None:
         """Append `last` (the end of the message), then sync the file and its name: one hop."""
         await asyncio.to_thread(self._commit, last or [])
-        self.size += sum(len(p) for p in last or ())
         self.committed = True
 
     def _discard(self) -> None:

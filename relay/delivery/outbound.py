@@ -20,7 +20,7 @@ import aiosmtplib
 
 from .. import memory, metrics
 from ..logs import event
-from ..policy import xtext_encode
+from ..policy import stuff, xtext_encode
 from ..spool import Body
 from . import DELIVERED, PERMANENT, TRANSIENT, Envelope, Fenced, RcptOutcome, all_same
 from .dane import DANECheck, DANEMismatch
@@ -384,7 +384,7 @@ def _stuffed(data: bytes) -> bytes:
         data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
         if not data.endswith(b"\r\n"):
             data += b"\r\n"
-    return (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    return stuff(data) + b".\r\n"
 
 
 def _stuff_piece(piece: bytes, before: bytes) -> bytes:
@@ -406,7 +406,7 @@ async def _wire_pieces(body: Body, chunk: int = _CHUNK, wire_read: int = _WIRE_R
         # field) stuffed, and the dot added.
         last = b"\r\n"
         if body.prefix:
-            yield _stuff_piece(body.prefix, last)
+            yield stuff(body.prefix)  # a header field: starts a line
             last = body.prefix[-2:]
         async for piece in body.wire_chunks(wire_read):
             memory.TRIMMER.note(len(piece))

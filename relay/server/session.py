@@ -125,6 +125,12 @@ DATA_READ_LIMIT = 262_144
 SPILL_UNIT = 1_048_576
 
 
+def _last_two(prev: bytes, piece: bytes) -> bytes:
+    """The last two bytes of the stream after `piece` (`prev`: those before it), without
+    copying a large piece."""
+    return piece[-2:] if len(piece) >= 2 else (prev + piece)[-2:]
+
+
 class _Incoming:
     """One DATA transfer's bytes: counted against limits.max_data_in_flight as they arrive, and
     past limits.data_in_memory moved out of memory into a spool file: first the header block,
@@ -220,9 +226,12 @@ class _Incoming:
         head = policy.stuff(self.head[:-2]) + (b"" if rest.startswith(b"\r\n") else b"\r\n")
         await self._write([head, rest])
 
-    async def _write(self, pieces: list[bytes]) -> None:
+    def _note_ascii(self, pieces: list[bytes]) -> None:
         # Known now, so delivery need not read the file once more to choose BODY=8BITMIME.
         self.ascii = self.ascii and all(p.isascii() for p in pieces)
+
+    async def _write(self, pieces: list[bytes]) -> None:
+        self._note_ascii(pieces)
         assert self.file is not None
         await self.file.write(pieces)
 
@@ -232,7 +241,7 @@ class _Incoming:
             return
         try:
             last = data.take()
-            self.ascii = self.ascii and all(p.isascii() for p in last)
+            self._note_ascii(last)
             await self.file.commit(last)
         except OSError as exc:
             raise (StorageFull(str(exc)) if self._failed(exc) else StoreUnavailable(f"spool: {exc}")) from None
@@ -1017,34 +1026,30 @@ class Session(SMTP):
                     if data.problem is None:
                         data.problem = replies.DATA_LINE_TOO_LONG
                     data.discard()
-                prev = chunk[-2:] if len(chunk) >= 2 else (prev + chunk)[-2:]
-                await incoming.step(data)
-                if data.size > hard_cap:
-                    self._close_with(replies.SIZE_EXCEEDED)
-                    return False
-                continue
-            n = len(chunk)
-            if (chunk if n >= 5 else prev + chunk)[-5:-3] == b"\r\n":
-                if n > 3:
-                    data.feed_block(chunk[:-3])
-                incoming.step_count(data)
-                self._reset_timeout()
-                return True
-            # "x.\r\n": a line that ends in a dot, not the end.
-            data.feed_block(chunk)
-            prev = chunk[-2:]
-            # Lines ending in dots would make every read one line (5 us each, ~0.7 s of the
-            # shared loop for a full buffer of them): take the complete lines the buffer holds
-            # up to the first CRLF "." CRLF (or its last line end) at once. Not when the buffer
-            # starts with what may be the end marker's ".\r\n" (its CRLF came with this line).
-            buf = reader._buffer
-            if buf and not b".\r\n".startswith(bytes(buf[:3])):
-                end = buf.find(b"\r\n.\r\n")
-                take = end + 2 if end >= 0 else buf.rfind(b"\n") + 1
-                if take:
-                    more = await reader.read(take)
-                    data.feed_block(more)
-                    prev = more[-2:] if len(more) >= 2 else (prev + more)[-2:]
+                prev = _last_two(prev, chunk)
+            else:
+                n = len(chunk)
+                if (chunk if n >= 5 else prev + chunk)[-5:-3] == b"\r\n":
+                    if n > 3:
+                        data.feed_block(chunk[:-3])
+                    incoming.step_count(data)
+                    self._reset_timeout()
+                    return True
+                # "x.\r\n": a line that ends in a dot, not the end.
+                data.feed_block(chunk)
+                prev = chunk[-2:]
+                # Lines ending in dots would make every read one line (5 us each, ~0.7 s of the
+                # shared loop for a full buffer of them): take the complete lines the buffer holds
+                # up to the first CRLF "." CRLF (or its last line end) at once. Not when the buffer
+                # starts with what may be the end marker's ".\r\n" (its CRLF came with this line).
+                buf = reader._buffer
+                if buf and not b".\r\n".startswith(bytes(buf[:3])):
+                    end = buf.find(b"\r\n.\r\n")
+                    take = end + 2 if end >= 0 else buf.rfind(b"\n") + 1
+                    if take:
+                        more = await reader.read(take)
+                        data.feed_block(more)
+                        prev = _last_two(prev, more)
             await incoming.step(data)
             if data.size > hard_cap:
                 self._close_with(replies.SIZE_EXCEEDED)
