@@ -13,8 +13,9 @@ import asyncio
 import base64
 import functools
 import hashlib
+import os
 import time
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import dkim
 import dkim.canonicalization
@@ -188,32 +189,64 @@ def sign(message: bytes, key: DKIMKey) -> bytes:
     return signature(head, digest, key) + message
 
 
+# The signing pool: a few threads of its own, one per core. RSA (OpenSSL) releases the GIL,
+# so two signatures run at once; dkimpy's Python around it does not, and in the loop's default
+# pool (cores + 4 threads, shared with everything else) more signing threads than cores only
+# queued for the GIL: measured 0.48 CPU-ms a message in 7 threads against 0.32 in isolation.
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="dkim-sign")
+    return _POOL
+
+
 class Signer:
     """Signs for the domains that have an active key; others pass through unsigned."""
+
+    # The active key per domain is read from the store at most this often (one read a message
+    # was a thread hop each on the delivery loop); a rotation reaches signing within this time.
+    KEY_TTL = 0.25
 
     @staticmethod
     def _sign_whole(data: bytes, key: DKIMKey) -> bytes:
         head, digest = _head_and_hash([data])
         return signature(head, digest, key)
 
-    def __init__(self, store: DKIMStore, executor: Executor | None = None):
+    def __init__(self, store: DKIMStore, executor: Executor | None = None, clock=time.monotonic):
         self._store = store
         self._executor = executor
+        self._clock = clock
+        self._keys: dict[str, tuple[float, DKIMKey | None]] = {}
+
+    async def _active(self, domain: str) -> DKIMKey | None:
+        now = self._clock()
+        hit = self._keys.get(domain)
+        if hit is not None and now - hit[0] < self.KEY_TTL:
+            return hit[1]
+        key = await self._store.active(domain)
+        if len(self._keys) >= 10_000:
+            self._keys.clear()
+        self._keys[domain] = (now, key)
+        return key
 
     async def __call__(self, domain: str, body: Body) -> tuple[bytes, str | None]:
         """(the DKIM-Signature field, or b"" without a key; selector used or None). The body is
         read piece by piece; each piece is hashed in a thread, so only the header block, one
         piece and the hash state are in memory."""
-        key = await self._store.active(domain)
+        key = await self._active(domain)
         if key is None:
             return b"", None
         loop = asyncio.get_running_loop()
+        executor = self._executor or _pool()
         if body.data is not None:  # in memory (small): one hop does it all
-            return await loop.run_in_executor(self._executor, self._sign_whole, body.data, key), key.selector
+            return await loop.run_in_executor(executor, self._sign_whole, body.data, key), key.selector
         split, h = _HeadSplit(), RelaxedBodyHash()
         async for piece in body.chunks():
             rest = split.feed(piece)
             if rest:
-                await loop.run_in_executor(self._executor, h.update, rest)
-        sig = await loop.run_in_executor(self._executor, signature, bytes(split.head), h.digest(), key)
+                await loop.run_in_executor(executor, h.update, rest)
+        sig = await loop.run_in_executor(executor, signature, bytes(split.head), h.digest(), key)
         return sig, key.selector
