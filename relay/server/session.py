@@ -308,7 +308,7 @@ class Session(SMTP):
         self._auth_required = False
         self._proxy_timeout = None
         self._handle_hooks = {}
-        self._smtp_methods = self._methods()
+        self._smtp_verbs = self._verbs()
         self._enforce_call_limit = False
         self.state = state
         self.listener_name = listener_name
@@ -340,13 +340,15 @@ class Session(SMTP):
 
     _METHOD_NAMES: tuple[str, ...] | None = None
 
-    def _methods(self) -> dict[str, Any]:
-        """VERB -> bound smtp_VERB method; the names are found once per class."""
+    def _verbs(self) -> frozenset[str]:
+        """The VERBs this class has an smtp_VERB for; found once per class (a bound method per
+        verb per connection was a dict of fifteen built for each new connection)."""
         cls = type(self)
         names = cls.__dict__.get("_METHOD_NAMES")
         if names is None:
             names = cls._METHOD_NAMES = tuple(n for n in dir(cls) if n.startswith("smtp_"))
-        return {n[5:]: getattr(self, n) for n in names}
+            cls._VERBS = frozenset(n[5:] for n in names)
+        return cls.__dict__["_VERBS"]
 
     # ---------------------------------------------------------------- connection
 
@@ -543,7 +545,7 @@ class Session(SMTP):
                 except UnicodeDecodeError:
                     await self.reply(replies.SYNTAX_ERROR)
                     continue
-                method = self._smtp_methods.get(verb) if verb.isalpha() else None
+                method = getattr(self, "smtp_" + verb) if verb in self._smtp_verbs else None
                 if method is None:
                     # Never log the line: a POP3 "PASS secret" sent here is a password.
                     if self._is_mailbox_protocol(verb, arg_b):
