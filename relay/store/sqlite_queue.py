@@ -48,6 +48,7 @@ class QueueStore:
         self.lease_seconds = lease_seconds
         self.owner = owner or LeaseOwner(socket.gethostname(), secrets.token_hex(4))
         self._on_enqueue = on_enqueue
+        self._woken_at = -1  # the writer's commit count at the last wake after an enqueue
         # Where spooled bodies (bodies.path) live; a store without one (tests) keeps every body in rows.
         self.spool_dir = spool_dir
         self._to_unlink: list[str] = []
@@ -80,7 +81,12 @@ class QueueStore:
             os._exit(75)  # test hook: committed, but the client never sees 250
         metrics.MESSAGES_ACCEPTED.labels("bounce" if not msg.sender else "submission").inc()
         if self._on_enqueue:
-            self._on_enqueue()
+            # One wake per group commit, not per message: the enqueues of one batch resume
+            # together, and the first one's wake came after the commit that holds them all.
+            commits = getattr(self._writer, "commits", None)
+            if commits is None or commits != self._woken_at:
+                self._woken_at = -1 if commits is None else commits
+                self._on_enqueue()
         return result
 
     def _insert(self, conn: sqlite3.Connection, qid: str, msg: NewMessage, now: float) -> None:

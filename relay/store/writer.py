@@ -78,6 +78,9 @@ class GroupWriter:
         self._wake = asyncio.Event()
         self._writer: asyncio.Task | None = None
         self._closing = False
+        # Batches committed so far: a caller that sees the same count as an earlier one after
+        # its own commit knows that one came after its commit too (QueueStore: one wake a batch).
+        self.commits = 0
 
     async def write(self, op: Op) -> Any:
         """Run `op` inside the next group transaction; its return value once committed."""
@@ -135,6 +138,7 @@ class GroupWriter:
                     fut.set_exception(err)
             return
         metrics.STORE_COMMITS.inc()
+        self.commits += 1
         for (_, fut), (value, exc) in zip(batch, results):
             if fut.done():
                 continue
