@@ -49,6 +49,9 @@ class QueueStore:
         self.owner = owner or LeaseOwner(socket.gethostname(), secrets.token_hex(4))
         self._on_enqueue = on_enqueue
         self._woken_at = -1  # the writer's commit count at the last wake after an enqueue
+        # body_to_send requests waiting for the next read (one query and one hop for all of them).
+        self._bodies_wanted: list[tuple[str, asyncio.Future]] = []
+        self._body_reader: asyncio.Task | None = None
         # Where spooled bodies (bodies.path) live; a store without one (tests) keeps every body in rows.
         self.spool_dir = spool_dir
         self._to_unlink: list[str] = []
@@ -251,13 +254,49 @@ class QueueStore:
         except FileNotFoundError:  # finished meanwhile: the row keeps the header block
             return prefix + bytes(r["data"])
 
+    _BODY_BATCH = 32  # rows hold at most limits.data_in_memory bytes each (larger bodies are files)
+
     async def body_to_send(self, msg_id: str) -> tuple[spool.Body | None, str | None]:
         """(body, domain to DKIM-sign for if it is still unsigned), read together: a job of the same
-        message for another destination may have stored the signature since this job's claim."""
-        rows = await self._conn.execute_fetchall(
-            "SELECT b.data, b.path, b.prefix, b.ascii, m.size, m.dkim_domain FROM bodies b JOIN messages m ON m.id = b.id "
-            "WHERE b.id = ? AND m.finished_at IS NULL", (msg_id,))
-        return (self._body_of(rows[0]), rows[0]["dkim_domain"]) if rows else (None, None)
+        message for another destination may have stored the signature since this job's claim.
+
+        The deliveries that start in the same pass of the loop are read with one query (one
+        thread hop to the reader, not one each)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._bodies_wanted.append((msg_id, fut))
+        if self._body_reader is None or self._body_reader.done():
+            self._body_reader = asyncio.create_task(self._read_bodies(), name="body-reader")
+        return await fut
+
+    async def _read_bodies(self) -> None:
+        while self._bodies_wanted:
+            batch = self._bodies_wanted[:self._BODY_BATCH]
+            del self._bodies_wanted[:len(batch)]
+            ids = list(dict.fromkeys(m for m, _ in batch))
+            try:
+                rows = await self._conn.execute_fetchall(
+                    "SELECT b.id, b.data, b.path, b.prefix, b.ascii, m.size, m.dkim_domain FROM bodies b "
+                    f"JOIN messages m ON m.id = b.id WHERE b.id IN ({','.join('?' * len(ids))}) "
+                    "AND m.finished_at IS NULL", ids)
+                found = {r["id"]: r for r in rows}
+            except asyncio.CancelledError:
+                for _, fut in batch + self._bodies_wanted:
+                    fut.cancel()
+                self._bodies_wanted.clear()
+                raise
+            except Exception as exc:  # noqa: BLE001 - each waiter gets the failure
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for msg_id, fut in batch:
+                if fut.done():
+                    continue
+                r = found.get(msg_id)
+                try:
+                    fut.set_result((self._body_of(r), r["dkim_domain"]) if r is not None else (None, None))
+                except Exception as exc:  # noqa: BLE001 - e.g. a spooled body without a spool directory
+                    fut.set_exception(exc)
 
     async def _unlink(self, names: list[str]) -> None:
         """Remove finished bodies' files, after the commit that let them go (a crash in between
