@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import logging
 import re
 import socket
@@ -17,6 +18,7 @@ import termios
 from typing import Awaitable, Callable
 
 import aiosmtplib
+from aiosmtplib.email import quote_address
 
 from .. import memory, metrics
 from ..logs import event
@@ -46,6 +48,34 @@ class ConnectFailure(Exception):
         self.permanent = permanent
         self.host = host           # the host that failed, for Remote-MTA and the log
         self.tls = tls             # "failed" (handshake/verification) or "unavailable" (no STARTTLS), for the log
+
+
+@functools.lru_cache(maxsize=4096)
+def _quoted(address: str, encoding: str) -> bytes:
+    """`<address>` as aiosmtplib's mail()/rcpt() put it on the line (its parse and injection
+    check included: a ValueError is raised each time, never cached), worked out once per
+    address: email.utils' parser was 4 % of the delivery process's loop."""
+    return quote_address(address).encode(encoding)
+
+
+async def _mail(c: aiosmtplib.SMTP, sender: str, options: list[str], encoding: str) -> None:
+    """aiosmtplib's SMTP.mail(), with the quoted address remembered."""
+    if c.is_ehlo_or_helo_needed:
+        await c.mail(sender, options=options, encoding=encoding)
+        return
+    resp = await c.execute_command(b"MAIL", b"FROM:" + _quoted(sender, encoding), *(o.encode("ascii") for o in options))
+    if resp.code != 250:
+        raise aiosmtplib.SMTPSenderRefused(resp.code, resp.message, sender)
+
+
+async def _rcpt(c: aiosmtplib.SMTP, recipient: str, options: list[str], encoding: str) -> None:
+    """aiosmtplib's SMTP.rcpt(), with the quoted address remembered."""
+    if c.is_ehlo_or_helo_needed:
+        await c.rcpt(recipient, options=options, encoding=encoding)
+        return
+    resp = await c.execute_command(b"RCPT", b"TO:" + _quoted(recipient, encoding), *(o.encode("ascii") for o in options))
+    if resp.code not in (250, 251):
+        raise aiosmtplib.SMTPRecipientRefused(resp.code, resp.message, recipient)
 
 
 def status_of(code: int, message: str) -> str:
@@ -247,7 +277,7 @@ class Session:
         transfer = _Transfer()
         try:
             try:
-                await c.mail(env.sender, options=opts, encoding=enc)
+                await _mail(c, env.sender, opts, enc)
             except aiosmtplib.SMTPResponseException as exc:
                 if reused and exc.code == 421:
                     # The server closed the idle cached session (RFC 5321 3.8): not this message's fault.
@@ -269,7 +299,7 @@ class Session:
                     kind, _, addr = r.orcpt.partition(";")
                     ropts.append(f"ORCPT={kind};{xtext_encode(addr)}")
                 try:
-                    await c.rcpt(r.address, options=ropts, encoding=enc)
+                    await _rcpt(c, r.address, ropts, enc)
                     accepted.append(r)
                 except aiosmtplib.SMTPResponseException as exc:
                     result[r.address] = outcome_of(exc.code, exc.message, self.host, self.tls)
