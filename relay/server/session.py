@@ -13,6 +13,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 import time
@@ -26,7 +27,7 @@ from ..spool import WIRE_SUFFIX, SpoolFile
 from ..config import LimitsConfig
 from ..credentials import CredentialStore, Principal, StoreError, normalize_username
 from ..logs import event
-from ..store.contract import NewMessage, NewRecipient, QueueStore, StorageFull, StoreUnavailable, new_queue_id
+from ..store.contract import NewMessage, NewRecipient, QueueStore, StorageFull, StoreUnavailable
 from ..replies import Reply
 from ..tls import describe
 from .auth import BUSY, MAX_RESPONSE, NETWORK, PAIR, USER, AuthThrottle, b64, decode_plain
@@ -87,17 +88,49 @@ class ServerState:
     # Optional hook: (domain) -> awaitable bool, True when the domain has verified its DNS.
     domain_verified: Any = None
 
+    # client address -> (name, domains) of its trusted network, or None; for one Settings
+    # (a reload starts afresh). Parsing the address and walking the networks was per MAIL.
+    _trusted_seen: dict[str, tuple[str, Any] | None] = field(default_factory=dict)
+    _trusted_for: Any = None
+
     def trusted_principal(self, ip: str, helo: str | None = None) -> Principal | None:
-        if helo and helo.lower().rstrip(".") in self.settings.own_names:
+        settings = self.settings
+        if helo and helo.lower().rstrip(".") in settings.own_names:
             return None
+        seen = self._trusted_seen
+        if self._trusted_for is not settings:
+            seen.clear()
+            self._trusted_for = settings
         try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return None
-        for net, domains in self.settings.trusted:
-            if addr in net:
-                return Principal(f"trusted:{net}", domains, kind="trusted")
-        return None
+            hit = seen[ip]
+        except KeyError:
+            hit = None
+            try:
+                addr = ipaddress.ip_address(ip)
+            except ValueError:
+                addr = None
+            if addr is not None:
+                for net, domains in settings.trusted:
+                    if addr in net:
+                        hit = (f"trusted:{net}", domains)
+                        break
+            if len(seen) >= 4096:
+                seen.clear()
+            seen[ip] = hit
+        return Principal(hit[0], hit[1], kind="trusted") if hit is not None else None
+
+
+_RANDOM = bytearray()
+
+
+def _queue_id() -> str:
+    """store.contract.new_queue_id's form (time prefix, 40 random bits, upper-case hex), with the
+    random bytes taken from the kernel 4 KiB at a time instead of one getrandom(2) a message."""
+    if len(_RANDOM) < 5:
+        _RANDOM[:] = os.urandom(4096)
+    rnd = bytes(_RANDOM[-5:])
+    del _RANDOM[-5:]
+    return f"{int(time.time()):08X}"[-8:] + rnd.hex().upper()
 
 
 def budget_username(login: bytes) -> str:
@@ -1079,7 +1112,7 @@ class Session(SMTP):
         txn = self.txn
         # The queue id and our Received field are known before the first byte: a large message's
         # header block is prepared and written out as soon as it is complete.
-        qid = new_queue_id()
+        qid = _queue_id()
         hostname = self.state.settings.hostname
         protocol = ("UTF8SMTP" if txn.params.smtputf8 else "ESMTP" if self.esmtp else "SMTP") + \
             ("S" if self.tls_active else "") + ("A" if txn.principal.kind == "auth" else "")
