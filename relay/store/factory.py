@@ -18,6 +18,7 @@ from ..credentials import CredentialStore
 from ..dkim_keys import DKIMStore
 from .contract import LeaseOwner
 from .api_keys import ApiKeyStore
+from .nodes import NodeStore
 from .audit import AuditStore
 from .sqlite_queue import QueueStore
 from .tls_state import TLSStateStore
@@ -51,6 +52,7 @@ class Stores:
     _conns: list[aiosqlite.Connection] = field(default_factory=list)
     pool: Any = None                    # PostgreSQL: the asyncpg pool every store here shares
     cfg: Config | None = None
+    nodes: NodeStore | None = None      # the nodes seen and their heartbeats (issue 17)
 
     @property
     def shared(self) -> bool:
@@ -125,7 +127,8 @@ async def open_stores(cfg: Config, *, role: str, executor: Executor | None = Non
         for conn in conns:
             await conn.close()
         raise
-    return Stores(writer, queue, creds, dkim, lock, audit, api_keys, tls_state, conns, cfg=cfg)
+    return Stores(writer, queue, creds, dkim, lock, audit, api_keys, tls_state, conns, cfg=cfg,
+                  nodes=NodeStore(conn=queue_conn, writer=writer))
 
 
 # Connections per role: acceptance holds one per concurrent commit and AUTH lookup; delivery one
@@ -157,4 +160,5 @@ async def _open_postgres(cfg: Config, *, role: str, executor: Executor | None,
                          owner=lease_owner(cfg), spool_dir=st.resolved_spool_dir(), commit_timeout=t)
     return Stores(None, queue, PgCredentialStore(pool, cfg.credentials, executor, timeout=t),
                   PgDKIMStore(pool, timeout=t), None, PgAuditStore(pool, timeout=t),
-                  PgApiKeyStore(pool, timeout=t), PgTLSStateStore(pool, timeout=t), [], pool=pool, cfg=cfg)
+                  PgApiKeyStore(pool, timeout=t), PgTLSStateStore(pool, timeout=t), [], pool=pool, cfg=cfg,
+                  nodes=NodeStore(pool=pool, timeout=t))
