@@ -48,6 +48,7 @@ DOMAIN = "mg.example.com"
 SENDER = f"load@{DOMAIN}"
 RCPT = "someone@example.net"
 TEST_ID = re.compile(rb"^X-Test-Id: (\S+)\r?$", re.M | re.I)
+RECEIVED_ID = re.compile(rb"\(relay\) with \S+ id ([A-Za-z0-9_-]+)")
 
 
 def free_port_on(addresses: Iterable[str]) -> int:
@@ -420,16 +421,41 @@ class Cluster:
 
     # ------------------------------------------------------------ the sink
 
-    def delivered_ids(self) -> dict[str, int]:
-        """X-Test-Id -> how many times the sink received it."""
-        counts: dict[str, int] = {}
+    def deliveries(self) -> list[tuple[str, str]]:
+        """(X-Test-Id, queue id) of every message the sink took, in arrival order; the queue id
+        is the one in the accepting node's Received field."""
+        out = []
         assert self.sink is not None
         for m in list(self.sink.messages):
-            found = TEST_ID.search(m.data)
+            found, qid = TEST_ID.search(m.data), RECEIVED_ID.search(m.data)
             if found:
-                key = found.group(1).decode()
-                counts[key] = counts.get(key, 0) + 1
-        return counts
+                out.append((found.group(1).decode(), qid.group(1).decode() if qid else ""))
+        return out
+
+    def audit(self, accepted: dict[str, str]) -> "Audit":
+        return Audit.of(accepted, self.deliveries())
+
+
+@dataclass
+class Audit:
+    lost: list[str]                 # 250'd, never at the sink
+    duplicate_deliveries: int       # the same (test id, qid) at the sink more than once, beyond the first
+    duplicate_acceptances: int      # test ids under two qids (committed, then the 250 was lost: RFC 1047)
+    delivered: int
+
+    @classmethod
+    def of(cls, accepted: dict[str, str], deliveries: list[tuple[str, str]]) -> "Audit":
+        seen: dict[tuple[str, str], int] = {}
+        for key in deliveries:
+            seen[key] = seen.get(key, 0) + 1
+        ids = {tid for tid, _ in seen}
+        qids_per_id: dict[str, set[str]] = {}
+        for tid, qid in seen:
+            qids_per_id.setdefault(tid, set()).add(qid)
+        return cls(lost=sorted(set(accepted) - ids),
+                   duplicate_deliveries=sum(n - 1 for n in seen.values()),
+                   duplicate_acceptances=sum(1 for q in qids_per_id.values() if len(q) > 1),
+                   delivered=len(ids))
 
 
 # --------------------------------------------------------------------------- load
