@@ -22,7 +22,7 @@ from . import __version__, config as config_mod, db, memory, metrics, tls
 from .config import Config, ConfigError
 from .delivery_process import DeliveryProcess, MergedRegistry
 from .logs import event
-from .store.factory import open_stores
+from .store.factory import open_stores, storage_identity
 from .server import listeners, refusal
 from .server.auth import AuthThrottle
 from .server.session import ServerState, Settings
@@ -98,7 +98,7 @@ class Daemon:
         config_mod.check_files(cfg)  # before any log line: a refusal here is the one line printed
         # Said at every start: which file, found how, and which database it leads to.
         event(log, "starting", config=str(Path(self.config_path or "").absolute()), found_by=self.found_by,
-              database=str(Path(cfg.storage.path).absolute()))
+              database=storage_identity(cfg))
         for line in config_mod.dns_warnings(cfg):
             event(log, "config_warning", logging.WARNING, warning=line)
         ensure_certificate(cfg)
@@ -141,7 +141,7 @@ class Daemon:
             if self.runner is not None:
                 self.runner.router.set_own_listeners(own)
             else:
-                self.delivery = DeliveryProcess(self.config_path, cfg.storage.path, on_exit=self._recover,
+                self.delivery = DeliveryProcess(self.config_path, storage_identity(cfg), on_exit=self._recover,
                                                 own_listeners=own)
                 await self.delivery.start()
             self._start_metrics()
@@ -198,7 +198,7 @@ class Daemon:
         ops = Operations(self.stores, self.cfg)
         # The HTTP API shares the admin's listener, under /api/v1/ with its own bearer auth.
         api_app = make_api_app(ops)
-        self.admin = await admin_server.start(self.cfg, self.stores.writer, self.executor, self.tls_context,
+        self.admin = await admin_server.start(self.cfg, self.stores, self.executor, self.tls_context,
                                               [(b.port, b.tls) for b in self.bound], ops=ops, api_app=api_app)
 
     def _start_metrics(self) -> None:

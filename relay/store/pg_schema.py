@@ -150,12 +150,49 @@ MIGRATIONS: list[str] = [
     """,
     # 5: what SQLite's schema 9 added to the queue (issue 15): per attempt the outbound TLS
     # policy applied, the cipher and whether the certificate was verified; RFC 8689 REQUIRETLS
-    # per message. (The TLS state tables are not here yet: that store is not on PostgreSQL.)
+    # per message.
     """
     ALTER TABLE history ADD COLUMN tls_policy text;
     ALTER TABLE history ADD COLUMN tls_cipher text;
     ALTER TABLE history ADD COLUMN tls_verified smallint;
     ALTER TABLE messages ADD COLUMN requiretls smallint NOT NULL DEFAULT 0;
+    """,
+    # 6: the TLS state store (issue 15's tables, shared by every node): the MTA-STS cache, the
+    # downgrade memory and the TLSRPT counts. One node learning that a domain offers verified TLS
+    # protects every node's next delivery there.
+    """
+    CREATE TABLE mta_sts_policies (
+        domain         text PRIMARY KEY,
+        policy_id      text NOT NULL,
+        mode           text NOT NULL CHECK (mode IN ('enforce', 'testing', 'none')),
+        mx_json        text NOT NULL,
+        max_age        bigint NOT NULL,
+        fetched_at     double precision NOT NULL,
+        expires_at     double precision NOT NULL,
+        txt_checked_at double precision NOT NULL
+    );
+    CREATE TABLE tls_security (
+        domain     text PRIMARY KEY,
+        best       text NOT NULL CHECK (best IN ('plain', 'tls', 'verified')),
+        first_at   double precision NOT NULL,
+        seen_at    double precision NOT NULL
+    );
+    CREATE TABLE tlsrpt_counts (
+        day           text NOT NULL,
+        policy_domain text NOT NULL,
+        policy_type   text NOT NULL,
+        policy_string text NOT NULL,
+        mx_host       text NOT NULL,
+        result        text NOT NULL,
+        count         bigint NOT NULL,
+        PRIMARY KEY (day, policy_domain, policy_type, policy_string, mx_host, result)
+    );
+    CREATE TABLE tlsrpt_sent (
+        day           text NOT NULL,
+        policy_domain text NOT NULL,
+        sent_at       double precision NOT NULL,
+        PRIMARY KEY (day, policy_domain)
+    );
     """,
 ]
 
