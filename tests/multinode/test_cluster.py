@@ -177,7 +177,7 @@ def test_password_reset_on_node1_refuses_old_password_on_node3(healthy):
     # Node 3 and node 2 verify (and cache) the old password first.
     assert _auth(n3, USER, OLD_PW) == 235
     assert _auth(n2, USER, OLD_PW) == 235
-    n1.cli("user", "reset", USER, "--password-stdin", input=NEW_PW + "\n", check=True)
+    n1.cli("user", "reset-password", USER, "--password-stdin", input=NEW_PW + "\n", check=True)
     assert _auth(n3, USER, OLD_PW) == 535
     assert _auth(n2, USER, OLD_PW) == 535
     assert _auth(n3, USER, NEW_PW) == 235
