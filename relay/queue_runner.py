@@ -271,7 +271,18 @@ class QueueRunner:
         # A shared store (PostgreSQL: nodes whose clocks may disagree a little) is asked before
         # every DATA; a single-node one only when the last confirmation is getting old.
         ask = getattr(self.queue, "fence_each_attempt", False) or now - job.confirmed_at > self.heartbeat_interval
-        if ask and not await self.queue.holds(job):
+        if not ask:
+            return
+        try:
+            held = await self.queue.holds(job)
+        except StoreUnavailable as exc:
+            # The database cannot say whether the lease is still ours: send nothing. This is
+            # not the destination's failure (it must not count toward suspending it, or every
+            # message would wait dead_destination_backoff after a database failover); the job
+            # comes due again when its lease runs out.
+            event(log, "fence_unavailable", logging.WARNING, qid=job.msg_id, error=f"{type(exc).__name__}: {exc}")
+            raise Fenced(job.msg_id) from exc
+        if not held:
             raise Fenced(job.msg_id)
 
     # ------------------------------------------------------------ destinations

@@ -158,8 +158,17 @@ def kill_postgres(server: PostgresServer) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") and _alive(p) for p in victims):
+    while time.monotonic() < deadline and any(_alive(p) for p in victims):
         time.sleep(0.05)
+    # The postmaster was reparented to PID 1, which reaps it when it gets round to it; until
+    # then kill(pid, 0) succeeds and a restart refuses the data directory ("lock file
+    # postmaster.pid already exists"). Wait for it to be gone; a zombie past the deadline runs
+    # nothing, so its lock file may go.
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.05)
+    if os.path.exists(f"/proc/{pid}"):
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(server.data, "postmaster.pid"))
 
 
 def _alive(pid: int) -> bool:
@@ -417,7 +426,20 @@ class Cluster:
             if self.active() == 0:
                 return
             time.sleep(0.25)
-        raise AssertionError(f"queue not drained in {timeout}s: {self.active()} recipients active")
+        rows = sql(self.dsn, "SELECT lease_owner, state, attempts, next_attempt_at - extract(epoch FROM now()) AS due_in, "
+                   "last_error FROM recipients WHERE state IN ('pending', 'deferred') LIMIT 5")
+        raise AssertionError(f"queue not drained in {timeout}s: {self.active()} recipients active, e.g. "
+                             f"{[dict(r) for r in rows]}; recent warnings: {self.warnings()}")
+
+    def warnings(self, per_node: int = 4) -> dict[str, list[str]]:
+        """The last few warning/error events of each node (for failure messages)."""
+        out = {}
+        for n in self.nodes:
+            with n._lock:
+                bad = [e for e in n.events if e.get("level") in ("warning", "error")]
+            out[n.name] = [" ".join(f"{k}={v}" for k, v in e.items() if k not in ("ts", "level"))[:200]
+                           for e in bad[-per_node:]]
+        return out
 
     # ------------------------------------------------------------ the sink
 
