@@ -124,6 +124,34 @@ def test_proxy_v2_client_address_in_received_and_log(healthy):
             assert n.events_named("connect", client=LOAD_CLIENT, peer=HAPROXY_IP)
 
 
+def test_proxy_v2_client_address_after_starttls_and_auth(healthy):
+    """The client named by the PROXY header survives STARTTLS (HAProxy issue #287 territory):
+    an authenticated submission from 127.0.0.78 (not a trusted network) shows 127.0.0.78."""
+    cluster, client = healthy, "127.0.0.78"
+    user, pw = f"tls@{DOMAIN}", "tls user password here"
+    cluster.nodes[0].cli("user", "add", user, "--password-stdin", input=pw + "\n", check=True)
+    from tests.support.relay_instance import client_tls_context
+    s = smtplib.SMTP(HAPROXY_IP, cluster.haproxy.listen_port, timeout=15, source_address=(client, 0))
+    try:
+        s.ehlo("client.test")
+        s.starttls(context=client_tls_context())
+        s.ehlo("client.test")
+        s.login(user, pw)
+        s.mail(user)
+        s.rcpt(RCPT)
+        code, msg = s.data(message("starttls-1"))
+        assert code == 250, (code, msg)
+    finally:
+        s.quit()
+    qid = msg.decode().rsplit(" ", 1)[-1]
+    wait_until(lambda: any(t == "starttls-1" for t, _ in cluster.deliveries()), what="delivered")
+    data = next(m.data for m in cluster.sink.messages if b"X-Test-Id: starttls-1" in m.data)
+    head = data.split(b"\r\n\r\n")[0]
+    assert f"([{client}])".encode() in head and b"ESMTPSA" in head, head
+    assert any(n.events_named("queued", qid=qid, client=client) for n in cluster.nodes)
+    cluster.nodes[0].cli("user", "delete", user, check=True)
+
+
 def _first_bytes(host: str, port: int, send: bytes, source: str = LOAD_CLIENT) -> bytes:
     with socket.create_connection((host, port), timeout=5, source_address=(source, 0)) as s:
         if send:
@@ -249,10 +277,19 @@ def test_sigstop_past_two_leases_is_fenced(healthy):
     held = wait_until(lambda: cluster.leased_by(victim), timeout=20, interval=0.01,
                       what="the victim holding leases")
     victim.signal_all(signal.SIGSTOP)
-    held = max(held, cluster.leased_by(victim))
+    frozen_at = time.monotonic()
+    leases = {r["id"]: r["lease_token"] for r in sql(
+        cluster.dsn, "SELECT id, lease_token FROM recipients WHERE state IN ('pending', 'deferred') "
+        "AND lease_owner LIKE $1 AND next_attempt_at > extract(epoch FROM now())", victim.name + "/%")}
+    held = max(held, len(leases))
     lost_before = len(victim.events_named("lease_lost"))
-    time.sleep(2 * LEASE + 1)
+    time.sleep(max(0.0, 2 * LEASE + 1 - (time.monotonic() - frozen_at)))
+    # While it sleeps, the others took its work: those rows carry another lease token (or are done).
+    now_tokens = {r["id"]: r["lease_token"] for r in sql(
+        cluster.dsn, "SELECT id, lease_token FROM recipients WHERE id = ANY($1::bigint[])", list(leases))}
+    taken = sum(1 for i, tok in leases.items() if now_tokens.get(i) != tok)
     victim.signal_all(signal.SIGCONT)
+    assert leases and taken > 0, (len(leases), taken)
     result = load.join()
     assert not result.gave_up, (len(result.gave_up), result.refusals[-5:])
     audit = assert_all_delivered(cluster, result.accepted)
@@ -261,7 +298,7 @@ def test_sigstop_past_two_leases_is_fenced(healthy):
     wait_until(lambda: len(victim.events_named("lease_lost")) > lost_before, timeout=15,
                what="the thawed node's late results refused (lease_lost)")
     assert audit.duplicate_deliveries <= held, (audit, held)
-    print(f"zombie: accepted={len(result.accepted)} held_at_stop={held} {audit} "
+    print(f"zombie: accepted={len(result.accepted)} held_at_stop={held} taken_over={taken} {audit} "
           f"lease_lost={victim.events_named('lease_lost')[lost_before:][:5]}")
 
 
