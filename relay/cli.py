@@ -672,6 +672,10 @@ def build_parser() -> argparse.ArgumentParser:
     ud = usub.add_parser("delete", parents=[common], help="delete a credential")
     ud.add_argument("username", metavar="USER@DOMAIN")
 
+    nd = sub.add_parser("node", parents=[common], help="the relay nodes on this database")
+    ndsub = nd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ndsub.add_parser("list", parents=[common], help="nodes seen: state, last heartbeat, leases held")
+
     q = sub.add_parser("queue", parents=[common], help="inspect and manage the mail queue")
     qsub = q.add_subparsers(dest="action", required=True, metavar="ACTION")
     ql = qsub.add_parser("list", parents=[common], help="list queued messages")
@@ -699,8 +703,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cmd_node(args: argparse.Namespace, cfg: Config) -> int:
+    """relay node list: the nodes seen on this database (one on SQLite), from any node."""
+    from .operations import Operations
+
+    async def run(ops: Operations) -> int:
+        rows = await ops.list_nodes()
+
+        def ago(ts: float | None) -> str:
+            return "-" if ts is None else f"{_fmt_age(ts)} ago"
+        emit(args, rows, table([[r["node_id"], r["state"], r["hostname"] or "-", r["pid"] or "-", r["version"] or "-",
+                                 _fmt_time(r["started_at"]), ago(r["heartbeat_at"]), r["leased"],
+                                 _fmt_time(r["lease_until"]) if r["lease_until"] else "-"] for r in rows],
+                               ["NODE", "STATE", "HOST", "PID", "VERSION", "STARTED", "HEARTBEAT", "LEASED",
+                                "LEASES UNTIL"]) if rows else "no node has run on this database yet")
+        return EXIT_OK
+
+    return _with_ops(cfg, run)
+
+
 COMMANDS = {"serve": cmd_serve, "check-config": cmd_check_config, "status": cmd_status, "domain": cmd_domain,
-            "user": cmd_user, "queue": cmd_queue, "cert": cmd_cert, "admin": cmd_admin}
+            "user": cmd_user, "queue": cmd_queue, "cert": cmd_cert, "admin": cmd_admin, "node": cmd_node}
 
 
 def _status_postgres(args: argparse.Namespace, cfg: Config, src: "config_mod.ConfigSource") -> int:

@@ -18,6 +18,7 @@ from ..credentials import CredentialStore
 from ..dkim_keys import DKIMStore
 from .contract import LeaseOwner
 from .api_keys import ApiKeyStore
+from .nodes import NodeStore
 from .audit import AuditStore
 from .sqlite_queue import QueueStore
 from .tls_state import TLSStateStore
@@ -51,6 +52,8 @@ class Stores:
     _conns: list[aiosqlite.Connection] = field(default_factory=list)
     pool: Any = None                    # PostgreSQL: the asyncpg pool every store here shares
     cfg: Config | None = None
+    nodes: NodeStore | None = None      # the nodes seen and their heartbeats (issue 17)
+    _pools: list[Any] = field(default_factory=list)  # PostgreSQL: other pools of this process
 
     @property
     def shared(self) -> bool:
@@ -90,6 +93,8 @@ class Stores:
             self.lock.close()
         if self.pool is not None:
             await self.pool.close()
+        for pool in self._pools:
+            await pool.close()
 
 
 async def open_stores(cfg: Config, *, role: str, executor: Executor | None = None,
@@ -125,7 +130,8 @@ async def open_stores(cfg: Config, *, role: str, executor: Executor | None = Non
         for conn in conns:
             await conn.close()
         raise
-    return Stores(writer, queue, creds, dkim, lock, audit, api_keys, tls_state, conns, cfg=cfg)
+    return Stores(writer, queue, creds, dkim, lock, audit, api_keys, tls_state, conns, cfg=cfg,
+                  nodes=NodeStore(conn=queue_conn, writer=writer))
 
 
 # Connections per role: acceptance holds one per concurrent commit and AUTH lookup; delivery one
@@ -153,8 +159,15 @@ async def _open_postgres(cfg: Config, *, role: str, executor: Executor | None,
     except SchemaTooNew as exc:
         raise db.DatabaseError(str(exc)) from None
     t = st.commit_timeout
+    relaxed = None
+    if role == "delivery":
+        # Lease extensions and stored signatures without waiting for the WAL flush (pg_queue).
+        relaxed = await create_pool(st.dsn, password=st.resolved_password(), size=4, command_timeout=t,
+                                    server_settings={"synchronous_commit": "off"})
     queue = PgQueueStore(pool, lease_seconds=cfg.delivery.lease_seconds, on_enqueue=on_enqueue,
-                         owner=lease_owner(cfg), spool_dir=st.resolved_spool_dir(), commit_timeout=t)
+                         owner=lease_owner(cfg), spool_dir=st.resolved_spool_dir(), commit_timeout=t,
+                         relaxed_pool=relaxed)
     return Stores(None, queue, PgCredentialStore(pool, cfg.credentials, executor, timeout=t),
                   PgDKIMStore(pool, timeout=t), None, PgAuditStore(pool, timeout=t),
-                  PgApiKeyStore(pool, timeout=t), PgTLSStateStore(pool, timeout=t), [], pool=pool, cfg=cfg)
+                  PgApiKeyStore(pool, timeout=t), PgTLSStateStore(pool, timeout=t), [], pool=pool, cfg=cfg,
+                  nodes=NodeStore(pool=pool, timeout=t), _pools=[relaxed] if relaxed else [])

@@ -194,6 +194,19 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (day, policy_domain)
     );
     """,
+    # 7: the nodes seen (SQLite's schema 10): each `relay serve` beats here while it runs.
+    """
+    CREATE TABLE nodes (
+        node_id      text PRIMARY KEY,
+        incarnation  text NOT NULL,
+        hostname     text NOT NULL,
+        pid          integer NOT NULL,
+        version      text NOT NULL,
+        started_at   double precision NOT NULL,
+        heartbeat_at double precision NOT NULL,
+        stopped_at   double precision
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import smtplib
 
 import pytest
 
 from tests.conftest import PASSWORD, USER
+from tests.support.relay_instance import wait_until
 
 
 @pytest.fixture
@@ -95,3 +97,34 @@ def test_the_api_on_one_node_makes_a_credential_the_other_node_accepts(make_rela
     assert r.status_code == 409, r.text    # the same row, seen from the other node's CLI too
     listed = json.loads(one.cli("user", "list", "--json", check=True).stdout)
     assert [u["username"] for u in listed] == ["app@mg.example.com"]
+
+
+def test_node_list_shows_every_node_its_state_and_its_leases(make_relay, dns_server, mx_sink, pg_dsn):
+    """`relay node list` from any node: both nodes up while they run, one stopped after SIGTERM,
+    one killed shown by its last heartbeat (silent only after STALE_AFTER: not waited for here)."""
+    import signal
+    one = node(make_relay, dns_server, mx_sink, pg_dsn, name="node1").start()
+    two = node(make_relay, dns_server, mx_sink, pg_dsn, name="node2").start()
+
+    def listed():
+        rows = json.loads(one.cli("node", "list", "--json", check=True).stdout)
+        return {r["node_id"]: r for r in rows}
+    rows = wait_until(lambda: (r := listed()) and len(r) == 2 and r, timeout=15, what="two nodes listed")
+    assert {n: r["state"] for n, r in rows.items()} == {"node1": "up", "node2": "up"}
+    assert rows["node2"]["pid"] == two.proc.pid and rows["node2"]["leased"] == 0
+    two.signal(signal.SIGTERM)
+    assert two.proc.wait(timeout=30) == 0
+    rows = listed()
+    assert (rows["node1"]["state"], rows["node2"]["state"]) == ("up", "stopped")
+    human = one.cli("node", "list", check=True).stdout
+    assert human.splitlines()[0].split()[:3] == ["NODE", "STATE", "HOST"]
+    assert "node2" in human and "stopped" in human
+
+
+def test_node_list_on_sqlite_shows_the_one_node(make_relay):
+    relay = make_relay(config={"server": {"node_id": "solo"}})
+    rows = wait_until(lambda: json.loads(relay.cli("node", "list", "--json", check=True).stdout), timeout=15,
+                      what="the node listed")
+    assert [(r["node_id"], r["state"]) for r in rows] == [("solo", "up")]
+    # The node names itself in the one info metric the dashboard's per-node row joins on.
+    assert re.search(r'^relay_build_info\{node="solo",version="[^"]+"\} 1\.0$', relay.metrics_text(), re.M)
