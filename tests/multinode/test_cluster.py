@@ -273,22 +273,35 @@ def test_sigstop_past_two_leases_is_fenced(healthy):
     victim = cluster.nodes[2]
     load = run_load(cluster, "zombie")
     load.wait_progress(int(MESSAGES * 0.4), timeout=60)
-    # Freeze it while it holds leases (the point of the test), within a bound.
-    held = wait_until(lambda: cluster.leased_by(victim), timeout=20, interval=0.01,
-                      what="the victim holding leases")
-    victim.signal_all(signal.SIGSTOP)
-    frozen_at = time.monotonic()
-    leases = {r["id"]: r["lease_token"] for r in sql(
-        cluster.dsn, "SELECT id, lease_token FROM recipients WHERE state IN ('pending', 'deferred') "
-        "AND lease_owner LIKE $1 AND next_attempt_at > extract(epoch FROM now())", victim.name + "/%")}
+    # Freeze it while it holds leases (the point of the test), within a bound: it may settle
+    # its last one between the look and the SIGSTOP, then it thaws and the look is repeated.
+    leases: dict[int, str] = {}
+    for _ in range(5):
+        held = wait_until(lambda: cluster.leased_by(victim), timeout=20, interval=0.01,
+                          what="the victim holding leases")
+        victim.signal_all(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        leases = {r["id"]: r["lease_token"] for r in sql(
+            cluster.dsn, "SELECT id, lease_token FROM recipients WHERE state IN ('pending', 'deferred') "
+            "AND lease_owner LIKE $1 AND next_attempt_at > extract(epoch FROM now())", victim.name + "/%")}
+        if leases:
+            break
+        victim.signal_all(signal.SIGCONT)
+    assert leases, "the victim never held a lease at the moment it froze"
     held = max(held, len(leases))
     lost_before = len(victim.events_named("lease_lost"))
     time.sleep(max(0.0, 2 * LEASE + 1 - (time.monotonic() - frozen_at)))
-    # While it sleeps, the others took its work: those rows carry another lease token (or are done).
-    now_tokens = {r["id"]: r["lease_token"] for r in sql(
-        cluster.dsn, "SELECT id, lease_token FROM recipients WHERE id = ANY($1::bigint[])", list(leases))}
-    taken = sum(1 for i, tok in leases.items() if now_tokens.get(i) != tok)
-    victim.signal_all(signal.SIGCONT)
+    # While it sleeps, the others take its work: those rows carry another lease token (or are
+    # done). Under load the others may be busy with their own backlog: stay frozen (longer past
+    # the lease, bounded) until at least one was taken, so the thaw has something to be fenced from.
+    def taken_over() -> int:
+        now_tokens = {r["id"]: r["lease_token"] for r in sql(
+            cluster.dsn, "SELECT id, lease_token FROM recipients WHERE id = ANY($1::bigint[])", list(leases))}
+        return sum(1 for i, tok in leases.items() if now_tokens.get(i) != tok)
+    try:
+        taken = wait_until(taken_over, timeout=15, interval=0.2, what="the frozen node's leases taken over")
+    finally:
+        victim.signal_all(signal.SIGCONT)
     assert leases and taken > 0, (len(leases), taken)
     result = load.join()
     assert not result.gave_up, (len(result.gave_up), result.refusals[-5:])

@@ -514,6 +514,7 @@ class Load:
         self._lock = threading.Lock()
         self._next = 0
         self._retry: list[str] = []
+        self._outstanding = 0   # taken by a client, neither accepted nor given back yet
         self._threads: list[threading.Thread] = []
         self._end = 0.0
 
@@ -544,28 +545,33 @@ class Load:
     def _take(self) -> str | None:
         with self._lock:
             if self._retry:
-                return self._retry.pop(0)
-            if self._next < len(self.ids):
+                test_id = self._retry.pop(0)
+            elif self._next < len(self.ids):
                 self._next += 1
-                return self.ids[self._next - 1]
-            return None
+                test_id = self.ids[self._next - 1]
+            else:
+                return None
+            self._outstanding += 1
+            return test_id
+
+    def _done(self) -> bool:
+        """Nothing left to send, and nothing in another client's hands that could come back."""
+        with self._lock:
+            return not self._retry and self._next >= len(self.ids) and self._outstanding == 0
 
     def _give_back(self, test_id: str, why: str) -> None:
         with self._lock:
             self._retry.append(test_id)
+            self._outstanding -= 1
             self.result.refusals.append(f"{test_id}: {why}")
 
     def _client(self) -> None:
         while time.monotonic() < self._end:
             test_id = self._take()
             if test_id is None:
-                with self._lock:
-                    busy = self._next < len(self.ids) or self._retry
-                if not busy and all(not t.is_alive() or t is threading.current_thread() for t in self._threads):
+                if self._done():
                     return
-                if not busy:
-                    return
-                time.sleep(0.05)
+                time.sleep(0.05)  # another client's message may come back for a retry
                 continue
             try:
                 s = smtplib.SMTP(self.host, self.port, timeout=10, source_address=(self.source, 0))
@@ -604,5 +610,6 @@ class Load:
             self.result.note(code)
             if code == 250:
                 self.result.accepted[test_id] = msg.decode().rsplit(" ", 1)[-1]
+                self._outstanding -= 1
                 return
         raise smtplib.SMTPResponseException(code, msg)
