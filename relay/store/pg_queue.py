@@ -44,6 +44,7 @@ from .. import metrics, spool
 from ..logs import event
 from .contract import (ACTIVE, FINAL, ClaimedRecipient, Job, LeaseLost, LeaseOwner, NewMessage, RecipientUpdate,
                        StorageFull, StoreUnavailable, new_queue_id)
+from ..policy import unstuff
 from .pg_schema import migrate
 from .sqlite_queue import _like_escape, _message_state
 
@@ -58,6 +59,9 @@ _UNAVAILABLE_CLASSES = ("08", "53", "57", "40", "58")
 _REPLICATION_WARNING = "might not have been replicated"
 
 Tx = Callable[[asyncpg.Connection], Awaitable[Any]]
+
+# A spooled body's rows in body_chunks: 1 MiB each (what delivery reads at a time from a file).
+PIECE = 1024 * 1024
 
 
 async def _run_also(also: Any, conn: asyncpg.Connection) -> None:
@@ -208,13 +212,16 @@ class PgQueueStore:
     async def enqueue(self, msg: NewMessage) -> str:
         qid = msg.queue_id or new_queue_id()
         now = self._clock()
-        data = await self._content(msg)
+        if msg.spool_file and msg.spool_file.endswith(spool.WIRE_SUFFIX) and self.spool_dir:
+            result = await self._enqueue_pieces(qid, msg, now)
+        else:
+            data = await self._content(msg)
 
-        async def op(conn: asyncpg.Connection) -> str:
-            await self._insert(conn, qid, msg, now, data)
-            return qid
+            async def op(conn: asyncpg.Connection) -> str:
+                await self._insert(conn, qid, msg, now, data)
+                return qid
 
-        result = await self._run(op, transaction=False)
+            result = await self._run(op, transaction=False)
         if msg.spool_file and self.spool_dir:
             await asyncio.to_thread(spool.unlink_all, [os.path.join(self.spool_dir, msg.spool_file)])
         if self._crash_point == "after_commit":
@@ -223,6 +230,33 @@ class PgQueueStore:
         if self._on_enqueue:
             self._on_enqueue()
         return result
+
+    async def _enqueue_pieces(self, qid: str, msg: NewMessage, now: float) -> str:
+        """A spooled (large) body: its wire form into body_chunks a piece at a time, in the same
+        transaction as the message's rows, so memory holds one piece, never the message."""
+        assert self.spool_dir is not None and msg.spool_file
+        body = spool.Body(b"", None, os.path.join(self.spool_dir, msg.spool_file), msg.spool_size, wire=True)
+
+        async def op(conn: asyncpg.Connection) -> str:
+            await self._insert(conn, qid, msg, now, b"")
+            seq = 0
+            async for piece in body.wire_chunks(PIECE):
+                await conn.execute("INSERT INTO body_chunks(id, seq, data) VALUES ($1, $2, $3)", qid, seq, piece)
+                seq += 1
+            await conn.execute("UPDATE bodies SET chunks = $2 WHERE id = $1", qid, seq)
+            return qid
+
+        return await self._run(op)
+
+    def _pieces(self, msg_id: str, count: int) -> Callable[[int], Any]:
+        """spool.Body's block source for a body in pieces: one row a read, in order."""
+        async def blocks(_size: int):
+            for seq in range(count):
+                rows = await self._fetch("SELECT data FROM body_chunks WHERE id = $1 AND seq = $2", msg_id, seq)
+                if not rows:  # finished or deleted meanwhile: the attempt stops before its end of data
+                    raise StoreUnavailable(f"piece {seq} of the body of {msg_id} is gone")
+                yield bytes(rows[0]["data"])
+        return blocks
 
     async def _content(self, msg: NewMessage) -> bytes:
         if not msg.spool_file:
@@ -364,22 +398,50 @@ class PgQueueStore:
         await self._run(op, transaction=False, synchronous=False)
 
     async def body(self, msg_id: str, limit: int = 1_048_576) -> bytes | None:
-        rows = await self._fetch("SELECT b.data, b.prefix FROM bodies b WHERE b.id = $1", msg_id)
+        rows = await self._fetch("SELECT b.data, b.prefix, b.chunks FROM bodies b WHERE b.id = $1", msg_id)
         if not rows:
             return None
         r = rows[0]
+        if r["chunks"]:
+            return await self._body_from_pieces(msg_id, bytes(r["prefix"] or b""), r["chunks"], limit)
         data = bytes(r["prefix"] or b"") + bytes(r["data"])
         if len(data) > limit:
             end = data.find(b"\r\n\r\n")
             return data[:end + 4] if end >= 0 else data[:8192]
         return data
 
+    async def _body_from_pieces(self, msg_id: str, prefix: bytes, count: int, limit: int) -> bytes:
+        """Content (dots removed) of a body in pieces, read only as far as `limit` needs: past
+        it, the header block (as for a body in one piece)."""
+        parts, total, complete = [], 0, True
+        blocks = self._pieces(msg_id, count)(PIECE)
+        async for block in blocks:
+            parts.append(block)
+            total += len(block)
+            # Wire bytes: the content is smaller (dots), never by half, so past twice the limit
+            # the content is surely past it too.
+            if total > 2 * limit:
+                complete = len(parts) == count
+                break
+        raw = b"".join(parts)
+        if not complete:
+            raw = raw[:raw.rfind(b"\n") + 1]  # whole lines only: the dots are removed by line
+        data = prefix + unstuff(raw)
+        if len(data) > limit or not complete:
+            end = data.find(b"\r\n\r\n")
+            return data[:end + 4] if end >= 0 else data[:8192]
+        return data
+
     async def body_to_send(self, msg_id: str) -> tuple[spool.Body | None, str | None]:
         rows = await self._fetch(
-            "SELECT b.data, b.prefix, m.dkim_domain FROM bodies b JOIN messages m ON m.id = b.id "
+            "SELECT b.data, b.prefix, b.chunks, m.dkim_domain, m.size FROM bodies b JOIN messages m ON m.id = b.id "
             "WHERE b.id = $1 AND m.finished_at IS NULL", msg_id)
         if not rows:
             return None, None
+        if rows[0]["chunks"]:
+            prefix = bytes(rows[0]["prefix"] or b"")
+            return (spool.Body(prefix, None, None, max(0, rows[0]["size"] - len(prefix)), wire=True,
+                               source=self._pieces(msg_id, rows[0]["chunks"])), rows[0]["dkim_domain"])
         data = bytes(rows[0]["data"])
         return spool.Body(bytes(rows[0]["prefix"] or b""), data, None, len(data)), rows[0]["dkim_domain"]
 
@@ -455,7 +517,13 @@ class PgQueueStore:
             "  SELECT 1 FROM recipients WHERE msg_id = $1 AND state NOT IN ('delivered', 'failed')) RETURNING id), "
             "b AS (UPDATE bodies SET data = CASE WHEN position('\\x0d0a0d0a'::bytea IN data) > 0 "
             "  THEN substring(data FROM 1 FOR position('\\x0d0a0d0a'::bytea IN data) + 3) "
-            "  ELSE substring(data FROM 1 FOR 8192) END FROM m WHERE bodies.id = m.id RETURNING 1) "
+            "  ELSE substring(data FROM 1 FOR 8192) END, chunks = LEAST(chunks, 1) "
+            "  FROM m WHERE bodies.id = m.id RETURNING 1), "
+            # A body in pieces keeps its first piece's header block only (the same rule).
+            "c0 AS (UPDATE body_chunks SET data = CASE WHEN position('\\x0d0a0d0a'::bytea IN data) > 0 "
+            "  THEN substring(data FROM 1 FOR position('\\x0d0a0d0a'::bytea IN data) + 3) "
+            "  ELSE substring(data FROM 1 FOR 8192) END FROM m WHERE body_chunks.id = m.id AND seq = 0 RETURNING 1), "
+            "cd AS (DELETE FROM body_chunks USING m WHERE body_chunks.id = m.id AND seq > 0 RETURNING 1) "
             "SELECT COUNT(*) FROM m", msg_id, now)
         return bool(done)
 

@@ -207,6 +207,18 @@ MIGRATIONS: list[str] = [
         stopped_at   double precision
     );
     """,
+    # 8: large bodies in pieces (a spooled body's wire form, 1 MiB a row), written and read one
+    # piece at a time, so a node's memory does not grow with message size; bodies.chunks counts
+    # them (0: the body is bodies.data, as before).
+    """
+    CREATE TABLE body_chunks (
+        id   text NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        seq  integer NOT NULL,
+        data bytea NOT NULL,
+        PRIMARY KEY (id, seq)
+    );
+    ALTER TABLE bodies ADD COLUMN chunks integer NOT NULL DEFAULT 0;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
