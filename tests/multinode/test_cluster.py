@@ -30,7 +30,7 @@ import time
 import pytest
 
 from tests.support import tools
-from tests.support.multinode import (DOMAIN, HAPROXY_IP, LOAD_CLIENT, NODE_ADDRESSES, RCPT, SENDER, Cluster,
+from tests.support.multinode import (DOMAIN, HAPROXY_IP, LOAD_CLIENT, RCPT, SENDER, Cluster,
                                      Load, kill_postgres, message, sql)
 from tests.support.relay_instance import wait_until
 

@@ -28,7 +28,6 @@ import re
 import signal
 import smtplib
 import socket
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
