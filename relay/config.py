@@ -547,7 +547,10 @@ def check_postgres_dsn(st: StorageConfig) -> None:
                           "e.g. 'postgresql://relay@db.example.net/relay'")
     try:
         url = urllib.parse.urlsplit(st.dsn)
-        url.port  # noqa: B018 (raises ValueError on a bad port)
+        # libpq-style failover lists several hosts: "relay@db1:5432,db2:5432" (with
+        # target_session_attrs=read-write the driver connects to whichever is the primary).
+        for host in url.netloc.rpartition("@")[2].split(","):
+            urllib.parse.urlsplit("//" + host).port  # noqa: B018 (raises ValueError on a bad port)
     except ValueError:
         raise ConfigError("storage.dsn", "not a postgresql:// URL") from None
     if url.scheme not in ("postgresql", "postgres"):

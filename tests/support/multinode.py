@@ -297,6 +297,7 @@ class Cluster:
     lease_seconds: int = 3
     commit_timeout: float = 3.0
     node_config: dict = field(default_factory=dict)
+    failover_dsn: bool = False                     # nodes list the standbys in their DSN too
     pg: Primary | None = None
     standbys: dict[str, Standby] = field(default_factory=dict)
     proxies: list[DBProxy] = field(default_factory=list)
@@ -358,7 +359,13 @@ class Cluster:
         return node
 
     def dsn_via(self, i: int) -> str:
-        return f"postgresql://relay@127.0.0.1:{self.proxies[i].port}/{self.database}"
+        """Node i's DSN: through its DB proxy; with failover_dsn, the standbys listed after it
+        with target_session_attrs=read-write (libpq-style failover, no re-pointing needed)."""
+        hosts = [f"127.0.0.1:{self.proxies[i].port}"]
+        if not self.failover_dsn:
+            return f"postgresql://relay@{hosts[0]}/{self.database}"
+        hosts += [f"127.0.0.1:{s.port}" for s in self.standbys.values()]
+        return f"postgresql://relay@{','.join(hosts)}/{self.database}?target_session_attrs=read-write"
 
     @property
     def dsn(self) -> str:
