@@ -123,6 +123,21 @@ BEGIN
     RETURN hit;
 END $$;
 
+CREATE FUNCTION relay_auth_success(p_attempt bigint, p_net text, p_user text, p_now float8, p_keep int)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_attempt IS NOT NULL THEN
+        DELETE FROM auth_events WHERE attempt = p_attempt;
+    END IF;
+    IF p_user <> '' THEN
+        INSERT INTO auth_familiar VALUES (p_user, p_net, p_now) ON CONFLICT (username, network)
+            DO UPDATE SET seen_at = GREATEST(auth_familiar.seen_at, EXCLUDED.seen_at);
+        -- The most recent p_keep networks per username, as auth.FAMILIAR_PER_USER in memory.
+        DELETE FROM auth_familiar WHERE username = p_user AND network NOT IN (
+            SELECT network FROM auth_familiar WHERE username = p_user ORDER BY seen_at DESC LIMIT p_keep);
+    END IF;
+END $$;
+
 CREATE FUNCTION relay_slot_acquire(p_dest text, p_limit int, p_owner text, p_token text, p_now float8,
                                    p_until float8)
 RETURNS integer LANGUAGE plpgsql AS $$
