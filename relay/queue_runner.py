@@ -457,7 +457,9 @@ class QueueRunner:
         try:
             slot = await self.slots.acquire(dest, self.cfg.delivery.max_connections_per_destination)
         except Exception as exc:  # noqa: BLE001 - StoreUnavailable or a bug: no connection now
-            event(log, "slot_unavailable", logging.WARNING, destination=dest, error=f"{type(exc).__name__}: {exc}")
+            if not d.no_slot_since:  # once per wait, not at every retry
+                event(log, "slot_unavailable", logging.WARNING, destination=dest,
+                      error=f"{type(exc).__name__}: {exc}")
             slot = None
         if slot is not None:
             d.no_slot_since = 0.0
