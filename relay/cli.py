@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import sqlite3
 import sys
 import time
@@ -161,6 +162,8 @@ def require_database(cfg: Config) -> None:
     """Only `serve` and `domain add` create the database: anything else finding none is looking
     in the wrong place (another directory, another config), and an empty new one would answer
     'no credentials' or 'queue is empty' as if all were well."""
+    if cfg.storage.backend == "postgres":
+        return  # the DSN names a database the sysadmin made: opening it fails loudly if it is not there
     path = Path(cfg.storage.path)
     if not path.exists():
         where = "" if path.is_absolute() else f", relative to the current directory {Path.cwd()}"
@@ -489,6 +492,8 @@ def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     """Which config and database this command uses, and what is in them. Creates nothing."""
     src: config_mod.ConfigSource = args.config_source
+    if cfg.storage.backend == "postgres":
+        return _status_postgres(args, cfg, src)
     dbp = Path(cfg.storage.path)
     data: dict[str, Any] = {"config": str(src.path.absolute()), "found_by": src.found_by,
                             "database": str(dbp.absolute()), "database_exists": dbp.exists(),
@@ -546,16 +551,17 @@ def cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
 # ---------------------------------------------------------------- admin accounts (web admin)
 
 async def _with_admin_accounts(cfg: Config, fn, create: bool = False):
-    from .admin.accounts import AdminAccounts
     from .store.factory import open_stores
     if not create:  # `admin add` is a first step of an install, like `domain add`
         require_database(cfg)
     stores = await open_stores(cfg, role="cli")
-    conn = await db.open_async(cfg.storage.path)
     try:
-        return await fn(AdminAccounts(conn, stores.writer, cfg.credentials))
+        accounts, _sessions, close = await stores.admin_stores()
+        try:
+            return await fn(accounts)
+        finally:
+            await close()
     finally:
-        await conn.close()
         await stores.close()
 
 
@@ -666,6 +672,10 @@ def build_parser() -> argparse.ArgumentParser:
     ud = usub.add_parser("delete", parents=[common], help="delete a credential")
     ud.add_argument("username", metavar="USER@DOMAIN")
 
+    nd = sub.add_parser("node", parents=[common], help="the relay nodes on this database")
+    ndsub = nd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ndsub.add_parser("list", parents=[common], help="nodes seen: state, last heartbeat, leases held")
+
     q = sub.add_parser("queue", parents=[common], help="inspect and manage the mail queue")
     qsub = q.add_subparsers(dest="action", required=True, metavar="ACTION")
     ql = qsub.add_parser("list", parents=[common], help="list queued messages")
@@ -693,8 +703,73 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cmd_node(args: argparse.Namespace, cfg: Config) -> int:
+    """relay node list: the nodes seen on this database (one on SQLite), from any node."""
+    from .operations import Operations
+
+    async def run(ops: Operations) -> int:
+        rows = await ops.list_nodes()
+
+        def ago(ts: float | None) -> str:
+            return "-" if ts is None else f"{_fmt_age(ts)} ago"
+        emit(args, rows, table([[r["node_id"], r["state"], r["hostname"] or "-", r["pid"] or "-", r["version"] or "-",
+                                 _fmt_time(r["started_at"]), ago(r["heartbeat_at"]), r["leased"],
+                                 _fmt_time(r["lease_until"]) if r["lease_until"] else "-"] for r in rows],
+                               ["NODE", "STATE", "HOST", "PID", "VERSION", "STARTED", "HEARTBEAT", "LEASED",
+                                "LEASES UNTIL"]) if rows else "no node has run on this database yet")
+        return EXIT_OK
+
+    return _with_ops(cfg, run)
+
+
 COMMANDS = {"serve": cmd_serve, "check-config": cmd_check_config, "status": cmd_status, "domain": cmd_domain,
-            "user": cmd_user, "queue": cmd_queue, "cert": cmd_cert, "admin": cmd_admin}
+            "user": cmd_user, "queue": cmd_queue, "cert": cmd_cert, "admin": cmd_admin, "node": cmd_node}
+
+
+def _status_postgres(args: argparse.Namespace, cfg: Config, src: "config_mod.ConfigSource") -> int:
+    """`status` on PostgreSQL: read only, without migrating (as on SQLite), and the nodes seen."""
+    import asyncpg
+
+    st = cfg.storage
+    data: dict[str, Any] = {"config": str(src.path.absolute()), "found_by": src.found_by,
+                            "database": st.dsn, "backend": "postgres", "cwd": str(Path.cwd()),
+                            "hostname": cfg.server.hostname, "node_id": cfg.server.node_id or socket.gethostname(),
+                            "tls_cert": str(Path(cfg.tls.cert).absolute()),
+                            "tls_cert_exists": Path(cfg.tls.cert).exists(), "warnings": config_mod.dns_warnings(cfg)}
+
+    async def read() -> None:
+        conn = await asyncpg.connect(st.dsn, password=st.resolved_password(), timeout=st.commit_timeout)
+        try:
+            q = conn.fetchval
+            if await q("SELECT to_regclass('relay_schema')") is None:
+                data["schema_version"] = 0
+                return
+            data["schema_version"] = await q("SELECT COALESCE(MAX(version), 0) FROM relay_schema")
+            data["domains"] = await q("SELECT COUNT(*) FROM domains")
+            data["credentials"] = await q("SELECT COUNT(*) FROM credentials")
+            data["queued_messages"] = await q("SELECT COUNT(*) FROM messages WHERE finished_at IS NULL")
+            data["finished_messages"] = await q("SELECT COUNT(*) FROM messages WHERE finished_at IS NOT NULL")
+        finally:
+            await conn.close()
+    try:
+        asyncio.run(read())
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise CLIError(f"cannot read the PostgreSQL database {st.dsn} (storage.dsn): "
+                       f"{type(exc).__name__}: {exc}") from None
+    lines = [f"config:    {data['config']} (found by {src.found_by})",
+             f"database:  PostgreSQL {st.dsn}, node {data['node_id']}"]
+    if data["schema_version"]:
+        lines += [f"           {data['domains']} domain(s), {data['credentials']} credential(s), "
+                  f"{data['queued_messages']} queued message(s), {data['finished_messages']} finished "
+                  f"(kept {_fmt_span(st.finished_retention)}), schema {data['schema_version']}"]
+    else:
+        lines += [f"           empty (no relay tables yet: `{PROG} serve` or `{PROG} domain add` creates them)"]
+    lines += [f"hostname:  {cfg.server.hostname}",
+              f"tls:       {data['tls_cert']}" + ("" if data["tls_cert_exists"] else
+                                                  " (missing: serve writes a self-signed pair)")]
+    lines += [f"warning:   {w}" for w in data["warnings"]]
+    emit(args, data, "\n".join(lines))
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -711,8 +786,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_mod.load(src.path)
         args.config_source = src
         if getattr(args, "verbose", False):
+            from .store.factory import storage_identity
             print(f"relay: config {src.path.absolute()} (found by {src.found_by}); "
-                  f"database {Path(cfg.storage.path).absolute()}", file=sys.stderr)
+                  f"database {storage_identity(cfg)}", file=sys.stderr)
         return COMMANDS[args.command](args, cfg)
     except ConfigError as exc:
         print(f"relay: {_one_line(exc)}", file=sys.stderr)

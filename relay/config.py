@@ -107,16 +107,12 @@ class TLSConfig:
 
 STORAGE_BACKENDS = ("sqlite", "postgres")
 
-# What `storage.backend = "postgres"` does not cover yet (issue 17): while this is not empty the
-# config is refused at load, so no process (serve, delivery, CLI, web admin) can run half on
-# PostgreSQL and half on the SQLite file.
-POSTGRES_NOT_YET = ("the TLS state store (MTA-STS cache, downgrade memory, TLSRPT counts)",
-                    "relay serve, the delivery process, the CLI, the web admin and HTTP API opening the stores")
 
 
 @dataclass(frozen=True)
 class StorageConfig:
-    # "sqlite" (one node, the default) or "postgres" (preview: see POSTGRES_NOT_YET).
+    # "sqlite" (one node, the default) or "postgres" (one or many nodes sharing one database:
+    # docs/multinode.md). Every process of a node (serve, delivery, CLI, web admin) opens the same.
     backend: str = "sqlite"
     path: str = "var/relay.db"
     # backend = "postgres": a libpq-style URL without a password, e.g.
@@ -539,9 +535,6 @@ def _validate_storage(st: StorageConfig) -> None:
                 raise ConfigError(f"storage.{key}", "only used with storage.backend = 'postgres'")
         return
     check_postgres_dsn(st)
-    if POSTGRES_NOT_YET:
-        raise ConfigError("storage.backend", "'postgres' is a preview, not usable yet: missing "
-                          f"{'; '.join(POSTGRES_NOT_YET)}; use 'sqlite' (issue 17)")
 
 
 def check_postgres_dsn(st: StorageConfig) -> None:

@@ -22,7 +22,7 @@ from . import __version__, config as config_mod, db, memory, metrics, tls
 from .config import Config, ConfigError
 from .delivery_process import DeliveryProcess, MergedRegistry
 from .logs import event
-from .store.factory import open_stores
+from .store.factory import open_stores, storage_identity
 from .server import listeners, refusal
 from .server.auth import AuthThrottle
 from .server.session import ServerState, Settings
@@ -98,7 +98,7 @@ class Daemon:
         config_mod.check_files(cfg)  # before any log line: a refusal here is the one line printed
         # Said at every start: which file, found how, and which database it leads to.
         event(log, "starting", config=str(Path(self.config_path or "").absolute()), found_by=self.found_by,
-              database=str(Path(cfg.storage.path).absolute()))
+              database=storage_identity(cfg))
         for line in config_mod.dns_warnings(cfg):
             event(log, "config_warning", logging.WARNING, warning=line)
         ensure_certificate(cfg)
@@ -141,7 +141,7 @@ class Daemon:
             if self.runner is not None:
                 self.runner.router.set_own_listeners(own)
             else:
-                self.delivery = DeliveryProcess(self.config_path, cfg.storage.path, on_exit=self._recover,
+                self.delivery = DeliveryProcess(self.config_path, storage_identity(cfg), on_exit=self._recover,
                                                 own_listeners=own)
                 await self.delivery.start()
             self._start_metrics()
@@ -158,7 +158,9 @@ class Daemon:
                 srv.close()
             await self._close_stores()
             raise
-        metrics.BUILD_INFO.info({"version": __version__})
+        # The node in the one info metric: dashboards join on it for a per-node row
+        # (`... * on(instance) group_left(node) relay_build_info`).
+        metrics.BUILD_INFO.info({"version": __version__, "node": self.queue.owner.node})
         for sig, handler in ((signal.SIGHUP, self.reload), (signal.SIGTERM, self.stop_event.set),
                              (signal.SIGINT, self.stop_event.set)):
             loop.add_signal_handler(sig, handler)
@@ -167,15 +169,44 @@ class Daemon:
         purge_task = asyncio.create_task(self._purge_finished(), name="queue-purge")
         # Freed memory back to the system after large DATA, once no DATA is being received.
         trim_task = asyncio.create_task(memory.TRIMMER.run(lambda: self.state.data_in_flight > 0), name="malloc-trim")
+        heartbeat_task = asyncio.create_task(self._heartbeat(), name="node-heartbeat")
         event(log, "ready", version=__version__, hostname=cfg.server.hostname, pid=os.getpid(),
               listeners=",".join(f"{b.address}:{b.port}/{b.tls}" for b in self.bound))
         sd_notify("READY=1")
         await self.stop_event.wait()
         sd_notify("STOPPING=1")
         event(log, "stopping", grace=cfg.server.shutdown_grace)
-        await self._shutdown(runner_task, gauges_task, purge_task, trim_task)
+        await self._shutdown(runner_task, gauges_task, purge_task, trim_task, heartbeat_task)
         event(log, "stopped")
         return 0
+
+    async def _heartbeat(self) -> None:
+        """This node in `nodes` every HEARTBEAT seconds, for `relay node list`. A failed beat is
+        one warning line when it starts failing and one when it works again, not one a beat."""
+        from .store.nodes import HEARTBEAT
+        assert self.stores is not None and self.stores.nodes is not None
+        owner, started, failing = self.queue.owner, time.time(), False
+        while True:
+            try:
+                await self.stores.nodes.beat(owner.node, owner.incarnation, socket.gethostname(), os.getpid(),
+                                             __version__, started, time.time())
+                if failing:
+                    event(log, "heartbeat_restored", node=owner.node)
+                failing = False
+            except Exception as exc:  # noqa: BLE001 - a beat lost is a node shown silent, nothing more
+                if not failing:
+                    event(log, "heartbeat_failed", logging.WARNING, node=owner.node, error=str(exc))
+                failing = True
+            await asyncio.sleep(HEARTBEAT)
+
+    async def _say_stopped(self) -> None:
+        if self.stores is None or self.stores.nodes is None:
+            return
+        try:
+            await asyncio.wait_for(self.stores.nodes.stopped(self.queue.owner.node, self.queue.owner.incarnation,
+                                                             time.time()), 5)
+        except Exception:  # noqa: BLE001 - then the list shows it silent, which is also true
+            log.debug("could not record the stop", exc_info=True)
 
     def _wake_delivery(self) -> None:
         if self.runner is not None:
@@ -198,7 +229,7 @@ class Daemon:
         ops = Operations(self.stores, self.cfg)
         # The HTTP API shares the admin's listener, under /api/v1/ with its own bearer auth.
         api_app = make_api_app(ops)
-        self.admin = await admin_server.start(self.cfg, self.stores.writer, self.executor, self.tls_context,
+        self.admin = await admin_server.start(self.cfg, self.stores, self.executor, self.tls_context,
                                               [(b.port, b.tls) for b in self.bound], ops=ops, api_app=api_app)
 
     def _start_metrics(self) -> None:
@@ -273,7 +304,7 @@ class Daemon:
         event(log, "reloaded", cert=new.tls.cert)
 
     async def _shutdown(self, runner_task: asyncio.Task | None, gauges_task: asyncio.Task,
-                        purge_task: asyncio.Task, trim_task: asyncio.Task) -> None:
+                        purge_task: asyncio.Task, trim_task: asyncio.Task, heartbeat_task: asyncio.Task) -> None:
         for b in self.bound:
             b.server.close()
         for s in self.refusal_servers:
@@ -299,10 +330,11 @@ class Daemon:
             await self.runner.stop(timeout=remaining)
         if self.delivery is not None:
             await self.delivery.stop(timeout=remaining)
-        tasks = [t for t in (runner_task, gauges_task, purge_task, trim_task) if t is not None]
+        tasks = [t for t in (runner_task, gauges_task, purge_task, trim_task, heartbeat_task) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._say_stopped()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         await self._close_stores()

@@ -201,6 +201,20 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (day, policy_domain)
     );
     """,
+    # 10: the nodes seen (issue 17): each `relay serve` beats here while it runs, so `relay node
+    # list` can say which nodes are up, which went quiet, and what leases each holds.
+    """
+    CREATE TABLE nodes (
+        node_id      TEXT PRIMARY KEY,           -- server.node_id (default: the host name)
+        incarnation  TEXT NOT NULL,              -- new at every start
+        hostname     TEXT NOT NULL,
+        pid          INTEGER NOT NULL,
+        version      TEXT NOT NULL,
+        started_at   REAL NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        stopped_at   REAL                        -- set by a clean stop; NULL while up (or killed)
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

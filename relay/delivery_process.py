@@ -53,7 +53,7 @@ class DeliveryProcess:
         self.own_listeners = list(own_listeners)  # the parent's bound listeners: an MX there is a loop
         # The child reads the config file itself: a restart after the file was edited (without a
         # reload) must not leave it delivering from another database than the one we fill.
-        self.storage_path = os.path.realpath(storage_path)
+        self.storage_path = storage_path  # factory.storage_identity: the file's real path or the DSN
         self._last_metrics = ""
         self._on_exit = on_exit  # run before a restart (lease recovery)
         self.proc: asyncio.subprocess.Process | None = None
@@ -103,7 +103,7 @@ class DeliveryProcess:
             problem = "the delivery process did not start"
         elif os.fsdecode(hello[1:]) != self.storage_path:
             problem = (f"the delivery process opened {os.fsdecode(hello[1:])}, not {self.storage_path} "
-                       "(storage.path changed in the config file without a restart?)")
+                       "(storage.path or storage.dsn changed in the config file without a restart?)")
         if problem is not None:
             parent_ctl.close()
             os.close(wake_w)
@@ -263,7 +263,7 @@ class _Child:
         from .delivery import Router
         from .queue_runner import QueueRunner
         from .signing import Signer
-        from .store.factory import open_stores
+        from .store.factory import open_stores, storage_identity
 
         loop = asyncio.get_running_loop()
         runner: QueueRunner | None = None
@@ -280,7 +280,7 @@ class _Child:
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         # Ctrl-C in a terminal reaches the whole process group: the parent decides when we stop.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
-        self.ctl.send(b"R" + os.fsencode(os.path.realpath(self.cfg.storage.path)))  # see DeliveryProcess._spawn
+        self.ctl.send(b"R" + os.fsencode(storage_identity(self.cfg)))  # see DeliveryProcess._spawn
         self.ctl.setblocking(False)
         loop.add_reader(self.ctl.fileno(), self._on_ctl)
         reporter_task = None

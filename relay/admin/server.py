@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 import ssl
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import aiosqlite
 from aiohttp import web
 
-from .. import config as config_mod, db
+from .. import config as config_mod
 from ..config import Config
 from ..logs import event
 from ..store.writer import GroupWriter
@@ -40,10 +40,10 @@ class ReloadableTLS:
 
 
 class AdminServer:
-    def __init__(self, runner: web.AppRunner, conn: aiosqlite.Connection, deps: AdminDeps, host: str, port: int,
-                 tls: ReloadableTLS | None = None):
+    def __init__(self, runner: web.AppRunner, close: Callable[[], Awaitable[None]], deps: AdminDeps, host: str,
+                 port: int, tls: ReloadableTLS | None = None):
         self._runner = runner
-        self._conn = conn
+        self._close = close  # the admin's own reading connection, if it has one
         self.deps = deps
         self.host, self.port = host, port
         self.tls = tls
@@ -62,29 +62,36 @@ class AdminServer:
 
     async def stop(self) -> None:
         await self._runner.cleanup()
-        await self._conn.close()
+        await self._close()
 
 
 def build_deps(cfg: Config, conn: aiosqlite.Connection, writer: GroupWriter, executor: Executor | None,
                listeners: list[tuple[int, str]] | None = None, ops: Any = None) -> AdminDeps:
+    """The admin's parts over a SQLite reading connection and the process's writer."""
     a = cfg.admin
-    return AdminDeps(
-        cfg=cfg,
-        accounts=AdminAccounts(conn, writer, cfg.credentials, executor),
-        sessions=SessionStore(conn, writer, idle_timeout=a.session_idle_timeout,
-                              absolute_timeout=a.session_absolute_timeout),
-        limiter=LoginLimiter(a.login_failures, a.login_failure_window, a.login_lockout),
-        listeners=list(listeners or []), ops=ops)
+    return assemble(cfg, AdminAccounts(conn, writer, cfg.credentials, executor),
+                    SessionStore(conn, writer, idle_timeout=a.session_idle_timeout,
+                                 absolute_timeout=a.session_absolute_timeout), listeners, ops)
 
 
-async def start(cfg: Config, writer: GroupWriter, executor: Executor | None, tls_context: ssl.SSLContext | None,
+def assemble(cfg: Config, accounts: Any, sessions: Any, listeners: list[tuple[int, str]] | None = None,
+             ops: Any = None) -> AdminDeps:
+    a = cfg.admin
+    return AdminDeps(cfg=cfg, accounts=accounts, sessions=sessions,
+                     limiter=LoginLimiter(a.login_failures, a.login_failure_window, a.login_lockout),
+                     listeners=list(listeners or []), ops=ops)
+
+
+async def start(cfg: Config, stores: Any, executor: Executor | None, tls_context: ssl.SSLContext | None,
                 listeners: list[tuple[int, str]], ops: Any = None, api_app: web.Application | None = None
                 ) -> AdminServer:
+    """stores: the process's `store.factory.Stores` (SQLite: a reading connection of the admin's
+    own; PostgreSQL: the shared pool, so every node sees the same accounts and sessions)."""
     host, port = config_mod.parse_hostport(cfg.admin.listen, 8025)
-    conn = await db.open_async(cfg.storage.path)
+    accounts, sessions, close = await stores.admin_stores(executor)
     reloadable = ReloadableTLS(cfg, tls_context) if cfg.admin.tls and tls_context is not None else None
     try:
-        deps = build_deps(cfg, conn, writer, executor, listeners, ops)
+        deps = assemble(cfg, accounts, sessions, listeners, ops)
         runner = web.AppRunner(make_app(deps, api_app=api_app), handle_signals=False, access_log=None,
                                shutdown_timeout=2.0)
         await runner.setup()
@@ -96,8 +103,8 @@ async def start(cfg: Config, writer: GroupWriter, executor: Executor | None, tls
             from ..server.listeners import bind_error
             raise bind_error("admin listener", host, port, exc) from None
     except BaseException:
-        await conn.close()
+        await close()
         raise
     bound = runner.addresses[0][1] if runner.addresses else port
     event(log, "listening", address=host, port=bound, tls="tls" if cfg.admin.tls else "none", admin="/")
-    return AdminServer(runner, conn, deps, host, bound, reloadable)
+    return AdminServer(runner, close, deps, host, bound, reloadable)

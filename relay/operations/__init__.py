@@ -37,6 +37,8 @@ class Operations:
         self.credentials = Credentials(stores.credentials, self.audit)
         self.queue = Queue(cfg, stores.queue, self.audit)
         self.api_keys = ApiKeys(stores.api_keys, self.audit, clock)
+        self._nodes = getattr(stores, "nodes", None)
+        self._clock = clock
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -52,6 +54,15 @@ class Operations:
     def configure(self, cfg: Config) -> None:
         """SIGHUP: the new Config (cap, DNS resolver, records)."""
         self.cfg = self.domains.cfg = self.queue.cfg = cfg
+
+    # ------------------------------------------------------------ nodes (issue 17)
+
+    async def list_nodes(self) -> list[dict]:
+        """The nodes seen on this database: state (up / silent / stopped), last heartbeat,
+        the leases each holds (store/nodes.py)."""
+        if self._nodes is None:
+            return []
+        return await self._nodes.list(self._clock())
 
     # ------------------------------------------------------------ domains
 

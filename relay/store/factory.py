@@ -3,11 +3,12 @@ the CLI all get theirs here, so they share one writer per process and take the s
 cross-process write turn (`db.WriterLock`) on the same file."""
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import aiosqlite
 
@@ -15,9 +16,10 @@ from .. import db
 from ..config import Config, ConfigError
 from ..credentials import CredentialStore
 from ..dkim_keys import DKIMStore
-from .api_keys import ApiKeyStore
-from .audit import AuditStore
 from .contract import LeaseOwner
+from .api_keys import ApiKeyStore
+from .nodes import NodeStore
+from .audit import AuditStore
 from .sqlite_queue import QueueStore
 from .tls_state import TLSStateStore
 from .writer import GroupWriter
@@ -28,35 +30,78 @@ def lease_owner(cfg: Config) -> LeaseOwner:
     return LeaseOwner(cfg.server.node_id or socket.gethostname(), secrets.token_hex(4))
 
 
+def storage_identity(cfg: Config) -> str:
+    """What the stores of this config are, as said at start and checked between `relay serve` and
+    its delivery process: the SQLite file's real path, or the PostgreSQL DSN (it holds no
+    password: config.load refuses one)."""
+    if cfg.storage.backend == "postgres":
+        return f"postgres {cfg.storage.dsn}"
+    return os.path.realpath(cfg.storage.path)
+
+
 @dataclass
 class Stores:
-    writer: GroupWriter
-    queue: QueueStore
+    writer: GroupWriter | None          # SQLite only: PostgreSQL stores write through their pool
+    queue: Any
     credentials: CredentialStore
     dkim: DKIMStore
-    lock: db.WriterLock
-    audit: AuditStore | None = None        # the operations layer's audit rows (issue 14)
-    api_keys: ApiKeyStore | None = None    # HTTP API keys (issue 14)
-    tls_state: TLSStateStore | None = None  # MTA-STS cache and downgrade memory (issue 15)
+    lock: db.WriterLock | None          # SQLite only: the cross-process write turn
+    audit: Any = None                   # the operations layer's audit rows (issue 14)
+    api_keys: Any = None                # HTTP API keys (issue 14)
+    tls_state: Any = None               # MTA-STS cache and downgrade memory (issue 15)
     _conns: list[aiosqlite.Connection] = field(default_factory=list)
+    pool: Any = None                    # PostgreSQL: the asyncpg pool every store here shares
+    cfg: Config | None = None
+    nodes: NodeStore | None = None      # the nodes seen and their heartbeats (issue 17)
+
+    @property
+    def shared(self) -> bool:
+        """True when other nodes may share these rows (PostgreSQL)."""
+        return self.pool is not None
+
+    async def admin_stores(self, executor: Executor | None = None) -> tuple[Any, Any, Callable[[], Any]]:
+        """(admin accounts, admin sessions, close) for the web admin and `relay admin`: on SQLite
+        over a reading connection of their own, on PostgreSQL over the shared pool."""
+        assert self.cfg is not None
+        a, creds = self.cfg.admin, self.cfg.credentials
+        if self.pool is not None:
+            from .pg_admin import PgAdminAccounts, PgSessionStore
+            t = self.cfg.storage.commit_timeout
+
+            async def nothing() -> None:
+                return None
+            return (PgAdminAccounts(self.pool, creds, executor, timeout=t),
+                    PgSessionStore(self.pool, idle_timeout=a.session_idle_timeout,
+                                   absolute_timeout=a.session_absolute_timeout, timeout=t), nothing)
+        from ..admin.accounts import AdminAccounts
+        from ..admin.sessions import SessionStore
+        conn = await db.open_async(self.cfg.storage.path)
+        assert self.writer is not None
+        return (AdminAccounts(conn, self.writer, creds, executor),
+                SessionStore(conn, self.writer, idle_timeout=a.session_idle_timeout,
+                             absolute_timeout=a.session_absolute_timeout), conn.close)
 
     async def close(self) -> None:
         await self.credentials.close()  # LAST LOGIN times still in memory go first
-        await self.writer.close()
+        if self.writer is not None:
+            await self.writer.close()
         # An open aiosqlite connection keeps its thread, and the process, alive.
         for conn in self._conns:
             await conn.close()
-        self.lock.close()
+        if self.lock is not None:
+            self.lock.close()
+        if self.pool is not None:
+            await self.pool.close()
 
 
 async def open_stores(cfg: Config, *, role: str, executor: Executor | None = None,
                       on_enqueue: Callable[[], None] | None = None) -> Stores:
     """role: "serve" (acceptance: synchronous commits, its 250 promises the disk), "delivery"
     (bookkeeping: commits without their own fsync, see below) or "cli"."""
+    if cfg.storage.backend == "postgres":
+        return await _open_postgres(cfg, role=role, executor=executor, on_enqueue=on_enqueue)
     if cfg.storage.backend != "sqlite":
-        # config.load refuses this already; a Config built in code must not reach SQLite instead.
-        raise ConfigError("storage.backend", f"{cfg.storage.backend!r}: only the queue store exists on it so far "
-                          "(relay.store.pg_queue); relay runs on 'sqlite' (issue 17)")
+        raise ConfigError("storage.backend", f"{cfg.storage.backend!r}: must be 'sqlite' or 'postgres'")
     # Reads go through aiosqlite; the queue and the credential side get a connection each so a
     # long queue listing never delays an AUTH lookup.
     queue_conn = await db.open_async(cfg.storage.path)
@@ -82,4 +127,38 @@ async def open_stores(cfg: Config, *, role: str, executor: Executor | None = Non
         for conn in conns:
             await conn.close()
         raise
-    return Stores(writer, queue, creds, dkim, lock, audit, api_keys, tls_state, conns)
+    return Stores(writer, queue, creds, dkim, lock, audit, api_keys, tls_state, conns, cfg=cfg,
+                  nodes=NodeStore(conn=queue_conn, writer=writer))
+
+
+# Connections per role: acceptance holds one per concurrent commit and AUTH lookup; delivery one
+# per worker's claim/renew/settle; a CLI command needs two at most.
+def _pool_size(cfg: Config, role: str) -> int:
+    return 2 if role == "cli" else cfg.storage.pool_size
+
+
+async def _open_postgres(cfg: Config, *, role: str, executor: Executor | None,
+                         on_enqueue: Callable[[], None] | None) -> Stores:
+    from .contract import StoreUnavailable
+    from .pg_audit import PgApiKeyStore, PgAuditStore
+    from .pg_credentials import PgCredentialStore
+    from .pg_dkim import PgDKIMStore
+    from .pg_queue import PgQueueStore, create_pool
+    from .pg_schema import SchemaTooNew
+    from .pg_tls_state import PgTLSStateStore
+    st = cfg.storage
+    try:
+        pool = await create_pool(st.dsn, password=st.resolved_password(), size=_pool_size(cfg, role),
+                                 command_timeout=st.commit_timeout)
+    except StoreUnavailable as exc:
+        # One line naming where it tried (the DSN has no password in it) and why.
+        raise db.DatabaseError(f"cannot open the PostgreSQL database {st.dsn} (storage.dsn): {exc}") from None
+    except SchemaTooNew as exc:
+        raise db.DatabaseError(str(exc)) from None
+    t = st.commit_timeout
+    queue = PgQueueStore(pool, lease_seconds=cfg.delivery.lease_seconds, on_enqueue=on_enqueue,
+                         owner=lease_owner(cfg), spool_dir=st.resolved_spool_dir(), commit_timeout=t)
+    return Stores(None, queue, PgCredentialStore(pool, cfg.credentials, executor, timeout=t),
+                  PgDKIMStore(pool, timeout=t), None, PgAuditStore(pool, timeout=t),
+                  PgApiKeyStore(pool, timeout=t), PgTLSStateStore(pool, timeout=t), [], pool=pool, cfg=cfg,
+                  nodes=NodeStore(pool=pool, timeout=t))

@@ -16,7 +16,7 @@ import asyncpg
 # A fixed key for the migration lock (the ASCII of "relaymig" as an int64).
 MIGRATION_LOCK = 0x72656C61796D6967
 
-# Functions of migration 6 (one round trip each, run as single autocommit statements):
+# Functions of migration 8 (one round trip each, run as single autocommit statements):
 # see store/shared_auth.py and store/slots.py for what they decide and why.
 SHARED_STATE_FUNCTIONS = """
 CREATE FUNCTION relay_auth_begin(p_net text, p_user text, p_now float8, p_window float8, p_user_window float8,
@@ -296,14 +296,64 @@ MIGRATIONS: list[str] = [
     """,
     # 5: what SQLite's schema 9 added to the queue (issue 15): per attempt the outbound TLS
     # policy applied, the cipher and whether the certificate was verified; RFC 8689 REQUIRETLS
-    # per message. (The TLS state tables are not here yet: that store is not on PostgreSQL.)
+    # per message.
     """
     ALTER TABLE history ADD COLUMN tls_policy text;
     ALTER TABLE history ADD COLUMN tls_cipher text;
     ALTER TABLE history ADD COLUMN tls_verified smallint;
     ALTER TABLE messages ADD COLUMN requiretls smallint NOT NULL DEFAULT 0;
     """,
-    # 6: state the nodes must agree on (store/shared_auth.py, store/slots.py, store/singleton.py).
+    # 6: the TLS state store (issue 15's tables, shared by every node): the MTA-STS cache, the
+    # downgrade memory and the TLSRPT counts. One node learning that a domain offers verified TLS
+    # protects every node's next delivery there.
+    """
+    CREATE TABLE mta_sts_policies (
+        domain         text PRIMARY KEY,
+        policy_id      text NOT NULL,
+        mode           text NOT NULL CHECK (mode IN ('enforce', 'testing', 'none')),
+        mx_json        text NOT NULL,
+        max_age        bigint NOT NULL,
+        fetched_at     double precision NOT NULL,
+        expires_at     double precision NOT NULL,
+        txt_checked_at double precision NOT NULL
+    );
+    CREATE TABLE tls_security (
+        domain     text PRIMARY KEY,
+        best       text NOT NULL CHECK (best IN ('plain', 'tls', 'verified')),
+        first_at   double precision NOT NULL,
+        seen_at    double precision NOT NULL
+    );
+    CREATE TABLE tlsrpt_counts (
+        day           text NOT NULL,
+        policy_domain text NOT NULL,
+        policy_type   text NOT NULL,
+        policy_string text NOT NULL,
+        mx_host       text NOT NULL,
+        result        text NOT NULL,
+        count         bigint NOT NULL,
+        PRIMARY KEY (day, policy_domain, policy_type, policy_string, mx_host, result)
+    );
+    CREATE TABLE tlsrpt_sent (
+        day           text NOT NULL,
+        policy_domain text NOT NULL,
+        sent_at       double precision NOT NULL,
+        PRIMARY KEY (day, policy_domain)
+    );
+    """,
+    # 7: the nodes seen (SQLite's schema 10): each `relay serve` beats here while it runs.
+    """
+    CREATE TABLE nodes (
+        node_id      text PRIMARY KEY,
+        incarnation  text NOT NULL,
+        hostname     text NOT NULL,
+        pid          integer NOT NULL,
+        version      text NOT NULL,
+        started_at   double precision NOT NULL,
+        heartbeat_at double precision NOT NULL,
+        stopped_at   double precision
+    );
+    """,
+    # 8: state the nodes must agree on (store/shared_auth.py, store/slots.py, store/singleton.py).
     # AUTH failures, locks and familiar networks are UNLOGGED: no WAL, cheap to write on every
     # AUTH, and lost on a crash or failover (the standby has empty tables), which only forgets
     # recent failed logins, as a restart of a single node does. Destination slots are UNLOGGED

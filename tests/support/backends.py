@@ -60,6 +60,13 @@ class SQLiteBackend:
         return (AdminAccounts(conn, writer, cfg, clock=clock),
                 SessionStore(conn, writer, idle_timeout=idle_timeout, absolute_timeout=absolute_timeout, clock=clock))
 
+    async def tls_state(self):
+        from relay.store.tls_state import TLSStateStore
+        from relay.store.writer import GroupWriter
+        writer = GroupWriter(reader=self.conn)
+        self._stores.append(writer)
+        return TLSStateStore(self.conn, writer)
+
     async def dkim(self, **kw: Any):
         from relay.dkim_keys import DKIMStore
         s = DKIMStore(self.conn, **kw)
@@ -147,6 +154,10 @@ class PostgresBackend:
         self._pools.append(pool)
         return (PgAdminAccounts(pool, cfg, clock=clock),
                 PgSessionStore(pool, idle_timeout=idle_timeout, absolute_timeout=absolute_timeout, clock=clock))
+
+    async def tls_state(self):
+        from relay.store.pg_tls_state import PgTLSStateStore
+        return PgTLSStateStore(self.pool)
 
     async def dkim(self, **kw: Any):
         from relay.store.pg_dkim import PgDKIMStore

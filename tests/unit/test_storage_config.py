@@ -1,5 +1,5 @@
 """storage.backend and the PostgreSQL connection keys: one-line errors, no password in the DSN
-or in any message, and backend = 'postgres' refused at load while parts are not on it yet."""
+or in any message, and backend = 'postgres' refused when it cannot be reached."""
 from __future__ import annotations
 
 import pytest
@@ -48,23 +48,32 @@ def test_the_password_comes_from_a_file_or_the_environment(tmp_path, monkeypatch
     assert config.StorageConfig(backend="postgres", dsn=dsn, password_env="RELAY_PG_PW").resolved_password() == "s3cret"
 
 
-def test_postgres_is_refused_at_load_naming_what_is_not_on_it_yet(tmp_path):
+def test_postgres_loads(tmp_path):
     pw = tmp_path / "pw"
     pw.write_text("s3cret\n")
-    text = refused(backend="postgres", dsn="postgresql://relay@db.example.net/relay", password_file=str(pw))
-    assert text.startswith("config error: storage.backend: 'postgres' is a preview")
-    for part in config.POSTGRES_NOT_YET:
-        assert part in text
+    cfg_file = tmp_path / "relay.toml"
+    cfg_file.write_text('[storage]\nbackend = "postgres"\ndsn = "postgresql://relay@db.example.net/relay"\n'
+                        f'password_file = "{pw}"\n')
+    cfg = config.load(cfg_file)
+    assert (cfg.storage.backend, cfg.storage.resolved_password()) == ("postgres", "s3cret")
 
 
-def test_relay_serve_with_postgres_refuses_to_start_in_one_line(tmp_path):
+def test_relay_serve_with_an_unreachable_postgres_refuses_to_start_in_one_line(tmp_path):
+    """Nothing answers on the DSN's port: one line naming the DSN, exit != 0, and no SQLite file
+    made on the side (no silent fallback)."""
+    import socket
     import subprocess
     import sys
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     cfg = tmp_path / "relay.toml"
-    cfg.write_text('[storage]\nbackend = "postgres"\ndsn = "postgresql://relay@127.0.0.1/relay"\n')
-    out = subprocess.run([sys.executable, "-m", "relay", "serve", "--config", str(cfg)], capture_output=True,
+    cfg.write_text(f'[storage]\nbackend = "postgres"\ndsn = "postgresql://relay@127.0.0.1:{port}/relay"\n'
+                   'commit_timeout = 3\n[server]\nhostname = "relay.test"\n[tls]\n'
+                   f'cert = "{tmp_path}/c.crt"\nkey = "{tmp_path}/c.key"\n')
+    out = subprocess.run([sys.executable, "-m", "relay", "queue", "list", "--config", str(cfg)], capture_output=True,
                          text=True, timeout=60, cwd=tmp_path)
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "storage.backend: 'postgres' is a preview" in lines[0], out.stderr
+    assert len(lines) == 1 and f"127.0.0.1:{port}/relay" in lines[0] and "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "var").exists()  # nothing was opened or created on the side

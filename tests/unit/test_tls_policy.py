@@ -250,45 +250,39 @@ def test_tls_failure_classification():
     assert tls_result_of(ssl.SSLError("handshake")) == "validation-failure"
 
 
-# ------------------------------------------------------------------ the store behind it (SQLite)
+# ------------------------------------------------------------------ the store behind it (both backends)
 
-async def test_tls_state_store_on_sqlite(tmp_path):
-    from relay import db
-    from relay.store.tls_state import TLSStateStore
-    from relay.store.writer import GroupWriter
-
-    conn = await db.open_async(str(tmp_path / "tls.db"))
-    writer = GroupWriter(reader=conn)
-    try:
-        st_ = TLSStateStore(conn, writer)
-        assert await st_.get_sts("a.example") is None
-        p = Policy("id1", "enforce", ("mx.a.example", "*.b.a.example"), 600, 100.0)
-        await st_.put_sts("a.example", p, 100.0)
-        assert await st_.get_sts("a.example") == {"id": "id1", "mode": "enforce",
-                                                  "mx": ["mx.a.example", "*.b.a.example"],
-                                                  "max_age": 600, "fetched_at": 100.0}
-        await st_.put_sts("a.example", Policy("id2", "testing", ("mx.a.example",), 60, 200.0), 200.0)
-        await st_.sts_checked("a.example", 250.0)
-        (row,) = await st_.list_sts()
-        assert (row["policy_id"], row["mode"], row["expires_at"], row["txt_checked_at"]) == ("id2", "testing", 260.0, 250.0)
-        # The downgrade memory only rises (and is refreshed when equal) unless reset.
-        assert await st_.get_security("a.example") is None
-        await st_.note_security("a.example", "tls", 1.0)
-        await st_.note_security("a.example", "verified", 2.0)
-        await st_.note_security("a.example", "tls", 3.0)
-        assert await st_.get_security("a.example") == ("verified", 2.0)
-        await st_.note_security("a.example", "verified", 4.0)
-        assert await st_.get_security("a.example") == ("verified", 4.0)
-        await st_.reset_security("a.example", "tls", 5.0)
-        assert await st_.get_security("a.example") == ("tls", 5.0)
-        row = ("2025-12-02", "a.example", "sts", "[]", "mx.a.example", "", 2)
-        await st_.add_tlsrpt([row])
-        await st_.add_tlsrpt([row, row[:5] + ("certificate-expired", 1)])
-        got = await st_.tlsrpt_rows("2025-12-02")
-        assert [(r["result"], r["count"]) for r in got] == [("", 4), ("certificate-expired", 1)]
-    finally:
-        await writer.close()
-        await conn.close()
+async def test_tls_state_store(store_backend):
+    st_ = await store_backend.tls_state()
+    assert await st_.get_sts("a.example") is None
+    p = Policy("id1", "enforce", ("mx.a.example", "*.b.a.example"), 600, 100.0)
+    await st_.put_sts("a.example", p, 100.0)
+    assert await st_.get_sts("a.example") == {"id": "id1", "mode": "enforce",
+                                              "mx": ["mx.a.example", "*.b.a.example"],
+                                              "max_age": 600, "fetched_at": 100.0}
+    await st_.put_sts("a.example", Policy("id2", "testing", ("mx.a.example",), 60, 200.0), 200.0)
+    await st_.sts_checked("a.example", 250.0)
+    (row,) = await st_.list_sts()
+    assert (row["policy_id"], row["mode"], row["expires_at"], row["txt_checked_at"]) == ("id2", "testing", 260.0, 250.0)
+    # The downgrade memory only rises (and is refreshed when equal) unless reset.
+    assert await st_.get_security("a.example") is None
+    await st_.note_security("a.example", "tls", 1.0)
+    await st_.note_security("a.example", "verified", 2.0)
+    await st_.note_security("a.example", "tls", 3.0)
+    assert await st_.get_security("a.example") == ("verified", 2.0)
+    await st_.note_security("a.example", "verified", 4.0)
+    assert await st_.get_security("a.example") == ("verified", 4.0)
+    await st_.reset_security("a.example", "tls", 5.0)
+    assert await st_.get_security("a.example") == ("tls", 5.0)
+    row = ("2025-12-02", "a.example", "sts", "[]", "mx.a.example", "", 2)
+    await st_.add_tlsrpt([row])
+    await st_.add_tlsrpt([row, row[:5] + ("certificate-expired", 1)])
+    got = await st_.tlsrpt_rows("2025-12-02")
+    assert [(r["result"], r["count"]) for r in got] == [("", 4), ("certificate-expired", 1)]
+    # A week on, a report marked sent drops the old counts (one node's sweep, every node's rows).
+    await st_.mark_tlsrpt_sent("2025-12-02", "a.example", 1_764_633_600.0 + 8 * 86400)
+    assert await st_.tlsrpt_rows("2025-12-02") == []
+    assert await st_.tlsrpt_sent("2025-12-02") == []
 
 
 def test_requiretls_mail_parameter():
