@@ -109,3 +109,38 @@ async def test_the_lock_goes_with_a_dead_nodes_connection(store_backend):
             break
         await asyncio.sleep(0.05)
     assert runs == [1]
+
+
+async def test_shared_state_is_built_from_the_factorys_stores(store_backend, tmp_path):
+    """store/shared_state.py: what the daemon and the delivery process get from their stores:
+    the database's shared state on PostgreSQL, the in-process equivalents on SQLite."""
+    from relay import config as config_mod
+    from relay.store.factory import open_stores
+    from relay.store.shared_auth import PgAuthBudgets
+    from relay.store.shared_state import shared_state
+    from relay.store.singleton import LocalJobLocks, PgJobLocks
+    from relay.store.slots import LocalSlots, PgSlots
+    storage = ({"backend": "postgres", "dsn": store_backend.dsn, "pool_size": 2} if store_backend.name == "postgres"
+               else {"path": str(tmp_path / "f.db")})
+    cfg = config_mod.from_dict({"server": {"hostname": "relay.example.com", "node_id": "n1"}, "storage": storage})
+    stores = await open_stores(cfg, role="delivery")
+    try:
+        shared = shared_state(stores)
+        if store_backend.name == "postgres":
+            assert isinstance(shared.auth_budgets, PgAuthBudgets)
+            assert isinstance(shared.slots, PgSlots) and shared.slots.owner.startswith("n1/")
+            assert isinstance(shared.job_locks, PgJobLocks)
+            slot = await shared.slots.acquire("example.net", 1)
+            assert slot is not None
+            await shared.slots.release(slot)
+        else:
+            assert shared.auth_budgets is None
+            assert isinstance(shared.slots, LocalSlots) and isinstance(shared.job_locks, LocalJobLocks)
+        ran = []
+
+        async def job():
+            ran.append(1)
+        assert await shared.job_locks.run_once("j", "1", job) and ran == [1]
+        await shared.close()
+    finally:
+        await stores.close()
