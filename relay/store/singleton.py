@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from ..logs import event
+from .contract import StoreUnavailable
 
 if TYPE_CHECKING:
     import asyncpg
@@ -118,6 +119,8 @@ async def every(locks: JobLocks, job: str, seconds: float, fn: Job, *,
                 log.debug("singleton job %s ran", job)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a busy store now is fine: the next tick catches up
+        except StoreUnavailable:  # a busy or unreachable store now is fine: the next tick catches up
+            log.debug("singleton job %s: store unavailable", job, exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - a bug: say so, try again at the next tick
             event(log, "job_failed", logging.WARNING, job=job, error=f"{type(exc).__name__}: {exc}"[:300])
         await asyncio.sleep(tick if tick is not None else seconds / 2)
