@@ -28,9 +28,11 @@ class SharedState:
     job_locks: JobLocks
 
     async def close(self) -> None:
-        close = getattr(self.auth_budgets, "close", None)
-        if close is not None:
-            await close()
+        """Background sweeps stop (before the pool closes)."""
+        for part in (self.auth_budgets, self.slots):
+            close = getattr(part, "close", None)
+            if close is not None:
+                await close()
 
 
 def shared_state(stores: Any) -> SharedState:

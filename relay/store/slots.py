@@ -15,11 +15,13 @@ jobs back so the nodes holding the slots can claim them (queue_runner.SLOT_WAIT)
   INSERT .. ON CONFLICT DO UPDATE .. WHERE expired under the row's own lock. The runner's
   heartbeat renews the leases of the slots it holds (`renew`, one UPDATE for all); a slot whose
   renewal finds another token was taken over after a freeze: its worker stops after the
-  message in flight. `release` deletes the row (token-fenced). Expired rows are reused in place
-  and swept by `sweep` (bounded by destinations x limit anyway).
+  message in flight. `release` deletes the row (token-fenced), so only a node that died leaves
+  rows behind: reused in place by the next acquire, and deleted an hour after they ran out by
+  `sweep`, which `acquire` starts at most every SWEEP_INTERVAL, on one node at a time.
 """
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -29,6 +31,10 @@ from .contract import StoreUnavailable
 
 if TYPE_CHECKING:
     import asyncpg
+
+SWEEP_INTERVAL = 300.0
+SWEEP_AFTER = 3600.0   # a slot row this long past its lease is deleted
+SWEEP_LOCK = 0x72656C6179736C74  # "relayslt": one node sweeps at a time
 
 
 @dataclass(eq=False)
@@ -70,6 +76,8 @@ class PgSlots:
         self.ttl = ttl
         self._clock = clock
         self.timeout = timeout
+        self._last_sweep = 0.0
+        self._sweeping: asyncio.Task | None = None
 
     async def _call(self, fn: Callable[[Any], Any]) -> Any:
         from .pg_queue import _unavailable
@@ -89,6 +97,9 @@ class PgSlots:
         number = await self._call(lambda conn: conn.fetchval(
             "SELECT relay_slot_acquire($1, $2, $3, $4, $5, $6)", destination, limit, self.owner, token, now, until,
             timeout=self.timeout))
+        if now - self._last_sweep >= SWEEP_INTERVAL and (self._sweeping is None or self._sweeping.done()):
+            self._last_sweep = now
+            self._sweeping = asyncio.get_running_loop().create_task(self._sweep_quietly(), name="slot-sweep")
         return None if number is None else Slot(destination, number, token, until)
 
     async def renew(self, slots: list[Slot]) -> list[Slot]:
@@ -122,11 +133,29 @@ class PgSlots:
             "SELECT count(*) FROM destination_slots WHERE destination = $1 AND expires_at > $2",
             destination, self._clock()))
 
-    async def sweep(self, older_than: float = 3600.0) -> int:
-        """Delete leases that ran out long ago (a destination no node sends to any more)."""
-        status = await self._call(lambda conn: conn.execute(
-            "DELETE FROM destination_slots WHERE expires_at < $1", self._clock() - older_than))
-        return int(status.rsplit(" ", 1)[-1])
+    async def sweep(self, older_than: float = SWEEP_AFTER) -> int:
+        """Delete leases that ran out long ago (a node died holding them); -1: another node is
+        sweeping."""
+        cutoff = self._clock() - older_than
+
+        async def op(conn: Any) -> int:
+            async with conn.transaction():
+                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SWEEP_LOCK):
+                    return -1
+                status = await conn.execute("DELETE FROM destination_slots WHERE expires_at < $1", cutoff)
+                return int(status.rsplit(" ", 1)[-1])
+        return await self._call(op)
+
+    async def _sweep_quietly(self) -> None:
+        try:
+            await self.sweep()
+        except (StoreUnavailable, asyncio.CancelledError):
+            pass
+
+    async def close(self) -> None:
+        if self._sweeping is not None and not self._sweeping.done():
+            self._sweeping.cancel()
+            await asyncio.gather(self._sweeping, return_exceptions=True)
 
 
 __all__ = ["DestinationSlots", "LocalSlots", "PgSlots", "Slot", "StoreUnavailable"]

@@ -178,7 +178,9 @@ class PostgresBackend:
 
     async def slots(self, **kw: Any):
         from relay.store.slots import PgSlots
-        return PgSlots(await self._node_pool(), **kw)
+        s = PgSlots(await self._node_pool(), **kw)
+        self._stores.append(s)
+        return s
 
     async def job_locks(self, **kw: Any):
         from relay.store.singleton import PgJobLocks
