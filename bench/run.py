@@ -20,6 +20,13 @@ Scenarios (see README "Benchmark"):
      start (watched up to 60 s; pss_end: when the watch ended); (b) `smtp-source -s 20 -l 1048576`: msgs/s end to end and CPU-ms a message
   8  scenario 2 with the web admin on and one logged-in admin reloading the queue page every
      second, against scenario 2 with the admin off, interleaved rep by rep (README: within 5 %)
+  9  authenticated path, relay and Postfix interleaved rep by rep: STARTTLS + AUTH PLAIN, 20
+     clients, 10 KB, a new connection per message, the client at TLS 1.3 and capped at TLS 1.2
+     (bench/authload.py: one process per client); msgs/s end to end, DATA -> 250 p50/p99, CPU
+     a message of each MTA and of the load generator itself, sink counts checked
+
+With scenario 2 and/or 9 the run ends with one table of issue 16's cells (relay vs Postfix in
+the same run, median [min-max], per-rep ratios), each with its command.
 """
 from __future__ import annotations
 
@@ -46,6 +53,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support.relay_instance import RelayInstance, client_tls_context  # noqa: E402
+
+import authload  # noqa: E402  (bench/, this script's directory)
+from summary import Cell, table  # noqa: E402
 
 USER = "bench@bench.example"
 PASSWORD = "benchmark password 1"
@@ -350,19 +360,28 @@ def scenario2_relay(workdir: Path, sink: Sink, messages: int, dkim: bool = False
     try:
         pids = family(relay.proc.pid)
         cpu0 = family_cpu(pids)
+        base = sink.count
         acc, e2e = run_smtp_source(relay.port, sink, messages, 20, 10240, relay)
         cpu = family_cpu(pids) - cpu0
         return {"accepted_per_s": acc, "end_to_end_per_s": e2e, "cpu_s_per_1000": cpu / messages * 1000,
                 "source_cpu_s_per_1000": SOURCE_CPU["s"] / messages * 1000,
-                "peak_rss_mb": family_rss_kb(pids, "VmHWM") / 1024}
+                "peak_rss_mb": family_rss_kb(pids, "VmHWM") / 1024, "sink_received": sink.count - base}
     finally:
         relay.stop()
+
+
+def scenario2_ceiling(sink: Sink, messages: int) -> dict:
+    """The loopback ceiling: the same smtp-source straight into the sink, no MTA between."""
+    base = sink.count
+    acc, e2e = run_smtp_source(sink.port, sink, messages, 20, 10240)
+    return {"accepted_per_s": acc, "end_to_end_per_s": e2e,
+            "source_cpu_s_per_1000": SOURCE_CPU["s"] / messages * 1000, "sink_received": sink.count - base}
 
 
 class Postfix:
     """A throwaway Postfix on loopback (own config and queue directories) relaying to the sink."""
 
-    def __init__(self, workdir: Path, sink: Sink):
+    def __init__(self, workdir: Path, sink: Sink, *, auth: bool = False):
         self.dir = workdir
         self.port = free_port()
         conf = workdir / "etc"
@@ -380,7 +399,7 @@ class Postfix:
                     line = " ".join(cols)
             master.append(line)
         (conf / "master.cf").write_text("\n".join(master) + "\n")
-        (conf / "main.cf").write_text(f"""
+        (conf / "main.cf").write_text(main_cf(f"""
 compatibility_level = 3.6
 queue_directory = {workdir}/spool
 data_directory = {workdir}/data
@@ -399,7 +418,7 @@ maillog_file = {workdir}/maillog
 maillog_file_prefixes = {workdir}
 smtp_tls_security_level = none
 smtpd_tls_security_level = none
-""")
+""", postfix_auth_conf(workdir, conf) if auth else ""))
         self.env = {**os.environ, "MAIL_CONFIG": str(conf)}
         self.conf = conf
         subprocess.run(["postfix", "-c", str(conf), "set-permissions"], env=self.env, capture_output=True)
@@ -413,6 +432,7 @@ smtpd_tls_security_level = none
                 return
             except OSError:
                 time.sleep(0.1)
+        self.stop()
         raise RuntimeError("postfix did not start listening")
 
     def master_pid(self) -> int | None:
@@ -426,15 +446,61 @@ smtpd_tls_security_level = none
         subprocess.run(["postfix", "-c", str(self.conf), "stop"], env=self.env, capture_output=True)
 
 
+def main_cf(base: str, overrides: str) -> str:
+    """`base` main.cf text with every parameter set again in `overrides` replaced by that setting
+    (Postfix would take the later one too, with a warning in every daemon's log)."""
+    def key(line: str) -> str | None:
+        name, eq, _ = line.partition("=")
+        return name.strip() if eq and line[:1].strip() and not line.startswith("#") else None
+    over = [ln for ln in overrides.splitlines() if ln.strip()]
+    names = {key(ln) for ln in over} - {None}
+    kept = [ln for ln in base.splitlines() if key(ln) not in names]
+    return "\n".join(kept + over).strip() + "\n"
+
+
+def postfix_auth_conf(workdir: Path, conf: Path) -> str:
+    """STARTTLS and AUTH PLAIN for the throwaway Postfix (scenario 9): a self-signed certificate,
+    Cyrus SASL with the bench user in a sasldb of its own (auxprop, PLAIN LOGIN), relaying only
+    for an authenticated client (mynetworks does not let loopback through), AUTH only after TLS.
+    Returns the main.cf lines (later settings of the same name win in main.cf)."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=postfix.bench.example", "-keyout", str(conf / "key.pem"),
+                    "-out", str(conf / "cert.pem")], check=True, capture_output=True, timeout=60)
+    (conf / "key.pem").chmod(0o600)
+    db = conf / "sasldb2"
+    user, _, realm = USER.partition("@")
+    subprocess.run(["saslpasswd2", "-f", str(db), "-c", "-p", "-u", realm, user], input=PASSWORD.encode(),
+                   check=True, capture_output=True, timeout=30)
+    shutil.chown(db, "postfix")  # smtpd runs as postfix and reads it
+    db.chmod(0o640)
+    # Debian's Postfix looks for <cyrus_sasl_config_path>/sasl/<smtpd_sasl_path>.conf (seen with strace).
+    (conf / "sasl").mkdir()
+    (conf / "sasl" / "smtpd.conf").write_text(f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\n"
+                                     f"mech_list: PLAIN LOGIN\nsasldb_path: {db}\n")
+    return f"""
+smtpd_tls_security_level = may
+smtpd_tls_cert_file = {conf}/cert.pem
+smtpd_tls_key_file = {conf}/key.pem
+smtpd_tls_auth_only = yes
+smtpd_sasl_auth_enable = yes
+smtpd_sasl_type = cyrus
+smtpd_sasl_path = smtpd
+cyrus_sasl_config_path = {conf}
+smtpd_sasl_security_options = noanonymous
+smtpd_relay_restrictions = permit_sasl_authenticated, reject
+"""
+
+
 def scenario2_postfix(workdir: Path, sink: Sink, messages: int) -> dict:
     pf = Postfix(workdir, sink)
     try:
         pid = pf.master_pid()
         assert pid is not None
         cpu0 = tree_cpu(pid)
+        base = sink.count
         acc, e2e = run_smtp_source(pf.port, sink, messages, 20, 10240)
         return {"accepted_per_s": acc, "end_to_end_per_s": e2e, "cpu_s_per_1000": (tree_cpu(pid) - cpu0) / messages * 1000,
-                "source_cpu_s_per_1000": SOURCE_CPU["s"] / messages * 1000}
+                "source_cpu_s_per_1000": SOURCE_CPU["s"] / messages * 1000, "sink_received": sink.count - base}
     finally:
         pf.stop()
 
@@ -916,6 +982,79 @@ def print_scenario6(label: str, runs: list[dict], cmd: str) -> None:
             print(f"[6] {label:<8} rep {i + 1}: CHECK FAILED: " + "; ".join(problems))
 
 
+# ---------------------------------------------------------------- scenario 9: the authenticated path
+
+def auth_cell(port: int, sink: Sink, cpu_of, *, messages: int, clients: int, size: int, tls: str,
+              relay: RelayInstance | None = None) -> dict:
+    """bench/authload.py against `port`; `cpu_of()` is the MTA's CPU so far (all its processes)."""
+    base = sink.count
+    if relay is not None:
+        relay.log_paused.set()
+    try:
+        cpu0 = cpu_of()
+        res = authload.run_load(port, clients=clients, messages=messages, size=size, user=USER,
+                                password=PASSWORD, rcpt=RCPT, tls=tls, time_limit=300)
+        n = res["accepted"]
+        end = sink.wait_for(base + n, timeout=120)
+        end_wall = time.time() - (time.monotonic() - end) if end else None
+        # A moment for anything still running (the relay settling, Postfix's qmgr) to be counted.
+        time.sleep(0.2)
+        cpu = cpu_of() - cpu0
+    finally:
+        if relay is not None:
+            relay.log_paused.clear()
+    lat = res["latencies"]
+    return {
+        "accepted": n, "errors": res["errors"], "sink_received": sink.count - base,
+        "accepted_per_s": n / res["seconds"] if res["seconds"] else None,
+        "end_to_end_per_s": n / (end_wall - res["start"]) if end_wall and n else None,
+        "data_p50_ms": authload.percentile(lat, 50) * 1000, "data_p99_ms": authload.percentile(lat, 99) * 1000,
+        "cpu_ms_per_msg": cpu / n * 1000 if n else None,
+        "client_cpu_ms_per_msg": res["client_cpu_s"] / n * 1000 if n else None,
+        # The load generator's share of the machine while it ran (2.0 would be both cores).
+        "client_cores": res["client_cpu_s"] / res["seconds"] if res["seconds"] else None,
+        # Of its wall time, how much one client process spent on the CPU: far below 1, every client
+        # is waiting on the server, not on itself.
+        "client_busy": res["client_cpu_s"] / (clients * res["seconds"]) if res["seconds"] else None,
+        "tls": "/".join(res["tls_versions"]), "first_error": res["first_error"] or None,
+    }
+
+
+def scenario9_relay(workdir: Path, sink: Sink, **kw) -> dict:
+    # Not trusted: the relay requires AUTH, like the Postfix it is measured against. No DKIM key
+    # (this Postfix signs nothing): the same work on both sides.
+    relay = start_relay(workdir, sink, dkim=False)
+    try:
+        pids = family(relay.proc.pid)
+        return auth_cell(relay.port, sink, lambda: family_cpu(pids), relay=relay, **kw)
+    finally:
+        relay.stop()
+
+
+def scenario9_postfix(workdir: Path, sink: Sink, **kw) -> dict:
+    pf = Postfix(workdir, sink, auth=True)
+    try:
+        pid = pf.master_pid()
+        assert pid is not None
+        return auth_cell(pf.port, sink, lambda: tree_cpu(pid), **kw)
+    finally:
+        pf.stop()
+
+
+def check_counts(tag: str, label: str, i: int, r: dict, expected: int | None = None) -> None:
+    """The sink must have received exactly what was accepted (and, given, what was sent)."""
+    accepted = r.get("accepted", expected)
+    problems = []
+    if r.get("sink_received") is not None and r["sink_received"] != accepted:
+        problems.append(f"sink received {r['sink_received']}, {accepted} accepted")
+    if expected is not None and accepted != expected:
+        problems.append(f"{accepted} of {expected} accepted")
+    if r.get("errors"):
+        problems.append(f"{r['errors']} client errors (first: {r.get('first_error')})")
+    if problems:
+        print(f"[{tag}] rep {i + 1} {label}: CHECK FAILED: " + "; ".join(problems))
+
+
 # ---------------------------------------------------------------- main
 
 def fmt(v) -> str:
@@ -944,6 +1083,9 @@ def main() -> int:
     p.add_argument("--mb-messages", type=int, default=500, help="scenario 7b: 1 MB messages a run")
     p.add_argument("--large-repeat", type=int, default=3, help="repetitions of scenario 7 (median [min-max])")
     p.add_argument("--large-dkim", action="store_true", help="scenario 7a: also the relay signing DKIM")
+    p.add_argument("--auth-messages", type=int, default=3000, help="scenario 9: messages a run")
+    p.add_argument("--auth-clients", type=int, default=20, help="scenario 9: concurrent clients (processes)")
+    p.add_argument("--auth-tls", default="1.3,1.2", help="scenario 9: client TLS versions, each a cell")
     p.add_argument("--compare-postfix", action="store_true")
     p.add_argument("--json", help="also write results to this file")
     args = p.parse_args()
@@ -952,6 +1094,7 @@ def main() -> int:
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     tmp = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     tmp.chmod(0o755)  # Postfix's unprivileged daemons must reach their spool below it
+    cells: list[Cell] = []  # issue 16's table, printed at the end
     sink = Sink()
     results["sink"] = sink.kind
     print(f"sink: {sink.kind} on 127.0.0.1:{sink.port}; work dir {tmp}")
@@ -982,14 +1125,17 @@ def main() -> int:
                 cmd = f"bench/run.py --scenarios 2 --source-messages {args.source_messages} --repeat {args.repeat}" + \
                     (" --compare-postfix" if args.compare_postfix else "")
                 print(f"[2] {cmd}")
+                kinds.append("ceiling")  # smtp-source straight into smtp-sink: what loopback allows
                 runs2: dict[str, list[dict]] = {k: [] for k in kinds}
                 for i in range(args.repeat):
                     for k in kinds:
                         wd = tmp / f"s2-{k}-{i}"
                         r = (scenario2_postfix(wd, sink, args.source_messages) if k == "postfix" else
+                             scenario2_ceiling(sink, args.source_messages) if k == "ceiling" else
                              scenario2_relay(wd, sink, args.source_messages, dkim=k == "relay+dkim"))
                         runs2[k].append(r)
                         print(f"[2] rep {i + 1} {k}: " + ", ".join(f"{x}={fmt(v)}" for x, v in r.items()))
+                        check_counts("2", k, i, r, args.source_messages)
                 for k, rs in runs2.items():
                     results["scenario2_" + k.replace("+", "_")] = rs
                     print("[2] {:<10} smtp-source -s 20 -m {} -l 10240: ".format(k, args.source_messages) + "; ".join(
@@ -1003,6 +1149,15 @@ def main() -> int:
                             results[f"scenario2_ratio_{k.replace('+', '_')}"] = ratios
                             print(f"[2] end-to-end ratio {k}/postfix per rep: " + ", ".join(f"{x:.2f}" for x in ratios)
                                   + f"; median {statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]")
+                src = f"smtp-source -s 20 -m {args.source_messages} -l 10240"
+                e2e = {k: [r["end_to_end_per_s"] for r in rs] for k, rs in runs2.items()}
+                pf_e2e = e2e.get("postfix", [])
+                cells.append(Cell(f"`{src}`, trusted path, end to end, relay without DKIM", cmd,
+                                  relay=e2e["relay"], postfix=pf_e2e))
+                cells.append(Cell("same, relay signing DKIM RSA-2048 (Postfix does not sign)", cmd,
+                                  relay=e2e["relay+dkim"], postfix=pf_e2e))
+                cells.append(Cell("loopback ceiling, smtp-source straight into smtp-sink", cmd,
+                                  relay=e2e["ceiling"], note="not an MTA: the harness's own limit"))
         if 3 in scen:
             rows = []
             for size in (1024, 10240, 102400):
@@ -1062,6 +1217,55 @@ def main() -> int:
                       f"{fmt(med['admin_watching'])} ({(ratio8 - 1) * 100:+.1f} %); accepted/s "
                       f"{fmt(acc8['admin_off'])} vs {fmt(acc8['admin_watching'])} "
                       f"({(acc8['admin_watching'] / acc8['admin_off'] - 1) * 100:+.1f} %)")
+        if 9 in scen:
+            pf_ok = args.compare_postfix and shutil.which("postfix") and shutil.which("saslpasswd2")
+            if args.compare_postfix and not pf_ok:
+                print("[9] --compare-postfix: postfix or saslpasswd2 (sasl2-bin) not installed")
+            cmd = (f"bench/run.py --scenarios 9 --auth-messages {args.auth_messages} --auth-clients "
+                   f"{args.auth_clients} --auth-tls {args.auth_tls} --repeat {args.repeat}"
+                   + (" --compare-postfix" if args.compare_postfix else ""))
+            print(f"[9] {cmd}")
+            tlss = [t.strip() for t in args.auth_tls.split(",") if t.strip()]
+            kinds9 = ["relay"] + (["postfix"] if pf_ok else [])
+            runs9: dict[str, dict[str, list[dict]]] = {t: {k: [] for k in kinds9} for t in tlss}
+            kw = {"messages": args.auth_messages, "clients": args.auth_clients, "size": 10240}
+            for i in range(args.repeat):  # interleaved: relay, Postfix, relay, Postfix ...
+                for t in tlss:
+                    for k in kinds9:
+                        wd = tmp / f"s9-{k}-tls{t}-{i}"
+                        r = (scenario9_postfix if k == "postfix" else scenario9_relay)(wd, sink, tls=t, **kw)
+                        runs9[t][k].append(r)
+                        print(f"[9] rep {i + 1} TLS {t} cap, {k}: " + ", ".join(f"{x}={fmt(v)}" for x, v in r.items()))
+                        check_counts("9", f"TLS {t} {k}", i, r, args.auth_messages)
+                        want = "TLSv1.2" if t == "1.2" else "TLSv1.3"
+                        if r["tls"] != want:
+                            print(f"[9] rep {i + 1} TLS {t} {k}: CHECK FAILED: negotiated {r['tls']}, wanted {want}")
+            for t in tlss:
+                for k, rs in runs9[t].items():
+                    print(f"[9] TLS {t} {k:<8}: " + "; ".join(_median_line(rs, key) for key in (
+                        "end_to_end_per_s", "accepted_per_s", "data_p50_ms", "data_p99_ms", "cpu_ms_per_msg",
+                        "client_cpu_ms_per_msg", "client_cores", "client_busy")))
+                rr, pr = runs9[t]["relay"], runs9[t].get("postfix", [])
+                label = "TLS 1.3" if t == "1.3" else "client capped at TLS 1.2"
+                cells.append(Cell(f"STARTTLS + AUTH PLAIN, c={args.auth_clients}, 10 KB, new connection per "
+                                  f"message, {label}, end to end", cmd,
+                                  relay=[r["end_to_end_per_s"] for r in rr],
+                                  postfix=[r["end_to_end_per_s"] for r in pr]))
+                cells.append(Cell(f"DATA -> 250 p99, same cell ({label})", cmd, unit="ms", digits=1,
+                                  higher_is_better=False, relay=[r["data_p99_ms"] for r in rr],
+                                  postfix=[r["data_p99_ms"] for r in pr]))
+                cells.append(Cell(f"DATA -> 250 p50, same cell ({label})", cmd, unit="ms", digits=1,
+                                  higher_is_better=False, relay=[r["data_p50_ms"] for r in rr],
+                                  postfix=[r["data_p50_ms"] for r in pr]))
+                cells.append(Cell(f"MTA CPU-ms a message, same cell ({label})", cmd, unit="ms", digits=2,
+                                  higher_is_better=False, relay=[r["cpu_ms_per_msg"] for r in rr],
+                                  postfix=[r["cpu_ms_per_msg"] for r in pr]))
+                cells.append(Cell(f"load generator's own CPU-ms a message ({label}; relay column: against "
+                                  "the relay)", cmd, unit="ms", digits=2,
+                                  relay=[r["client_cpu_ms_per_msg"] for r in rr],
+                                  postfix=[r["client_cpu_ms_per_msg"] for r in pr], compare=False,
+                                  note="the client's cost, not a comparison"))
+            results["scenario9"] = {"runs": runs9, "command": cmd}
         if 7 in scen:
             cmd = (f"bench/run.py --scenarios 7 --large-clients {args.large_clients} --large-size {args.large_size} "
                    f"--large-settle {args.large_settle:g} --mb-messages {args.mb_messages} --large-repeat "
@@ -1097,6 +1301,14 @@ def main() -> int:
                     _median_line(runs7, key) for key in ("end_to_end_per_s", "accepted_per_s", "cpu_ms_per_msg",
                                                          "source_cpu_ms_per_msg")))
             results["scenario7"] = {"burst": a_runs, "one_mb": b_runs, "command": cmd}
+        if cells:
+            print("\n## issue 16 cells (one run, interleaved rep by rep; median [min-max] of "
+                  f"{args.repeat}; ratio = relay/Postfix of the same rep)\n")
+            print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
+                  f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+                  f"run: bench/run.py {' '.join(sys.argv[1:])}\n")
+            print(table(cells))
+            results["cells"] = [vars(c) for c in cells]
     finally:
         sink.stop()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator, Callable, Iterable
 
 from .policy import unstuff
 
@@ -40,6 +40,9 @@ class Body:
     size: int = 0  # of the content, without the prefix
     ascii: bool | None = None  # known at acceptance for a spooled body; None: look
     wire: bool = False  # the file holds the wire form (transparency dots kept)
+    # Where the blocks come from when not from `path`: source(size) -> async iterator of blocks
+    # (PostgreSQL's body_chunks rows, read one at a time). Same contract as a file's blocks.
+    source: "Callable[[int], AsyncIterator[bytes]] | None" = None
 
     @classmethod
     def of(cls, data: "bytes | Body") -> "Body":
@@ -74,11 +77,15 @@ class Body:
 
     async def wire_chunks(self, size: int = CHUNK) -> AsyncIterator[bytes]:
         """A wire-form file's bytes as they are stored, in pieces of `size` (cut anywhere)."""
-        assert self.wire and self.path is not None
+        assert self.wire and (self.path is not None or self.source is not None)
         async for block in self._blocks(size):
             yield block
 
     async def _blocks(self, size: int) -> AsyncIterator[bytes]:
+        if self.source is not None:
+            async for block in self.source(size):
+                yield block
+            return
         # A thread hop a block: the file is opened with the first read and closed with the last
         # (a short read is the end of a regular file), not in hops of their own.
         assert self.path is not None

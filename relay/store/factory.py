@@ -53,6 +53,7 @@ class Stores:
     pool: Any = None                    # PostgreSQL: the asyncpg pool every store here shares
     cfg: Config | None = None
     nodes: NodeStore | None = None      # the nodes seen and their heartbeats (issue 17)
+    _pools: list[Any] = field(default_factory=list)  # PostgreSQL: other pools of this process
 
     @property
     def shared(self) -> bool:
@@ -92,6 +93,8 @@ class Stores:
             self.lock.close()
         if self.pool is not None:
             await self.pool.close()
+        for pool in self._pools:
+            await pool.close()
 
 
 async def open_stores(cfg: Config, *, role: str, executor: Executor | None = None,
@@ -156,9 +159,15 @@ async def _open_postgres(cfg: Config, *, role: str, executor: Executor | None,
     except SchemaTooNew as exc:
         raise db.DatabaseError(str(exc)) from None
     t = st.commit_timeout
+    relaxed = None
+    if role == "delivery":
+        # Lease extensions and stored signatures without waiting for the WAL flush (pg_queue).
+        relaxed = await create_pool(st.dsn, password=st.resolved_password(), size=4, command_timeout=t,
+                                    server_settings={"synchronous_commit": "off"})
     queue = PgQueueStore(pool, lease_seconds=cfg.delivery.lease_seconds, on_enqueue=on_enqueue,
-                         owner=lease_owner(cfg), spool_dir=st.resolved_spool_dir(), commit_timeout=t)
+                         owner=lease_owner(cfg), spool_dir=st.resolved_spool_dir(), commit_timeout=t,
+                         relaxed_pool=relaxed)
     return Stores(None, queue, PgCredentialStore(pool, cfg.credentials, executor, timeout=t),
                   PgDKIMStore(pool, timeout=t), None, PgAuditStore(pool, timeout=t),
                   PgApiKeyStore(pool, timeout=t), PgTLSStateStore(pool, timeout=t), [], pool=pool, cfg=cfg,
-                  nodes=NodeStore(pool=pool, timeout=t))
+                  nodes=NodeStore(pool=pool, timeout=t), _pools=[relaxed] if relaxed else [])

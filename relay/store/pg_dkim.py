@@ -26,11 +26,13 @@ class PgDKIMStore(DKIMStore):
         self._own_writer = False
         self._clock = clock
         self._timeout = timeout
+        self._active_cache: dict[str, tuple[float, DKIMKey | None]] = {}
 
     async def close(self) -> None:
         pass
 
     async def _do(self, fn: PgOp) -> Any:
+        self._active_cache.clear()  # every change goes through here: this node sees it at once
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
                 async with conn.transaction():
@@ -86,9 +88,23 @@ class PgDKIMStore(DKIMStore):
                                  normalize_domain(domain))
         return [_row(r) for r in rows]
 
+    # Seconds a domain's active key (or its absence) is kept: the signer asks for every message,
+    # and on PostgreSQL that is a round trip. A key made or rotated on another node is used here
+    # within this time; a change made through this store applies at once.
+    ACTIVE_TTL = 5.0
+
     async def active(self, domain: str) -> DKIMKey | None:
+        cache = self._active_cache
+        hit = cache.get(domain)
+        now = time.monotonic()
+        if hit is not None and now < hit[0]:
+            return hit[1]
         rows = await self._fetch("SELECT * FROM dkim_keys WHERE domain = $1 AND active = 1", domain)
-        return _row(rows[0]) if rows else None
+        key = _row(rows[0]) if rows else None
+        if len(cache) > 10_000:
+            cache.clear()
+        cache[domain] = (now + self.ACTIVE_TTL, key)
+        return key
 
     async def remove(self, domain: str, selector: str, *, also: Any = None) -> None:
         d = normalize_domain(domain)

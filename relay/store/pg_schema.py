@@ -16,7 +16,7 @@ import asyncpg
 # A fixed key for the migration lock (the ASCII of "relaymig" as an int64).
 MIGRATION_LOCK = 0x72656C61796D6967
 
-# Functions of migration 8 (one round trip each, run as single autocommit statements):
+# Functions of migration 9 (one round trip each, run as single autocommit statements):
 # see store/shared_auth.py and store/slots.py for what they decide and why.
 SHARED_STATE_FUNCTIONS = """
 CREATE FUNCTION relay_auth_begin(p_net text, p_user text, p_now float8, p_window float8, p_user_window float8,
@@ -353,7 +353,19 @@ MIGRATIONS: list[str] = [
         stopped_at   double precision
     );
     """,
-    # 8: state the nodes must agree on (store/shared_auth.py, store/slots.py, store/singleton.py).
+    # 8: large bodies in pieces (a spooled body's wire form, 1 MiB a row), written and read one
+    # piece at a time, so a node's memory does not grow with message size; bodies.chunks counts
+    # them (0: the body is bodies.data, as before).
+    """
+    CREATE TABLE body_chunks (
+        id   text NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        seq  integer NOT NULL,
+        data bytea NOT NULL,
+        PRIMARY KEY (id, seq)
+    );
+    ALTER TABLE bodies ADD COLUMN chunks integer NOT NULL DEFAULT 0;
+    """,
+    # 9: state the nodes must agree on (store/shared_auth.py, store/slots.py, store/singleton.py).
     # AUTH failures, locks and familiar networks are UNLOGGED: no WAL, cheap to write on every
     # AUTH, and lost on a crash or failover (the standby has empty tables), which only forgets
     # recent failed logins, as a restart of a single node does. Destination slots are UNLOGGED

@@ -1,6 +1,6 @@
 """AUTH failure budgets shared by the nodes of one PostgreSQL (issue 17): the same three budgets
 as `server.auth.AuthThrottle` (per network+username, per network, per username with familiar
-networks), counted in UNLOGGED tables (pg_schema migration 8) so that an attacker spreading
+networks), counted in UNLOGGED tables (pg_schema migration 9) so that an attacker spreading
 guesses over N nodes gets the budget of one node.
 
 Each node keeps its in-memory AuthThrottle as the fast path: it is exact for the attempts it

@@ -10,7 +10,7 @@ jobs back so the nodes holding the slots can claim them (queue_runner.SLOT_WAIT)
 - LocalSlots (SQLite, one node): always a slot. The runner's own per-destination worker count
   already is the limit when one process delivers everything.
 - PgSlots (PostgreSQL): rows (destination, slot, owner, token, expires_at) in an UNLOGGED table.
-  `acquire` is one call of relay_slot_acquire (pg_schema migration 8): the first slot number
+  `acquire` is one call of relay_slot_acquire (pg_schema migration 9): the first slot number
   below the limit that has no row, or whose lease ran out (a dead or frozen node's), decided by
   INSERT .. ON CONFLICT DO UPDATE .. WHERE expired under the row's own lock. The runner's
   heartbeat renews the leases of the slots it holds (`renew`, one UPDATE for all); a slot whose

@@ -80,6 +80,37 @@ async def test_a_frozen_node_that_wakes_changes_nothing(dsn):
         await pb.close()
 
 
+async def test_the_relaxed_pool_takes_the_fence_and_the_signature_and_still_fences(dsn):
+    """The delivery process's synchronous_commit=off pool (factory): the fence and the stored
+    signature go through it as single statements, the fence still refuses a lost lease, and
+    what it wrote is what the main pool reads."""
+    clock = [1000.0]
+    main = await create_pool(dsn, size=2)
+    relaxed = await create_pool(dsn, size=2, server_settings={"synchronous_commit": "off"})
+    try:
+        async with relaxed.acquire() as c:
+            assert await c.fetchval("SHOW synchronous_commit") == "off"
+        a = PgQueueStore(main, clock=lambda: clock[0], lease_seconds=60, owner=LeaseOwner("a", "1"),
+                         relaxed_pool=relaxed)
+        b = PgQueueStore(main, clock=lambda: clock[0], lease_seconds=60, owner=LeaseOwner("b", "1"))
+        qid = await a.enqueue(NewMessage(sender="alice@example.com", data=b"Subject: t\r\n\r\nhi\r\n",
+                                         recipients=(NewRecipient("bob@example.net", "example.net"),),
+                                         dkim_domain="example.com"))
+        [job] = await a.claim(10)
+        clock[0] += 30
+        assert await a.holds(job) is True and job.leased_until == clock[0] + 60
+        await a.store_signed(qid, b"DKIM-Signature: x\r\n")
+        assert await a.body(qid) == b"DKIM-Signature: x\r\nSubject: t\r\n\r\nhi\r\n"
+        await a.store_signed(qid, b"DKIM-Signature: y\r\n")  # once only: a retry sends the first
+        assert await a.body(qid) == b"DKIM-Signature: x\r\nSubject: t\r\n\r\nhi\r\n"
+        clock[0] += 120  # a froze past the extended lease; b takes the job
+        [_new] = await b.claim(10)
+        assert await a.holds(job) is False
+    finally:
+        await main.close()
+        await relaxed.close()
+
+
 async def test_two_nodes_starting_at_once_migrate_once(dsn):
     conns = [await asyncpg.connect(dsn) for _ in range(3)]
     try:
@@ -231,11 +262,12 @@ async def test_the_runner_asks_a_shared_store_before_every_data(dsn):
 
 async def test_the_two_schemas_have_the_same_tables_and_columns(dsn, tmp_path):
     """What each backend keeps differs only where this says (so both answer the contract with
-    the same rows): SQLite's spool-file columns, PostgreSQL's history order and accepting node."""
+    the same rows): SQLite's spool-file columns, PostgreSQL's history order, accepting node and
+    body pieces (body_chunks: what SQLite keeps in spool files)."""
     from relay import db
     await (await create_pool(dsn, size=1)).close()
     only_sqlite = {("bodies", "path"), ("bodies", "ascii")}
-    only_pg = {("history", "seq"), ("messages", "accepted_by")}
+    only_pg = {("history", "seq"), ("messages", "accepted_by"), ("bodies", "chunks")}
     tables = ("messages", "bodies", "recipients", "history", "domains", "credentials", "dkim_keys", "api_keys",
               "audit_log", "admin_users", "admin_sessions")
     conn = await db.open_async(str(tmp_path / "s.db"))
@@ -267,5 +299,41 @@ async def test_nodes_lists_each_owners_leases(dsn):
         await b.settle(jb[0], [RecipientUpdate(jb[0].recipients[0].id, "delivered", 0.0)])
         await a.release(ja[0])
         assert [(n["lease_owner"], n["leased"]) for n in await a.nodes()] == [("a/1", 1)]
+    finally:
+        await pool.close()
+
+
+async def test_a_large_body_is_kept_in_pieces_and_read_back_a_piece_at_a_time(dsn, tmp_path):
+    """A spooled (large) body: its wire form goes into body_chunks 1 MiB a row in the enqueue's
+    transaction; delivery reads it back as the same bytes a row at a time, content readers get
+    the dots removed, and a finished message keeps only its header block."""
+    from relay import spool as spool_mod
+    from relay.store import pg_queue
+    line = b"..a line that starts with a stuffed dot, and some more text to fill it up\r\n"
+    wire = b"Subject: big\r\nX-Pad: 1\r\n\r\n" + line * (3 * pg_queue.PIECE // len(line) + 7)
+    content = wire.replace(b"\r\n..", b"\r\n.")
+    (tmp_path / "Q1.wire").write_bytes(wire)
+    pool = await create_pool(dsn, size=2)
+    try:
+        store = PgQueueStore(pool, spool_dir=str(tmp_path), lease_seconds=60)
+        qid = await store.enqueue(NewMessage(sender="alice@example.com", data=b"", spool_file="Q1.wire",
+                                             spool_size=len(wire), queue_id="Q1",
+                                             recipients=(NewRecipient("bob@example.net", "example.net"),)))
+        assert not (tmp_path / "Q1.wire").exists()  # in the database now
+        pieces = [r["n"] async for r in _rows(pool, "SELECT length(data) AS n FROM body_chunks ORDER BY seq")]
+        assert len(pieces) == 4 and pieces[:3] == [pg_queue.PIECE] * 3 and sum(pieces) == len(wire)
+        body, _dkim = await store.body_to_send(qid)
+        assert body.data is None and body.wire
+        assert b"".join([b async for b in body.wire_chunks()]) == wire
+        assert b"".join([b async for b in body.chunks()]) == content
+        assert await store.body(qid) == b"Subject: big\r\nX-Pad: 1\r\n\r\n"        # over the limit: headers
+        assert await store.body(qid, limit=len(content) + 1) == content            # within it: all
+        [job] = await store.claim(10)
+        await store.settle(job, [RecipientUpdate(job.recipients[0].id, "delivered", 0.0)])
+        left = [bytes(r["data"]) async for r in _rows(pool, "SELECT data FROM body_chunks ORDER BY seq")]
+        assert left == [b"Subject: big\r\nX-Pad: 1\r\n\r\n"]
+        assert await store.body(qid) == b"Subject: big\r\nX-Pad: 1\r\n\r\n"
+        assert await store.purge_finished(before=1e12) == 1
+        assert [r async for r in _rows(pool, "SELECT * FROM body_chunks")] == []
     finally:
         await pool.close()
