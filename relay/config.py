@@ -198,6 +198,7 @@ class DeliveryConfig:
     # organization-name in the reports; empty: server.hostname.
     tlsrpt_organization: str = ""
     max_connections: int = 50
+    # On PostgreSQL a limit for all nodes together (shared slots: store/slots.py), not per node.
     max_connections_per_destination: int = 5
     # Messages carried by one outbound session before it is closed.
     max_messages_per_connection: int = 100
