@@ -351,7 +351,10 @@ class Cluster:
             "trusted_networks": [{"network": f"{LOAD_CLIENT}/32", "domains": [DOMAIN]}],
             "delivery": {"mode": "smarthost", "lease_seconds": self.lease_seconds, "retry_schedule": [1, 1, 2],
                          "smarthost": {"host": "127.0.0.1", "port": self.sink.port, "tls": "none"}},
-            "limits": {"connections_per_ip": 200, "auth_failure_delay": 0.05},
+            # AUTH failure budgets are shared by the nodes: the credential tests' deliberate
+            # failures (from one client, through several nodes) must not add up to a lockout.
+            "limits": {"connections_per_ip": 200, "auth_failure_delay": 0.05, "auth_failures": 100,
+                       "auth_failures_per_network": 100, "auth_failures_per_user": 100},
         }
         from tests.support.relay_instance import _merge
         node = Node(self.tmp / name, config=_merge(base, self.node_config))
