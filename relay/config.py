@@ -198,6 +198,7 @@ class DeliveryConfig:
     # organization-name in the reports; empty: server.hostname.
     tlsrpt_organization: str = ""
     max_connections: int = 50
+    # On PostgreSQL a limit for all nodes together (shared slots: store/slots.py), not per node.
     max_connections_per_destination: int = 5
     # Messages carried by one outbound session before it is closed.
     max_messages_per_connection: int = 100
@@ -547,7 +548,10 @@ def check_postgres_dsn(st: StorageConfig) -> None:
                           "e.g. 'postgresql://relay@db.example.net/relay'")
     try:
         url = urllib.parse.urlsplit(st.dsn)
-        url.port  # noqa: B018 (raises ValueError on a bad port)
+        # libpq-style failover lists several hosts: "relay@db1:5432,db2:5432" (with
+        # target_session_attrs=read-write the driver connects to whichever is the primary).
+        for host in url.netloc.rpartition("@")[2].split(","):
+            urllib.parse.urlsplit("//" + host).port  # noqa: B018 (raises ValueError on a bad port)
     except ValueError:
         raise ConfigError("storage.dsn", "not a postgresql:// URL") from None
     if url.scheme not in ("postgresql", "postgres"):

@@ -22,7 +22,9 @@ from . import __version__, config as config_mod, db, memory, metrics, tls
 from .config import Config, ConfigError
 from .delivery_process import DeliveryProcess, MergedRegistry
 from .logs import event
+from .store import singleton
 from .store.factory import open_stores, storage_identity
+from .store.shared_state import shared_state
 from .server import listeners, refusal
 from .server.auth import AuthThrottle
 from .server.session import ServerState, Settings
@@ -115,6 +117,7 @@ class Daemon:
             self.credentials = self.stores.credentials
             self.dkim = self.stores.dkim
             self.queue = self.stores.queue
+            self.shared = shared_state(self.stores)  # AUTH budgets, slots, singleton jobs (issue 17)
             await self._recover()
             # Before any session: a spool file without a row is from a crash (written, never
             # committed; or finished, not yet unlinked). Only `relay serve` writes spool files.
@@ -127,11 +130,12 @@ class Daemon:
                 from .delivery import Router
                 from .queue_runner import QueueRunner
                 from .signing import Signer
-                self.runner = QueueRunner(self.queue, Router(cfg, tls_state=self.stores.tls_state), cfg, signer=Signer(self.dkim, self.executor))
+                self.runner = QueueRunner(self.queue, Router(cfg, tls_state=self.stores.tls_state), cfg, signer=Signer(self.dkim, self.executor),
+                                          slots=self.shared.slots)
             self.state = ServerState(settings=settings_from(cfg), credentials=self.credentials, queue=self.queue,
                                      spool_dir=cfg.storage.resolved_spool_dir(),
                                      tls_context=tls_context,
-                                     throttle=AuthThrottle(cfg.limits),
+                                     throttle=AuthThrottle(cfg.limits, shared=self.shared.auth_budgets),
                                      domain_verified=self.dkim.is_verified)
             self.bound = await listeners.start(self.state, cfg.listeners)
             self.refusal_servers = await refusal.start(cfg.refusal, self.state)
@@ -258,17 +262,16 @@ class Daemon:
             await asyncio.sleep(5)
 
     async def _purge_finished(self) -> None:
-        """Finished messages stay for `relay queue history` for storage.finished_retention, then go."""
-        while True:
-            try:
-                before = time.time() - self.cfg.storage.finished_retention
-                # Small batches with a pause between: this shares the writer (and the writer
-                # lock) with acceptance, and 200 deletions hold it ~5-25 ms (1000: ~70 ms).
-                while await self.queue.purge_finished(before, limit=PURGE_BATCH) > 0:
-                    await asyncio.sleep(PURGE_PAUSE)
-            except Exception:  # noqa: BLE001 - a busy store now is fine: the next sweep catches up
-                log.debug("purging finished messages failed", exc_info=True)
-            await asyncio.sleep(PURGE_INTERVAL)
+        """Finished messages stay for `relay queue history` for storage.finished_retention, then go
+        (on one node per PURGE_INTERVAL: store/singleton.py)."""
+        await singleton.every(self.shared.job_locks, "queue-purge", PURGE_INTERVAL, self._purge_once)
+
+    async def _purge_once(self) -> None:
+        before = time.time() - self.cfg.storage.finished_retention
+        # Small batches with a pause between: this shares the writer (and the writer
+        # lock) with acceptance, and 200 deletions hold it ~5-25 ms (1000: ~70 ms).
+        while await self.queue.purge_finished(before, limit=PURGE_BATCH) > 0:
+            await asyncio.sleep(PURGE_PAUSE)
 
     def reload(self) -> None:
         """SIGHUP: re-read config; apply limits and certificate; keep sessions and listeners.
@@ -335,6 +338,8 @@ class Daemon:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._say_stopped()
+        await self.state.throttle.settled()  # shared AUTH writes in flight
+        await self.shared.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         await self._close_stores()

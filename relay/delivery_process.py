@@ -272,7 +272,9 @@ class _Child:
         queue = stores.queue
         router = Router(self.cfg, tls_state=stores.tls_state)
         router.set_own_listeners(self.own_listeners)
-        runner = QueueRunner(queue, router, self.cfg, signer=Signer(stores.dkim))
+        from .store.shared_state import shared_state
+        shared = shared_state(stores)  # slots and singleton jobs shared by the nodes (issue 17)
+        runner = QueueRunner(queue, router, self.cfg, signer=Signer(stores.dkim), slots=shared.slots)
         self.runner = runner
         os.set_blocking(self.wake_fd, False)
         loop.add_reader(self.wake_fd, self._on_wake)
@@ -286,7 +288,8 @@ class _Child:
         reporter_task = None
         if self.cfg.delivery.tlsrpt_from and stores.tls_state is not None:
             from .tls_reports import TLSReporter
-            reporter = TLSReporter(self.cfg, stores.tls_state, queue, router.resolver, router.verified_tls)
+            reporter = TLSReporter(self.cfg, stores.tls_state, queue, router.resolver, router.verified_tls,
+                                   singleton=shared.job_locks)
             reporter_task = asyncio.create_task(reporter.run(), name="tlsrpt")
         run_task = asyncio.create_task(runner.run(), name="queue-runner")
         run_task.add_done_callback(self._runner_ended)

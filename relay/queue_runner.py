@@ -14,6 +14,13 @@ Leases: every job the runner holds is renewed by a heartbeat; each attempt runs 
 deadline that never reaches past its lease (nor attempt_timeout), and the lease is checked
 again right before DATA. So a slow attempt is never claimed a second time while it runs.
 Outcomes and any DSNs they cause are settled in one transaction. Never a bounce for a bounce.
+
+Several nodes (PostgreSQL): a worker takes one of the destination's cluster-wide slots
+(store/slots.py) before it connects and gives it back when its connection closes, so N nodes
+open at most max_connections_per_destination connections to a receiver in all. A destination
+with jobs here and no slot free is tried again every SLOT_RETRY; after SLOT_WAIT its jobs are
+handed back (leases released) and it is left out of this node's claims for a while, so the
+nodes that hold its slots deliver them.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from .config import Config
 from .delivery import DELIVERED, PERMANENT, TRANSIENT, Envelope, Fenced, OutRecipient, RcptOutcome, Router
 from .logs import event
 from .spool import Body
+from .store.slots import DestinationSlots, LocalSlots, Slot
 from .store.sqlite_queue import (Job, LeaseLost, NewMessage, NewRecipient, QueueStore, RecipientUpdate,
                                  StoreUnavailable)
 
@@ -50,6 +58,10 @@ IDLE_POLL = 2.0
 CONNECTION_IDLE = 2.0
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
 _SMTP_REPLY = re.compile(r"^[245]\d\d[ -]")
+# No slot free for a destination (every one held by some node): look again this often; after
+# SLOT_WAIT without one, hand its jobs back and leave it out of claims for SLOT_WAIT.
+SLOT_RETRY = 1.0
+SLOT_WAIT = 10.0
 
 
 def retry_delay(attempts: int, schedule: tuple[int, ...]) -> int:
@@ -85,6 +97,8 @@ class _Destination:
         self.workers = 0
         self.idle = 0              # workers holding an open connection, waiting for a job
         self.wake = asyncio.Event()
+        self.no_slot_since = 0.0   # clock time the last worker found no slot free; 0: not waiting
+        self.retry: asyncio.TimerHandle | None = None  # the next look for a slot
 
 
 class _Health:
@@ -100,8 +114,15 @@ class _Health:
 
 class QueueRunner:
     def __init__(self, queue: QueueStore, router: Router, cfg: Config, clock: Callable[[], float] = time.time,
-                 signer: Callable[[str, bytes], Awaitable[tuple[bytes, str | None]]] | None = None):
+                 signer: Callable[[str, bytes], Awaitable[tuple[bytes, str | None]]] | None = None,
+                 slots: DestinationSlots | None = None):
         self.queue = queue
+        # Per-destination connection slots: in-process (LocalSlots) on one node, shared by the
+        # nodes on PostgreSQL (store.slots.PgSlots), renewed by the heartbeat.
+        self.slots: DestinationSlots = slots or LocalSlots()
+        self._slots_held: set[Slot] = set()
+        # Destinations left out of claims until then (no slot for SLOT_WAIT: other nodes serve them).
+        self._slotless: dict[str, float] = {}
         self.signer = signer
         self.router = router
         self.clock = clock
@@ -123,6 +144,8 @@ class QueueRunner:
         self._heartbeat_task: asyncio.Task | None = None
         self.paused = False
         self.configure(cfg)
+        if hasattr(self.slots, "ttl") and self.slots.ttl < 3 * self.heartbeat_interval:
+            self.slots.ttl = 3 * self.heartbeat_interval  # two missed renewals before a slot can go
 
     def configure(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -149,6 +172,13 @@ class QueueRunner:
     def _saturated(self) -> list[str] | None:
         """Routes a claim must skip (their destination's backlog is full); None: claim nothing."""
         full = [dest for dest, d in self._dests.items() if len(d.queue) >= PER_DESTINATION_BACKLOG]
+        if self._slotless:
+            now = self.clock()
+            for dest, until in list(self._slotless.items()):
+                if until <= now:
+                    del self._slotless[dest]
+                elif dest not in full:
+                    full.append(dest)
         if self.router.mode == "smarthost":
             return None if full else []  # one destination for every route
         return full
@@ -248,6 +278,14 @@ class QueueRunner:
             for job in lost:
                 metrics.LEASES_LOST.labels("heartbeat").inc()
                 event(log, "lease_lost", logging.WARNING, qid=job.msg_id, where="heartbeat")
+            if self._slots_held:
+                try:
+                    for slot in await self.slots.renew(list(self._slots_held)):
+                        # Taken over while we could not renew: its worker stops after the message in flight.
+                        event(log, "slot_lost", logging.WARNING, destination=slot.destination, slot=slot.number)
+                except Exception as exc:  # noqa: BLE001 - slots last 3 heartbeats; the next one tries again
+                    event(log, "slot_renew_failed", logging.WARNING, slots=len(self._slots_held),
+                          error=f"{type(exc).__name__}: {exc}")
             now, lnow = self.clock(), loop.time()
             for token, (cm, attempt_deadline) in list(self._inflight.items()):
                 job = self._held.get(token)
@@ -271,7 +309,18 @@ class QueueRunner:
         # A shared store (PostgreSQL: nodes whose clocks may disagree a little) is asked before
         # every DATA; a single-node one only when the last confirmation is getting old.
         ask = getattr(self.queue, "fence_each_attempt", False) or now - job.confirmed_at > self.heartbeat_interval
-        if ask and not await self.queue.holds(job):
+        if not ask:
+            return
+        try:
+            held = await self.queue.holds(job)
+        except StoreUnavailable as exc:
+            # The database cannot say whether the lease is still ours: send nothing. This is
+            # not the destination's failure (it must not count toward suspending it, or every
+            # message would wait dead_destination_backoff after a database failover); the job
+            # comes due again when its lease runs out.
+            event(log, "fence_unavailable", logging.WARNING, qid=job.msg_id, error=f"{type(exc).__name__}: {exc}")
+            raise Fenced(job.msg_id) from exc
+        if not held:
             raise Fenced(job.msg_id)
 
     # ------------------------------------------------------------ destinations
@@ -335,6 +384,8 @@ class QueueRunner:
         d.wake.set()  # an idle worker with an open connection takes it
         health = self._health.get(dest)
         limit = 1 if health is not None and health.probing else self.cfg.delivery.max_connections_per_destination
+        if d.retry is not None:
+            return  # no slot free a moment ago: the retry timer starts the next worker
         if d.workers < limit and (d.workers == 0 or len(d.queue) > d.workers):
             self._spawn(dest, d)
 
@@ -356,11 +407,15 @@ class QueueRunner:
             finally:
                 self._global_waiting -= 1
             route = None
+            slot = None
             cancelled = False
             try:
+                slot = await self._take_slot(dest, d)
+                if slot is None:
+                    return
                 route = self.router.open(dest)
                 me = asyncio.current_task()
-                while not self._stopping:
+                while not self._stopping and not slot.lost:
                     if not d.queue:
                         if await self._wait_for_work(d, route):
                             continue
@@ -394,15 +449,73 @@ class QueueRunner:
                             await route.close()
                         except Exception:  # noqa: BLE001 - a failed QUIT must not leak the worker slot
                             log.debug("closing the route to %s failed", dest, exc_info=True)
+                if slot is not None:
+                    await self._give_slot(slot)
                 sem.release()
         finally:
             d.workers -= 1
             if d.workers == 0:
                 if not d.queue:
-                    if self._dests.get(dest) is d:
+                    if self._dests.get(dest) is d and d.retry is None:
                         del self._dests[dest]
-                elif not self._stopping:
+                elif not self._stopping and d.retry is None:
                     self._spawn(dest, d)  # jobs arrived while we were closing: keep going
+
+    async def _take_slot(self, dest: str, d: _Destination) -> Slot | None:
+        """One of the destination's connection slots (cluster-wide on PostgreSQL), or None: all
+        are in use elsewhere (or the store cannot say). The last worker of a destination that
+        finds none sets a retry timer; after SLOT_WAIT without a slot its jobs go back."""
+        try:
+            slot = await self.slots.acquire(dest, self.cfg.delivery.max_connections_per_destination)
+        except Exception as exc:  # noqa: BLE001 - StoreUnavailable or a bug: no connection now
+            if not d.no_slot_since:  # once per wait, not at every retry
+                event(log, "slot_unavailable", logging.WARNING, destination=dest,
+                      error=f"{type(exc).__name__}: {exc}")
+            slot = None
+        if slot is not None:
+            d.no_slot_since = 0.0
+            self._slots_held.add(slot)
+            return slot
+        if d.workers == 1 and d.queue and not self._stopping:  # only this one: nobody serves the queue
+            now = self.clock()
+            if not d.no_slot_since:
+                d.no_slot_since = now
+                event(log, "destination_slots_busy", destination=dest,
+                      limit=self.cfg.delivery.max_connections_per_destination)
+            if now - d.no_slot_since >= SLOT_WAIT:
+                # The nodes holding the slots can deliver these: give them back, claim others.
+                self._slotless[dest] = now + SLOT_WAIT
+                d.no_slot_since = 0.0
+                pending = list(d.queue)
+                d.queue.clear()
+                event(log, "destination_handed_back", destination=dest, jobs=len(pending))
+                for job in pending:
+                    self._spawn_release(job)
+            else:
+                d.retry = asyncio.get_running_loop().call_later(SLOT_RETRY, self._slot_retry, dest, d)
+        return None
+
+    def _slot_retry(self, dest: str, d: _Destination) -> None:
+        d.retry = None
+        if self._stopping:
+            return
+        if d.queue and d.workers == 0:
+            self._spawn(dest, d)
+        elif not d.queue and d.workers == 0 and self._dests.get(dest) is d:
+            del self._dests[dest]
+
+    def _spawn_release(self, job: Job) -> None:
+        t = asyncio.create_task(self._release(job))
+        self._settling.add(t)
+        t.add_done_callback(self._settling.discard)
+
+    async def _give_slot(self, slot: Slot) -> None:
+        self._slots_held.discard(slot)
+        try:
+            await self.slots.release(slot)
+        except Exception as exc:  # noqa: BLE001 - the slot's lease runs out by itself
+            event(log, "slot_release_failed", logging.WARNING, destination=slot.destination,
+                  error=f"{type(exc).__name__}: {exc}")
 
     async def _wait_for_work(self, d: _Destination, route) -> bool:
         """Keep an open connection for CONNECTION_IDLE seconds in case another job comes for it."""
@@ -629,6 +742,9 @@ class QueueRunner:
         pending = [job for d in self._dests.values() for job in d.queue]
         for d in self._dests.values():
             d.queue.clear()
+            if d.retry is not None:
+                d.retry.cancel()
+                d.retry = None
         for job in pending:
             await self._release(job)
         if self._tasks:

@@ -6,6 +6,10 @@ like any mail from a sending domain), `https:` by POST (`application/tlsrpt+gzip
 Runs in the delivery process when `delivery.tlsrpt_from` is set. What was sent is recorded
 (`tlsrpt_sent`), so a restart does not send a day twice; a domain whose rua failed is tried
 again at the next run (the day after at the latest), as tlsrpt-reporter does.
+
+Several nodes (PostgreSQL): every node's delivery process runs a reporter; each day's run goes
+through `singleton.run_once("tlsrpt", day)`, so one node sends that day's reports and the others,
+waking later, find the day done (store/singleton.py; LocalJobLocks on one node).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from .config import Config
 from .delivery.tlsrpt import CountRow, build_report, gzip_report
 from .logs import event
 from .store.contract import NewMessage, NewRecipient
+from .store.singleton import JobLocks, LocalJobLocks
 
 log = logging.getLogger("relay.tlsrpt")
 
@@ -81,8 +86,10 @@ def report_message(report: dict[str, Any], gz: bytes, *, sender: str, to: str, d
 
 class TLSReporter:
     def __init__(self, cfg: Config, tls_state: Any, queue: Any, resolver: dns.asyncresolver.Resolver,
-                 ssl_context: ssl.SSLContext, clock: Callable[[], float] = time.time):
+                 ssl_context: ssl.SSLContext, clock: Callable[[], float] = time.time,
+                 singleton: JobLocks | None = None):
         self.cfg = cfg
+        self.singleton: JobLocks = singleton or LocalJobLocks()
         self.state = tls_state
         self.queue = queue
         self.resolver = resolver
@@ -101,9 +108,13 @@ class TLSReporter:
             await asyncio.sleep(max(1.0, next_midnight - now + random.uniform(60, 4 * 3600)))
             day = time.strftime("%Y-%m-%d", time.gmtime(self.clock() - 86400))
             try:
-                await self.send_day(day)
+                await self.run_day(day)
             except Exception:  # noqa: BLE001 - tomorrow is another run
                 log.exception("TLSRPT reports for %s failed", day)
+
+    async def run_day(self, day: str) -> bool:
+        """`day`'s reports on one node of all: False when another node sent them or is sending."""
+        return await self.singleton.run_once("tlsrpt", day, lambda: self.send_day(day))
 
     async def send_day(self, day: str) -> dict[str, str]:
         """Send `day`'s reports; {policy domain: "sent" | "no-rua" | "failed" | "already"}."""

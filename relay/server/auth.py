@@ -4,6 +4,10 @@ Decoding is pure. The budgets are bounded in-memory tables keyed by client *netw
 IPv6 /64 by default: one host gets a whole /64, so keying on the address gave 2,000 addresses
 8,000 guesses) and by username, so that neither a botnet nor a stale app can dodge them or turn
 them against other users.
+
+Several nodes (PostgreSQL, issue 17): the same budgets are also counted in the database
+(`AuthThrottle(shared=store.shared_auth.PgAuthBudgets)`), so guesses spread over the nodes
+share one budget; the in-memory budgets stay the fast path (a local refusal needs no query).
 """
 from __future__ import annotations
 
@@ -11,13 +15,19 @@ import asyncio
 import base64
 import binascii
 import ipaddress
+import logging
 import time
 from collections import deque
 from typing import Callable
 
 from .. import replies
 from ..config import LimitsConfig
+from ..logs import event
 from ..replies import Reply
+from ..store.contract import StoreUnavailable
+from ..store.shared_auth import Budgets, SharedAuthBudgets
+
+log = logging.getLogger("relay.smtp")
 
 MAX_RESPONSE = 12288  # RFC 4954 4: AUTH response line limit
 
@@ -147,6 +157,9 @@ class _Budget:
 
 # Refusal reasons `AuthThrottle.acquire` returns (also the `scope=` of auth_lockout log lines).
 NETWORK, PAIR, USER, BUSY = "network", "network_user", "user", "busy"
+# The shared budgets could not be asked (database unreachable): 454 4.7.0, fail closed.
+UNAVAILABLE = "unavailable"
+SHARED_WAIT = 0.05  # between looks when only other nodes' attempts in flight use a budget up
 
 FAMILIAR_PER_USER = 8          # networks remembered per username (most recent kept)
 FAMILIAR_TTL = 30 * 86400.0    # a network is familiar this long after a successful login from it
@@ -170,8 +183,12 @@ class AuthThrottle:
     """
 
     def __init__(self, limits: LimitsConfig, clock: Callable[[], float] = time.monotonic,
-                 max_tracked: int = 100_000):
+                 max_tracked: int = 100_000, shared: SharedAuthBudgets | None = None):
         self._clock = clock
+        self.shared = shared
+        # (task, network, username) -> the shared reservation that attempt holds (see acquire).
+        self._attempts: dict[tuple[object, str, str], int] = {}
+        self._shared_tasks: set[asyncio.Task] = set()
         self._max = max_tracked
         self.pair = _Budget(0, 0, 0, clock, max_tracked)
         self.net = _Budget(0, 0, 0, clock, max_tracked)
@@ -193,6 +210,8 @@ class AuthThrottle:
             limits.auth_lockout)
         self.user.limit, self.user.window, self.user.lockout = (
             max(limits.auth_failures_per_user, limits.auth_failures), limits.auth_user_window, 0)
+        self.budgets = Budgets(self.pair.limit, self.net.limit, self.user.limit, self.pair.window,
+                               self.user.window, self.lockout)
 
     def network(self, ip: str) -> str:
         return network_of(ip, self.limits.auth_ipv4_prefix, self.limits.auth_ipv6_prefix)
@@ -233,8 +252,40 @@ class AuthThrottle:
     async def acquire(self, ip: str, user: str, timeout: float = 30.0) -> str | None:
         """Like `begin`, but when only attempts in flight use the budget, wait for one to finish
         instead of refusing: twenty pooled connections of one app logging in at once are not an
-        attack, and each waits just for a verification, while guesses still cannot outrun a lockout."""
+        attack, and each waits just for a verification, while guesses still cannot outrun a lockout.
+
+        With shared budgets, the database is asked next (the local budgets saw only this node's
+        attempts): a refusal from it, UNAVAILABLE when it cannot be asked (fail closed), or a
+        reservation counted on every node until `failure`, `success` or `end`."""
         deadline = time.monotonic() + timeout
+        refused = await self._acquire_local(ip, user, deadline)
+        if refused is not None or self.shared is None:
+            return refused
+        net = self.network(ip)
+        while True:
+            try:
+                got = await self.shared.begin(net, user, self.budgets)
+            except StoreUnavailable as exc:
+                self._end_local(ip, user)
+                event(log, "auth_budgets_unavailable", logging.WARNING, client=ip, error=str(exc)[:200])
+                return UNAVAILABLE
+            except BaseException:
+                self._end_local(ip, user)
+                raise
+            if got.refusal is None:
+                assert got.attempt is not None
+                self._attempts[(asyncio.current_task(), net, user)] = got.attempt
+                return None
+            if not got.waiting or time.monotonic() >= deadline:
+                self._end_local(ip, user)
+                return got.refusal
+            try:
+                await asyncio.sleep(SHARED_WAIT)  # another node's verification ends within ~0.1 s
+            except BaseException:
+                self._end_local(ip, user)
+                raise
+
+    async def _acquire_local(self, ip: str, user: str, deadline: float) -> str | None:
         net = self.network(ip)
         while True:
             refused = self.begin(ip, user)
@@ -252,6 +303,33 @@ class AuthThrottle:
                 return refused
 
     def end(self, ip: str, user: str) -> None:
+        """After `acquire` returned None: the attempt is over (a shared reservation that no
+        `failure` or `success` used is given back)."""
+        self._end_local(ip, user)
+        if self.shared is not None:
+            attempt = self._attempts.pop((asyncio.current_task(), self.network(ip), user), None)
+            if attempt is not None:
+                self._in_background(self.shared.release(attempt), "release")
+
+    def _in_background(self, coro, what: str) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except StoreUnavailable as exc:
+                # The reservation (pending rows) stays counted until it expires: never fewer guesses.
+                event(log, "auth_budgets_unavailable", logging.WARNING, step=what, error=str(exc)[:200])
+            except Exception:  # noqa: BLE001
+                log.exception("shared AUTH budgets: %s failed", what)
+        t = asyncio.get_running_loop().create_task(run())
+        self._shared_tasks.add(t)
+        t.add_done_callback(self._shared_tasks.discard)
+
+    async def settled(self) -> None:
+        """Wait for the shared writes started so far (tests; shutdown)."""
+        while self._shared_tasks:
+            await asyncio.gather(*list(self._shared_tasks), return_exceptions=True)
+
+    def _end_local(self, ip: str, user: str) -> None:
         net = self.network(ip)
         self.pair.end(f"{net} {user}")
         self.net.end(net)
@@ -280,11 +358,26 @@ class AuthThrottle:
             hit.append(NETWORK)
         if user and self.user.failure(user):
             hit.append(USER)
+        if self.shared is not None:
+            # The reservation already counts on every node; turning it into a failure (and
+            # locking at the limit) need not hold up this reply.
+            attempt = self._attempts.pop((asyncio.current_task(), net, user), None)
+            self._in_background(self._shared_failure(attempt, ip, net, user, hit), "failure")
         return hit
+
+    async def _shared_failure(self, attempt: int | None, ip: str, net: str, user: str, local: list[str]) -> None:
+        assert self.shared is not None
+        for scope in await self.shared.failure(attempt, net, user, self.budgets):
+            if scope not in local:  # used up by guesses on several nodes together
+                event(log, "auth_lockout", logging.WARNING, client=ip, scope=scope, network=net, user=user,
+                      seconds=self.limits.auth_user_window if scope == USER else self.lockout, shared="yes")
 
     def success(self, ip: str, user: str) -> None:
         """Remember the network as familiar for this username (most recent FAMILIAR_PER_USER)."""
         net = self.network(ip)
+        if self.shared is not None:
+            attempt = self._attempts.pop((asyncio.current_task(), net, user), None)
+            self._in_background(self.shared.success(attempt, net, user), "success")
         nets = self._familiar.get(user)
         if nets is None:
             if len(self._familiar) >= self._max:

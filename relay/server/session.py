@@ -30,7 +30,7 @@ from ..logs import event
 from ..store.contract import NewMessage, NewRecipient, QueueStore, StorageFull, StoreUnavailable
 from ..replies import Reply
 from ..tls import describe
-from .auth import BUSY, MAX_RESPONSE, NETWORK, PAIR, USER, AuthThrottle, b64, decode_plain
+from .auth import BUSY, MAX_RESPONSE, NETWORK, PAIR, UNAVAILABLE, USER, AuthThrottle, b64, decode_plain
 
 log = logging.getLogger("relay.smtp")
 
@@ -847,12 +847,13 @@ class Session(SMTP):
 
     async def _auth_refused(self, mech: str, username: str, reason: str) -> None:
         """454 4.7.0 without verifying anything: a budget is used up, or too many are pending."""
-        result = "busy" if reason == BUSY else "locked"
+        result = {BUSY: "busy", UNAVAILABLE: "unavailable"}.get(reason, "locked")
         metrics.AUTH_ATTEMPTS.labels(mech, result).inc()
         event(log, "auth", logging.WARNING if reason != BUSY else logging.INFO, client=self.client_ip,
               mechanism=mech, result=result, scope=reason, user=username or None)
         await self.reply({NETWORK: replies.AUTH_LOCKED, PAIR: replies.AUTH_LOCKED_USER,
-                          USER: replies.AUTH_USER_UNDER_ATTACK, BUSY: replies.AUTH_BUSY}[reason])
+                          USER: replies.AUTH_USER_UNDER_ATTACK, BUSY: replies.AUTH_BUSY,
+                          UNAVAILABLE: replies.AUTH_UNAVAILABLE}[reason])
 
     async def _read_auth_response(self, challenge: bytes) -> bytes | None:
         """Send a 334 challenge; the decoded answer, or None after replying to '*' / bad input."""

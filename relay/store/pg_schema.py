@@ -16,6 +16,152 @@ import asyncpg
 # A fixed key for the migration lock (the ASCII of "relaymig" as an int64).
 MIGRATION_LOCK = 0x72656C61796D6967
 
+# Functions of migration 9 (one round trip each, run as single autocommit statements):
+# see store/shared_auth.py and store/slots.py for what they decide and why.
+SHARED_STATE_FUNCTIONS = """
+CREATE FUNCTION relay_auth_begin(p_net text, p_user text, p_now float8, p_window float8, p_user_window float8,
+                                 p_pair_limit int, p_net_limit int, p_user_limit int, p_pending_ttl float8)
+RETURNS TABLE (refusal text, waiting boolean, attempt bigint) LANGUAGE plpgsql AS $$
+DECLARE
+    pair_key text := p_net || ' ' || p_user;
+    net_fail int; net_pend int; pair_fail int; pair_pend int; user_fail int;
+    a bigint;
+BEGIN
+    -- Attempts from one network (and for one username) take turns: counting and reserving are
+    -- then exact across nodes. Keys in a fixed order, so two attempts cannot deadlock.
+    PERFORM pg_advisory_xact_lock(1919247457, k)
+       FROM (SELECT DISTINCT hashtext(x) AS k FROM unnest(ARRAY['n ' || p_net, 'u ' || p_user]) x ORDER BY 1) s;
+    SELECT count(*) FILTER (WHERE NOT pending), count(*) FILTER (WHERE pending) INTO net_fail, net_pend
+      FROM auth_events WHERE scope = 'network' AND key = p_net
+       AND ((NOT pending AND at > p_now - p_window) OR (pending AND expires_at > p_now));
+    IF net_fail >= p_net_limit OR EXISTS (SELECT 1 FROM auth_locks WHERE scope = 'network' AND key = p_net
+                                          AND until > p_now) THEN
+        RETURN QUERY SELECT 'network'::text, false, NULL::bigint; RETURN;
+    END IF;
+    SELECT count(*) FILTER (WHERE NOT pending), count(*) FILTER (WHERE pending) INTO pair_fail, pair_pend
+      FROM auth_events WHERE scope = 'network_user' AND key = pair_key
+       AND ((NOT pending AND at > p_now - p_window) OR (pending AND expires_at > p_now));
+    IF pair_fail >= p_pair_limit OR EXISTS (SELECT 1 FROM auth_locks WHERE scope = 'network_user'
+                                            AND key = pair_key AND until > p_now) THEN
+        RETURN QUERY SELECT 'network_user'::text, false, NULL::bigint; RETURN;
+    END IF;
+    IF p_user <> '' THEN
+        SELECT count(*) INTO user_fail FROM auth_events
+         WHERE scope = 'user' AND key = p_user AND NOT pending AND at > p_now - p_user_window;
+        IF user_fail >= p_user_limit AND NOT EXISTS (
+                SELECT 1 FROM auth_familiar WHERE username = p_user AND network = p_net
+                   AND seen_at > p_now - 2592000) THEN
+            RETURN QUERY SELECT 'user'::text, false, NULL::bigint; RETURN;
+        END IF;
+    END IF;
+    -- Only attempts being verified (on any node) use the rest up: the caller may wait for one.
+    IF pair_fail + pair_pend >= p_pair_limit THEN
+        RETURN QUERY SELECT 'network_user'::text, true, NULL::bigint; RETURN;
+    END IF;
+    IF net_fail + net_pend >= p_net_limit THEN
+        RETURN QUERY SELECT 'network'::text, true, NULL::bigint; RETURN;
+    END IF;
+    a := nextval('auth_attempts');
+    INSERT INTO auth_events(attempt, scope, key, at, pending, expires_at)
+    SELECT a, s.scope, s.key, p_now, true, p_now + p_pending_ttl
+      FROM (VALUES ('network_user', pair_key), ('network', p_net), ('user', p_user)) AS s(scope, key)
+     WHERE s.key <> '';
+    RETURN QUERY SELECT NULL::text, false, a;
+END $$;
+
+CREATE FUNCTION relay_auth_fail(p_attempt bigint, p_net text, p_user text, p_now float8, p_window float8,
+                                p_user_window float8, p_pair_limit int, p_net_limit int, p_user_limit int,
+                                p_lockout float8)
+RETURNS text[] LANGUAGE plpgsql AS $$
+DECLARE
+    pair_key text := p_net || ' ' || p_user;
+    hit text[] := '{}';
+    n int;
+BEGIN
+    PERFORM pg_advisory_xact_lock(1919247457, k)
+       FROM (SELECT DISTINCT hashtext(x) AS k FROM unnest(ARRAY['n ' || p_net, 'u ' || p_user]) x ORDER BY 1) s;
+    -- The reservation becomes the failure (or, if it is gone, the failure is recorded anew).
+    DELETE FROM auth_events WHERE attempt = p_attempt;
+    INSERT INTO auth_events(attempt, scope, key, at, pending, expires_at)
+    SELECT p_attempt, s.scope, s.key, p_now, false, p_now + s.keep
+      FROM (VALUES ('network_user', pair_key, p_window), ('network', p_net, p_window),
+                   ('user', p_user, p_user_window)) AS s(scope, key, keep)
+     WHERE s.key <> '';
+    -- Like auth._Budget.failure: at the limit the key is locked and its failures forgotten
+    -- (with a lockout), or the budget is used up while the window holds them (without).
+    SELECT count(*) INTO n FROM auth_events WHERE scope = 'network_user' AND key = pair_key AND NOT pending
+       AND at > p_now - p_window;
+    IF n >= p_pair_limit THEN
+        IF p_lockout > 0 THEN
+            INSERT INTO auth_locks VALUES ('network_user', pair_key, p_now + p_lockout)
+                ON CONFLICT (scope, key) DO UPDATE SET until = EXCLUDED.until;
+            DELETE FROM auth_events WHERE scope = 'network_user' AND key = pair_key AND NOT pending;
+            hit := hit || 'network_user'::text;
+        ELSIF n = p_pair_limit THEN
+            hit := hit || 'network_user'::text;
+        END IF;
+    END IF;
+    SELECT count(*) INTO n FROM auth_events WHERE scope = 'network' AND key = p_net AND NOT pending
+       AND at > p_now - p_window;
+    IF n >= p_net_limit THEN
+        IF p_lockout > 0 THEN
+            INSERT INTO auth_locks VALUES ('network', p_net, p_now + p_lockout)
+                ON CONFLICT (scope, key) DO UPDATE SET until = EXCLUDED.until;
+            DELETE FROM auth_events WHERE scope = 'network' AND key = p_net AND NOT pending;
+            hit := hit || 'network'::text;
+        ELSIF n = p_net_limit THEN
+            hit := hit || 'network'::text;
+        END IF;
+    END IF;
+    IF p_user <> '' THEN
+        SELECT count(*) INTO n FROM auth_events WHERE scope = 'user' AND key = p_user AND NOT pending
+           AND at > p_now - p_user_window;
+        IF n = p_user_limit THEN
+            hit := hit || 'user'::text;
+        END IF;
+    END IF;
+    RETURN hit;
+END $$;
+
+CREATE FUNCTION relay_auth_success(p_attempt bigint, p_net text, p_user text, p_now float8, p_keep int)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_attempt IS NOT NULL THEN
+        DELETE FROM auth_events WHERE attempt = p_attempt;
+    END IF;
+    IF p_user <> '' THEN
+        INSERT INTO auth_familiar VALUES (p_user, p_net, p_now) ON CONFLICT (username, network)
+            DO UPDATE SET seen_at = GREATEST(auth_familiar.seen_at, EXCLUDED.seen_at);
+        -- The most recent p_keep networks per username, as auth.FAMILIAR_PER_USER in memory.
+        DELETE FROM auth_familiar WHERE username = p_user AND network NOT IN (
+            SELECT network FROM auth_familiar WHERE username = p_user ORDER BY seen_at DESC LIMIT p_keep);
+    END IF;
+END $$;
+
+CREATE FUNCTION relay_slot_acquire(p_dest text, p_limit int, p_owner text, p_token text, p_now float8,
+                                   p_until float8)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    s int;
+    got int;
+BEGIN
+    -- The first free slot below the limit: never taken, released, or its lease ran out (a dead
+    -- or frozen node's). INSERT .. ON CONFLICT decides each under the row's own lock.
+    FOR s IN 0 .. p_limit - 1 LOOP
+        INSERT INTO destination_slots AS d (destination, slot, owner, token, expires_at)
+        VALUES (p_dest, s, p_owner, p_token, p_until)
+        ON CONFLICT (destination, slot) DO UPDATE
+           SET owner = EXCLUDED.owner, token = EXCLUDED.token, expires_at = EXCLUDED.expires_at
+         WHERE d.expires_at <= p_now
+        RETURNING d.slot INTO got;
+        IF got IS NOT NULL THEN
+            RETURN got;
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END $$;
+"""
+
 MIGRATIONS: list[str] = [
     # 1: the queue (messages, their bodies, per-recipient state, history)
     """
@@ -219,6 +365,54 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE bodies ADD COLUMN chunks integer NOT NULL DEFAULT 0;
     """,
+    # 9: state the nodes must agree on (store/shared_auth.py, store/slots.py, store/singleton.py).
+    # AUTH failures, locks and familiar networks are UNLOGGED: no WAL, cheap to write on every
+    # AUTH, and lost on a crash or failover (the standby has empty tables), which only forgets
+    # recent failed logins, as a restart of a single node does. Destination slots are UNLOGGED
+    # too (a lost slot table means every slot is free again: at most one lease period of extra
+    # connections after a database crash). Which periodic job ran for which period is logged
+    # (a failover must not send a day's TLSRPT reports twice).
+    """
+    CREATE UNLOGGED TABLE auth_events (
+        attempt    bigint NOT NULL,            -- one login attempt: its rows for each budget
+        scope      text NOT NULL,              -- 'network_user' | 'network' | 'user'
+        key        text NOT NULL,
+        at         double precision NOT NULL,
+        pending    boolean NOT NULL,           -- being verified now (counts against the budget)
+        expires_at double precision NOT NULL
+    );
+    CREATE INDEX auth_events_key ON auth_events(scope, key, at);
+    CREATE INDEX auth_events_attempt ON auth_events(attempt);
+    CREATE INDEX auth_events_expiry ON auth_events(expires_at);
+    CREATE SEQUENCE auth_attempts;
+    CREATE UNLOGGED TABLE auth_locks (
+        scope  text NOT NULL,
+        key    text NOT NULL,
+        until  double precision NOT NULL,
+        PRIMARY KEY (scope, key)
+    );
+    CREATE UNLOGGED TABLE auth_familiar (
+        username text NOT NULL,
+        network  text NOT NULL,
+        seen_at  double precision NOT NULL,
+        PRIMARY KEY (username, network)
+    );
+    CREATE UNLOGGED TABLE destination_slots (
+        destination text NOT NULL,
+        slot        integer NOT NULL,
+        owner       text NOT NULL,             -- node/incarnation
+        token       text NOT NULL,
+        expires_at  double precision NOT NULL,
+        PRIMARY KEY (destination, slot)
+    );
+    CREATE INDEX destination_slots_expiry ON destination_slots(expires_at);
+    CREATE TABLE singleton_runs (
+        job         text PRIMARY KEY,
+        period      text NOT NULL,             -- the period the last completed run was for
+        node        text NOT NULL,
+        finished_at double precision NOT NULL
+    );
+    """ + SHARED_STATE_FUNCTIONS,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -144,3 +144,24 @@ def test_a_large_message_on_postgres_arrives_whole_and_signed(make_relay, dns_se
     got = mx_sink.messages[0].data
     assert got.endswith(line * 3) and got.count(line) == body.count(line)
     assert b"DKIM-Signature:" in got[:got.find(b"\r\n\r\n")]
+
+def test_guesses_spread_over_two_nodes_share_one_budget(make_relay, dns_server, mx_sink, pg_dsn):
+    """Two `relay serve` nodes on one PostgreSQL, auth_failures = 4: wrong passwords alternating
+    between them get 535 four times, then 454 4.7.0 on both, the right password included
+    (per node that would be 8 guesses)."""
+    limits = {"limits": {"auth_failures": 4, "auth_failure_delay": 0}}
+    one = node(make_relay, dns_server, mx_sink, pg_dsn, name="node1", **limits)
+    one.add_user(USER, PASSWORD)
+    one.start()
+    two = node(make_relay, dns_server, mx_sink, pg_dsn, name="node2", **limits).start()
+
+    def login(relay, password):
+        with relay.smtp() as s:
+            s.user, s.password = USER, password
+            try:
+                return s.auth("PLAIN", s.auth_plain)[0]  # PLAIN only: s.login would try LOGIN too
+            except smtplib.SMTPAuthenticationError as exc:
+                return exc.smtp_code
+    codes = [login((one, two)[i % 2], f"wrong guess {i}") for i in range(8)]
+    assert codes == [535] * 4 + [454] * 4
+    assert login(one, PASSWORD) == 454 and login(two, PASSWORD) == 454

@@ -19,7 +19,7 @@ import pytest
 from relay import config as config_mod, metrics
 from relay.delivery import Router
 from relay.queue_runner import PER_DESTINATION_BACKLOG, QueueRunner
-from relay.store.contract import LeaseOwner, NewMessage, NewRecipient
+from relay.store.contract import LeaseOwner, NewMessage, NewRecipient, StoreUnavailable
 from relay.store.contract import QueueStore
 from tests.support.scripted_peer import Script, ScriptedPeer
 
@@ -379,3 +379,29 @@ async def test_recovery_takes_back_only_this_nodes_leases(backend):
     finally:
         for s in (a1, a2, b):
             await s.close()
+
+
+async def test_a_fence_the_database_cannot_answer_sends_nothing_and_suspends_nothing(tmp_path, dns_server):
+    """The database is gone at the fence before DATA (a PostgreSQL failover): nothing is sent,
+    and it is not the receiver's failure. (It used to count as a broken connection: two of
+    them suspended the destination for dead_destination_backoff, 300 s, found by the
+    multinode promotion test.)"""
+    async with ScriptedPeer(Script()) as peer:
+        mx(dns_server, "example.net")
+        async with running(tmp_path, dns_server, peer.port, dead_destination_failures=2,
+                           lease_seconds=1, retry_schedule=[1]) as (store, runner, clock):
+            real, failed = store.holds, []
+
+            async def holds(job):
+                if len(failed) < 2:
+                    failed.append(len(peer.stats.completed))
+                    raise StoreUnavailable("database unreachable: ConnectionError: test")
+                return await real(job)
+            store.holds = holds
+            store.fence_each_attempt = True  # SQLite trusts a fresh heartbeat; ask every time here
+            suspended = counter(metrics.DESTINATIONS_SUSPENDED)
+            qid = await store.enqueue(message("bob@example.net"))
+            await gone(store, qid, timeout=30)
+            assert failed == [0, 0]  # nothing reached the receiver while the fence had no answer
+            assert len(peer.stats.completed) == 1
+            assert counter(metrics.DESTINATIONS_SUSPENDED) == suspended

@@ -85,6 +85,19 @@ class SQLiteBackend:
         self._stores.append(s)
         return s
 
+    # Shared state between nodes (relay/store/shared_auth.py, slots.py, singleton.py): on SQLite
+    # there is one node, so each "node" is the in-process equivalent.
+    async def auth_budgets(self):
+        return None  # AuthThrottle(shared=None): the in-memory budgets are exact on one node
+
+    async def slots(self, **kw: Any):
+        from relay.store.slots import LocalSlots
+        return LocalSlots()
+
+    async def job_locks(self, **kw: Any):
+        from relay.store.singleton import LocalJobLocks
+        return LocalJobLocks(**kw)
+
     async def close(self) -> None:
         for s in self._stores:
             await s.close()
@@ -149,6 +162,29 @@ class PostgresBackend:
     async def dkim(self, **kw: Any):
         from relay.store.pg_dkim import PgDKIMStore
         return PgDKIMStore(self.pool, **kw)
+
+    async def _node_pool(self, size: int = 2):
+        from relay.store.pg_queue import create_pool
+        pool = await create_pool(self.dsn, size=size, command_timeout=20)
+        self._pools.append(pool)
+        return pool
+
+    async def auth_budgets(self, **kw: Any):
+        """One node's shared AUTH budgets (its own pool)."""
+        from relay.store.shared_auth import PgAuthBudgets
+        s = PgAuthBudgets(await self._node_pool(), **kw)
+        self._stores.append(s)
+        return s
+
+    async def slots(self, **kw: Any):
+        from relay.store.slots import PgSlots
+        s = PgSlots(await self._node_pool(), **kw)
+        self._stores.append(s)
+        return s
+
+    async def job_locks(self, **kw: Any):
+        from relay.store.singleton import PgJobLocks
+        return PgJobLocks(await self._node_pool(), **kw)
 
     async def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         n = iter(range(1, 1000))

@@ -34,6 +34,16 @@ def test_postgres_needs_a_dsn_without_a_password():
         assert "has a password in it" in text and "storage.password_file" in text and "storage.password_env" in text
 
 
+def test_a_dsn_may_list_several_hosts_for_failover():
+    # libpq-style: the driver tries each host; target_session_attrs=read-write picks the primary
+    # (docs/multinode.md). A bad port in any of them is still refused.
+    dsn = "postgresql://relay@db1.example.net:5432,db2.example.net:5433/relay?target_session_attrs=read-write"
+    assert load(backend="postgres", dsn=dsn).storage.dsn == dsn
+    assert load(backend="postgres", dsn="postgresql://relay@db1,db2/relay").storage.backend == "postgres"
+    assert "not a postgresql:// URL" in refused(backend="postgres", dsn="postgresql://relay@db1:5432,db2:x/relay")
+    assert "has a password in it" in refused(backend="postgres", dsn="postgresql://relay:s3cret@db1,db2/relay")
+
+
 def test_the_password_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
     dsn = "postgresql://relay@db.example.net/relay"
     assert "cannot read" in refused(backend="postgres", dsn=dsn, password_file=str(tmp_path / "none"))
