@@ -489,18 +489,38 @@ def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
     return EXIT_OK
 
 
+def _status_data(cfg: Config, src: "config_mod.ConfigSource", **database: Any) -> dict[str, Any]:
+    """What `status` says on either backend; `database` adds the backend's own keys."""
+    return {"config": str(src.path.absolute()), "found_by": src.found_by, **database,
+            "cwd": str(Path.cwd()), "hostname": cfg.server.hostname,
+            "tls_cert": str(Path(cfg.tls.cert).absolute()), "tls_cert_exists": Path(cfg.tls.cert).exists(),
+            "warnings": config_mod.dns_warnings(cfg)}
+
+
+def _status_emit(args: argparse.Namespace, cfg: Config, data: dict[str, Any], database_lines: list[str],
+                 counted: bool) -> int:
+    """The human form of `status`: the config, the database lines, what it holds (when counted),
+    then the host name, the certificate and the warnings."""
+    lines = [f"config:    {data['config']} (found by {data['found_by']})", *database_lines]
+    if counted:
+        lines += [f"           {data['domains']} domain(s), {data['credentials']} credential(s), "
+                  f"{data['queued_messages']} queued message(s), {data['finished_messages']} finished "
+                  f"(kept {_fmt_span(cfg.storage.finished_retention)}), schema {data['schema_version']}"]
+    lines += [f"hostname:  {cfg.server.hostname}",
+              f"tls:       {data['tls_cert']}" + ("" if data["tls_cert_exists"] else
+                                                  " (missing: serve writes a self-signed pair)")]
+    lines += [f"warning:   {w}" for w in data["warnings"]]
+    emit(args, data, "\n".join(lines))
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     """Which config and database this command uses, and what is in them. Creates nothing."""
     src: config_mod.ConfigSource = args.config_source
     if cfg.storage.backend == "postgres":
         return _status_postgres(args, cfg, src)
     dbp = Path(cfg.storage.path)
-    data: dict[str, Any] = {"config": str(src.path.absolute()), "found_by": src.found_by,
-                            "database": str(dbp.absolute()), "database_exists": dbp.exists(),
-                            "cwd": str(Path.cwd()), "hostname": cfg.server.hostname,
-                            "tls_cert": str(Path(cfg.tls.cert).absolute()),
-                            "tls_cert_exists": Path(cfg.tls.cert).exists(),
-                            "warnings": config_mod.dns_warnings(cfg)}
+    data = _status_data(cfg, src, database=str(dbp.absolute()), database_exists=dbp.exists())
     if dbp.exists():
         # Read-only, and without migrating: status must change nothing, even on an old file.
         conn = sqlite3.connect(f"file:{dbp.absolute()}?mode=ro", uri=True, timeout=5.0)
@@ -518,19 +538,9 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
             raise CLIError(f"database {dbp.absolute()}: {exc}") from None
         finally:
             conn.close()
-    lines = [f"config:    {data['config']} (found by {src.found_by})",
-             f"database:  {data['database']}" + ("" if dbp.exists() else
-                                                 f" (does not exist yet: `{PROG} serve` or `{PROG} domain add` creates it)")]
-    if dbp.exists():
-        lines += [f"           {data['domains']} domain(s), {data['credentials']} credential(s), "
-                  f"{data['queued_messages']} queued message(s), {data['finished_messages']} finished "
-                  f"(kept {_fmt_span(cfg.storage.finished_retention)}), schema {data['schema_version']}"]
-    lines += [f"hostname:  {cfg.server.hostname}",
-              f"tls:       {data['tls_cert']}" + ("" if data["tls_cert_exists"] else
-                                                  " (missing: serve writes a self-signed pair)")]
-    lines += [f"warning:   {w}" for w in data["warnings"]]
-    emit(args, data, "\n".join(lines))
-    return EXIT_OK
+    return _status_emit(args, cfg, data, [f"database:  {data['database']}" + (
+        "" if dbp.exists() else f" (does not exist yet: `{PROG} serve` or `{PROG} domain add` creates it)")],
+        counted=dbp.exists())
 
 
 def cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
@@ -731,11 +741,8 @@ def _status_postgres(args: argparse.Namespace, cfg: Config, src: "config_mod.Con
     import asyncpg
 
     st = cfg.storage
-    data: dict[str, Any] = {"config": str(src.path.absolute()), "found_by": src.found_by,
-                            "database": st.dsn, "backend": "postgres", "cwd": str(Path.cwd()),
-                            "hostname": cfg.server.hostname, "node_id": cfg.server.node_id or socket.gethostname(),
-                            "tls_cert": str(Path(cfg.tls.cert).absolute()),
-                            "tls_cert_exists": Path(cfg.tls.cert).exists(), "warnings": config_mod.dns_warnings(cfg)}
+    data = _status_data(cfg, src, database=st.dsn, backend="postgres",
+                        node_id=cfg.server.node_id or socket.gethostname())
 
     async def read() -> None:
         conn = await asyncpg.connect(st.dsn, password=st.resolved_password(), timeout=st.commit_timeout)
@@ -756,20 +763,10 @@ def _status_postgres(args: argparse.Namespace, cfg: Config, src: "config_mod.Con
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise CLIError(f"cannot read the PostgreSQL database {st.dsn} (storage.dsn): "
                        f"{type(exc).__name__}: {exc}") from None
-    lines = [f"config:    {data['config']} (found by {src.found_by})",
-             f"database:  PostgreSQL {st.dsn}, node {data['node_id']}"]
-    if data["schema_version"]:
-        lines += [f"           {data['domains']} domain(s), {data['credentials']} credential(s), "
-                  f"{data['queued_messages']} queued message(s), {data['finished_messages']} finished "
-                  f"(kept {_fmt_span(st.finished_retention)}), schema {data['schema_version']}"]
-    else:
-        lines += [f"           empty (no relay tables yet: `{PROG} serve` or `{PROG} domain add` creates them)"]
-    lines += [f"hostname:  {cfg.server.hostname}",
-              f"tls:       {data['tls_cert']}" + ("" if data["tls_cert_exists"] else
-                                                  " (missing: serve writes a self-signed pair)")]
-    lines += [f"warning:   {w}" for w in data["warnings"]]
-    emit(args, data, "\n".join(lines))
-    return EXIT_OK
+    head = [f"database:  PostgreSQL {st.dsn}, node {data['node_id']}"]
+    if not data["schema_version"]:
+        head.append(f"           empty (no relay tables yet: `{PROG} serve` or `{PROG} domain add` creates them)")
+    return _status_emit(args, cfg, data, head, counted=bool(data["schema_version"]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
