@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 
 from .pg_audit import _PgBase
-from .tls_state import SECURITY_RANK
+from .tls_state import SECURITY_RANK, sts_from_row
 
 
 def _week_before(now: float) -> str:
@@ -22,14 +22,7 @@ class PgTLSStateStore(_PgBase):
     async def get_sts(self, domain: str) -> dict[str, Any] | None:
         rows = await self._fetch("SELECT policy_id, mode, mx_json, max_age, fetched_at FROM mta_sts_policies "
                                  "WHERE domain = $1", domain)
-        if not rows:
-            return None
-        r = rows[0]
-        try:
-            mx = [str(x) for x in json.loads(r[2])]
-        except (ValueError, TypeError):
-            return None
-        return {"id": r[0], "mode": r[1], "mx": mx, "max_age": int(r[3]), "fetched_at": float(r[4])}
+        return sts_from_row(rows[0]) if rows else None
 
     async def put_sts(self, domain: str, policy: Any, now: float) -> None:
         await self._do(lambda conn: conn.execute(

@@ -16,6 +16,16 @@ from .writer import GroupWriter
 SECURITY_RANK = {"plain": 0, "tls": 1, "verified": 2}
 
 
+def sts_from_row(r: Any) -> dict[str, Any] | None:
+    """A cached policy row (policy_id, mode, mx_json, max_age, fetched_at), on either backend, as
+    the policy object reads it; None when the stored mx list does not parse."""
+    try:
+        mx = [str(x) for x in json.loads(r[2])]
+    except (ValueError, TypeError):
+        return None
+    return {"id": r[0], "mode": r[1], "mx": mx, "max_age": int(r[3]), "fetched_at": float(r[4])}
+
+
 class TLSStateStore:
     def __init__(self, conn: aiosqlite.Connection, writer: GroupWriter):
         self._conn = conn
@@ -27,14 +37,7 @@ class TLSStateStore:
         """The cached policy as stored: id, mode, mx (list), max_age, fetched_at; or None."""
         rows = await self._conn.execute_fetchall(
             "SELECT policy_id, mode, mx_json, max_age, fetched_at FROM mta_sts_policies WHERE domain = ?", (domain,))
-        if not rows:
-            return None
-        r = rows[0]
-        try:
-            mx = [str(x) for x in json.loads(r[2])]
-        except (ValueError, TypeError):
-            return None
-        return {"id": r[0], "mode": r[1], "mx": mx, "max_age": int(r[3]), "fetched_at": float(r[4])}
+        return sts_from_row(rows[0]) if rows else None
 
     async def put_sts(self, domain: str, policy: Any, now: float) -> None:
         def op(conn: sqlite3.Connection) -> None:
