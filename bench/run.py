@@ -190,9 +190,13 @@ class Sink:
 
 # ---------------------------------------------------------------- relay under test
 
+RELAY_SERVER: dict = {}  # [server] keys for every relay of the run (--acceptance-workers)
+
+
 def start_relay(workdir: Path, sink: Sink, *, trusted: bool = False, extra: dict | None = None,
                 dkim: bool = True) -> RelayInstance:
     cfg = {
+        "server": dict(RELAY_SERVER),
         "delivery": {"mode": "smarthost", "smarthost": {"host": "127.0.0.1", "port": sink.port, "tls": "none"},
                      "max_connections_per_destination": 20},
         "limits": {"connections_per_ip": 5000, "connections": 5000, "auth_failure_delay": 1.0},
@@ -1087,8 +1091,12 @@ def main() -> int:
     p.add_argument("--auth-clients", type=int, default=20, help="scenario 9: concurrent clients (processes)")
     p.add_argument("--auth-tls", default="1.3,1.2", help="scenario 9: client TLS versions, each a cell")
     p.add_argument("--compare-postfix", action="store_true")
+    p.add_argument("--acceptance-workers", type=int, default=None,
+                   help="server.acceptance_workers for every relay started (default: the relay's own, 1)")
     p.add_argument("--json", help="also write results to this file")
     args = p.parse_args()
+    if args.acceptance_workers is not None:
+        RELAY_SERVER["acceptance_workers"] = args.acceptance_workers
     raise_nofile()
     scen = {int(s) for s in args.scenarios.split(",") if s}
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}

@@ -76,6 +76,10 @@ class ServerConfig:
     node_id: str = ""
     # Grace period for open sessions on SIGTERM before they get 421.
     shutdown_grace: int = 30
+    # SMTP sessions in this many worker processes (issue 16): the parent accepts and applies the
+    # connection caps, each worker runs its sessions on its own core. 1: sessions in the parent
+    # itself (one event loop); 0: one worker per core.
+    acceptance_workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -640,6 +644,9 @@ def _validate(cfg: Config) -> None:
                  "max_mx_sessions", "dead_destination_failures", "dead_destination_backoff"):
         _check_positive(f"delivery.{name}", getattr(d, name))
     _check_positive("delivery.delay_warning_after", d.delay_warning_after, allow_zero=True)
+    _check_positive("server.acceptance_workers", cfg.server.acceptance_workers, allow_zero=True)
+    if cfg.server.acceptance_workers > 64:
+        raise ConfigError("server.acceptance_workers", f"at most 64 (0 = one per core), got {cfg.server.acceptance_workers}")
     _check_positive("limits.data_in_memory", cfg.limits.data_in_memory)
     _check_positive("limits.max_data_in_flight", cfg.limits.max_data_in_flight)
     _check_positive("storage.finished_retention", cfg.storage.finished_retention, allow_zero=True)

@@ -26,8 +26,9 @@ from .store import singleton
 from .store.factory import open_stores, storage_identity
 from .store.shared_state import shared_state
 from .server import listeners, refusal
-from .server.auth import AuthThrottle
+from .server.auth import AuthThrottle, LocalBudgets
 from .server.session import ServerState, Settings
+from .server.workers import AcceptanceWorkers, worker_count
 
 if TYPE_CHECKING:
     from .queue_runner import QueueRunner
@@ -92,6 +93,7 @@ class Daemon:
         self.refusal_servers: list[listeners.Acceptor] = []
         self.metrics_server = None
         self.admin = None
+        self.workers: AcceptanceWorkers | None = None
 
     async def run(self) -> int:
         cfg = self.cfg
@@ -137,7 +139,15 @@ class Daemon:
                                      tls_context=tls_context,
                                      throttle=AuthThrottle(cfg.limits, shared=self.shared.auth_budgets),
                                      domain_verified=self.dkim.is_verified)
-            self.bound = await listeners.start(self.state, cfg.listeners)
+            n = worker_count(cfg.server.acceptance_workers)
+            if n > 1:
+                # Sessions in worker processes (server/workers.py); this one accepts and counts.
+                # On SQLite the parent's throttle is every worker's shared AUTH budget.
+                budgets = LocalBudgets(self.state.throttle) if self.shared.auth_budgets is None else None
+                self.workers = AcceptanceWorkers(n, self.config_path, self.state, storage_identity(cfg), budgets,
+                                                 wake=self._wake_delivery)
+                await self.workers.start()
+            self.bound = await listeners.start(self.state, cfg.listeners, workers=self.workers)
             self.refusal_servers = await refusal.start(cfg.refusal, self.state)
             # Delivery starts once the listeners are bound: it must know their real addresses
             # and ports (port 0 included) to recognise an MX that is this relay (a mail loop).
@@ -156,6 +166,8 @@ class Daemon:
                 await self.admin.stop()
             if self.delivery is not None:
                 await self.delivery.stop(timeout=0)
+            if self.workers is not None:
+                await self.workers.stop(timeout=0)
             for b in self.bound:
                 b.server.close()
             for srv in self.refusal_servers:
@@ -241,13 +253,18 @@ class Daemon:
         host, port = config_mod.parse_hostport(self.cfg.metrics.listen, 9469)
         try:
             # Its own thread: scrapes never wait on the SMTP event loop, nor it on them.
-            registry = metrics.REGISTRY if self.delivery is None else MergedRegistry(metrics.REGISTRY,
-                                                                                     self.delivery.metrics_text)
+            registry = metrics.REGISTRY if self.delivery is None and self.workers is None \
+                else MergedRegistry(metrics.REGISTRY, self._children_metrics)
             server, _thread = start_http_server(port, addr=host, registry=registry)
         except OSError as exc:
             raise listeners.bind_error("metrics endpoint", host, port, exc) from None
         self.metrics_server = server
         event(log, "listening", address=host, port=server.server_port, tls="none", metrics="/metrics")
+
+    def _children_metrics(self) -> list[str]:
+        """The delivery process's and the acceptance workers' expositions (the metrics thread)."""
+        texts = [self.delivery.metrics_text()] if self.delivery is not None else []
+        return texts + (self.workers.metrics_texts() if self.workers is not None else [])
 
     async def _queue_gauges(self) -> None:
         while True:
@@ -303,6 +320,8 @@ class Daemon:
             self.runner.configure(new)
         if self.delivery is not None:
             self.delivery.signal(signal.SIGHUP)
+        if self.workers is not None:
+            self.workers.signal(signal.SIGHUP)  # each re-reads the file and certificate itself
         self.cfg = new
         event(log, "reloaded", cert=new.tls.cert)
 
@@ -321,12 +340,16 @@ class Daemon:
         if self.delivery is not None:
             # In parallel with the sessions: in-flight deliveries get the whole grace period too.
             await self.delivery.begin_stop()
+        if self.workers is not None:
+            await self.workers.begin_stop()  # their sessions drain in parallel, same grace
         while True:
             for sess in list(self.state.sessions):
                 sess.drain_close(force=time.monotonic() >= deadline)
             if not self.state.sessions or time.monotonic() >= deadline + 1:
                 break
             await asyncio.sleep(0.05)
+        if self.workers is not None:
+            await self.workers.stop(timeout=max(1.0, deadline + 1 - time.monotonic()))
         # One grace period in all: what the sessions used is not given to the runner again.
         remaining = max(1.0, deadline + 1 - time.monotonic())
         if self.runner is not None:

@@ -54,13 +54,10 @@ class DeliveryProcess:
         # The child reads the config file itself: a restart after the file was edited (without a
         # reload) must not leave it delivering from another database than the one we fill.
         self.storage_path = storage_path  # factory.storage_identity: the file's real path or the DSN
-        self._last_metrics = ""
+        self._metrics = MetricsLink()
         self._on_exit = on_exit  # run before a restart (lease recovery)
         self.proc: asyncio.subprocess.Process | None = None
         self._wake_w: int | None = None
-        self._ctl: socket.socket | None = None
-        self._ctl_lock = threading.Lock()
-        self._seq = 0
         self._stopping = False
         self._supervisor: asyncio.Task | None = None
 
@@ -111,15 +108,10 @@ class DeliveryProcess:
                 self.proc.kill()
             await self.proc.wait()
             raise RuntimeError(f"{problem} (exit code {self.proc.returncode}); details in the lines above")
-        parent_ctl.setblocking(True)
-        parent_ctl.settimeout(5)  # the metrics thread's requests
-        with self._ctl_lock:
-            old_w, old_ctl = self._wake_w, self._ctl
-            self._wake_w, self._ctl = wake_w, parent_ctl
+        old_w, self._wake_w = self._wake_w, wake_w
+        self._metrics.attach(parent_ctl)
         if old_w is not None:
             os.close(old_w)
-        if old_ctl is not None:
-            old_ctl.close()
         event(log, "delivery_process_started", pid=self.proc.pid)
 
     async def _supervise(self) -> None:
@@ -155,30 +147,7 @@ class DeliveryProcess:
             self.proc.send_signal(sig)
 
     def metrics_text(self) -> str:
-        """The child's exposition (called from the metrics thread). If it does not answer, the
-        last one it gave: counters that dip for one scrape would read as resets."""
-        with self._ctl_lock:
-            text = self._fetch_metrics()
-            if text:
-                self._last_metrics = text
-            return self._last_metrics
-
-    def _fetch_metrics(self) -> str:
-        ctl = self._ctl
-        if ctl is None:
-            return ""
-        self._seq = (self._seq + 1) % 2**32
-        tag = _LEN.pack(self._seq)
-        try:
-            ctl.send(b"M" + tag)
-            while True:
-                reply = ctl.recv(_MAX_REPLY)
-                if not reply:
-                    return ""
-                if reply[:_LEN.size] == tag:
-                    return reply[_LEN.size:].decode()
-        except OSError:  # timed out (5 s) or the child is gone
-            return ""
+        return self._metrics.text()
 
     async def begin_stop(self) -> None:
         """Shutdown starts: no more restarts, and the child starts its own drain (in-flight
@@ -202,37 +171,105 @@ class DeliveryProcess:
         if self._wake_w is not None:
             os.close(self._wake_w)
             self._wake_w = None
-        with self._ctl_lock:
-            if self._ctl is not None:
-                self._ctl.close()
-                self._ctl = None
+        self._metrics.attach(None)
 
 
+
+
+class MetricsLink:
+    """The parent's end of a child's control socket, used from the metrics thread: ask for the
+    child's exposition (b"M" + a sequence number), read the reply with the same number."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._last = ""
+
+    def attach(self, sock: socket.socket | None) -> None:
+        """A (re)started child's socket, or None when it stops; the previous one is closed."""
+        if sock is not None:
+            sock.setblocking(True)
+            sock.settimeout(5)  # the metrics thread's requests
+        with self._lock:
+            old, self._sock = self._sock, sock
+        if old is not None:
+            old.close()
+
+    def text(self) -> str:
+        """The child's exposition. If it does not answer, the last one it gave: counters that
+        dip for one scrape would read as resets."""
+        with self._lock:
+            text = self._fetch()
+            if text:
+                self._last = text
+            return self._last
+
+    def _fetch(self) -> str:
+        sock = self._sock
+        if sock is None:
+            return ""
+        self._seq = (self._seq + 1) % 2**32
+        tag = _LEN.pack(self._seq)
+        try:
+            sock.send(b"M" + tag)
+            while True:
+                reply = sock.recv(_MAX_REPLY)
+                if not reply:
+                    return ""
+                if reply[:_LEN.size] == tag:
+                    return reply[_LEN.size:].decode()
+        except OSError:  # timed out (5 s) or the child is gone
+            return ""
+
+
+def answer_metrics(sock: socket.socket) -> bool:
+    """The child's side of MetricsLink, from a loop reader on its control socket. False when the
+    parent closed its end (then stop reading it)."""
+    try:
+        request = sock.recv(64)
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        request = b""
+    if not request:
+        return False
+    if request[:1] == b"M":  # metrics, tagged with the request's sequence number
+        try:
+            sock.send(request[1:1 + _LEN.size] + generate_latest(metrics.REGISTRY))
+        except OSError:
+            pass  # buffer full or parent gone: that scrape times out, the next one works
+    return True
 
 
 class MergedRegistry:
-    """What the metrics endpoint serves: this process's metrics plus the delivery child's, summed.
+    """What the metrics endpoint serves: this process's metrics plus its children's (the
+    delivery process, the acceptance workers), summed.
 
-    Each metric is moved by one process only (the other holds zeros), so a sum is exact for
+    Each series is moved by one kind of process only, or by several that each count their own
+    share (acceptance workers: their sessions, messages, AUTH results), so a sum is exact for
     counters, gauges and histograms alike (metrics.py turns `_created` series off).
     """
 
     PARENT_ONLY = frozenset({"relay_build_info"})  # set in the parent; the child's copy is empty
 
-    def __init__(self, registry, remote: Callable[[], str]):
+    def __init__(self, registry, remotes: Callable[[], list[str]]):
         self._registry = registry
-        self._remote = remote
+        self._remotes = remotes
 
     def collect(self):
         local = text_string_to_metric_families(generate_latest(self._registry).decode())
-        remote_text = self._remote()
-        remote = {f.name: f for f in text_string_to_metric_families(remote_text)} if remote_text else {}
+        remote: dict[str, list] = {}
+        for text in self._remotes():
+            if text:
+                for f in text_string_to_metric_families(text):
+                    remote.setdefault(f.name, []).extend(f.samples)
         for fam in local:
-            other = None if fam.name in self.PARENT_ONLY else remote.get(fam.name)
+            others = [] if fam.name in self.PARENT_ONLY or fam.type == "info" else remote.get(fam.name, [])
             values: dict[tuple, float] = {}
             order: list[tuple] = []
             proto: dict[tuple, object] = {}
-            for s in list(fam.samples) + (list(other.samples) if other is not None and fam.type != "info" else []):
+            for s in list(fam.samples) + others:
                 key = (s.name, tuple(sorted(s.labels.items())))
                 if key not in values:
                     order.append(key)
@@ -337,20 +374,8 @@ class _Child:
         self.cfg = new
 
     def _on_ctl(self) -> None:
-        try:
-            request = self.ctl.recv(64)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            request = b""
-        if not request:  # the parent closed its end
+        if not answer_metrics(self.ctl):  # the parent closed its end
             asyncio.get_running_loop().remove_reader(self.ctl.fileno())
-            return
-        if request[:1] == b"M":  # metrics, tagged with the request's sequence number
-            try:
-                self.ctl.send(request[1:1 + _LEN.size] + generate_latest(metrics.REGISTRY))
-            except OSError:
-                pass  # buffer full or parent gone: that scrape times out, the next one works
 
 
 def _die_with_parent(parent_pid: int) -> None:

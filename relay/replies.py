@@ -86,6 +86,9 @@ TIMEOUT = Reply(421, "4.4.2", "Idle timeout; closing connection")
 SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit reached; closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down; try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections; try again later")
+# Several acceptance workers and none could take the connection (all restarting, or their
+# channels full): the parent says so instead of holding the client.
+NO_WORKER = Reply(421, "4.3.2", "Service not available right now; try again later")
 TOO_MANY_CONNECTIONS_IP = Reply(421, "4.7.0", "Too many connections from your address; try again later")
 TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 TLS_ALREADY = Reply(503, "5.5.1", "TLS already active")

@@ -8,6 +8,8 @@ them against other users.
 Several nodes (PostgreSQL, issue 17): the same budgets are also counted in the database
 (`AuthThrottle(shared=store.shared_auth.PgAuthBudgets)`), so guesses spread over the nodes
 share one budget; the in-memory budgets stay the fast path (a local refusal needs no query).
+Several acceptance workers on one node (issue 16): the parent's `LocalBudgets` is the shared
+budget, asked over each worker's channel (server/workers.py), with the same protocol.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from ..config import LimitsConfig
 from ..logs import event
 from ..replies import Reply
 from ..store.contract import StoreUnavailable
-from ..store.shared_auth import Budgets, SharedAuthBudgets
+from ..store.shared_auth import Begin, Budgets, SharedAuthBudgets
 
 log = logging.getLogger("relay.smtp")
 
@@ -230,7 +232,9 @@ class AuthThrottle:
         pair = f"{net} {user}"
         if self.pair.locked(pair) or self.pair.recent(pair) >= self.pair.limit:
             return PAIR
-        if user and self.user.over(user) and not self.familiar(user, net):
+        # With shared budgets the username's familiar networks are known there, not here (a
+        # success through another node or worker): the shared side decides this one.
+        if user and self.shared is None and self.user.over(user) and not self.familiar(user, net):
             return USER
         return None
 
@@ -351,6 +355,15 @@ class AuthThrottle:
     def failure(self, ip: str, user: str) -> list[str]:
         """Record a failed login; the budgets this one used up (to log as lockouts)."""
         net = self.network(ip)
+        hit = self._count_failure(net, user)
+        if self.shared is not None:
+            # The reservation already counts on every node; turning it into a failure (and
+            # locking at the limit) need not hold up this reply.
+            attempt = self._attempts.pop((asyncio.current_task(), net, user), None)
+            self._in_background(self._shared_failure(attempt, ip, net, user, hit), "failure")
+        return hit
+
+    def _count_failure(self, net: str, user: str) -> list[str]:
         hit = []
         if self.pair.failure(f"{net} {user}"):
             hit.append(PAIR)
@@ -358,11 +371,6 @@ class AuthThrottle:
             hit.append(NETWORK)
         if user and self.user.failure(user):
             hit.append(USER)
-        if self.shared is not None:
-            # The reservation already counts on every node; turning it into a failure (and
-            # locking at the limit) need not hold up this reply.
-            attempt = self._attempts.pop((asyncio.current_task(), net, user), None)
-            self._in_background(self._shared_failure(attempt, ip, net, user, hit), "failure")
         return hit
 
     async def _shared_failure(self, attempt: int | None, ip: str, net: str, user: str, local: list[str]) -> None:
@@ -378,6 +386,9 @@ class AuthThrottle:
         if self.shared is not None:
             attempt = self._attempts.pop((asyncio.current_task(), net, user), None)
             self._in_background(self.shared.success(attempt, net, user), "success")
+        self._remember(user, net)
+
+    def _remember(self, user: str, net: str) -> None:
         nets = self._familiar.get(user)
         if nets is None:
             if len(self._familiar) >= self._max:
@@ -388,3 +399,57 @@ class AuthThrottle:
         nets[net] = self._clock()
         while len(nets) > FAMILIAR_PER_USER:
             del nets[next(iter(nets))]
+
+
+class LocalBudgets:
+    """The shared AUTH budgets of one node's acceptance workers (issue 16), in the parent's
+    memory: `SharedAuthBudgets`'s steps over an AuthThrottle of its own (shared=None), which sees
+    every worker's attempts and so is exact, like the PostgreSQL tables are across nodes. The
+    workers ask it over their channels (server/workers.py); `owner` is the asking worker, whose
+    reservations are given back if it dies mid-verification."""
+
+    def __init__(self, throttle: AuthThrottle):
+        self.throttle = throttle
+        self._attempts: dict[int, tuple[str, str, object]] = {}
+        self._next = 0
+
+    def begin(self, net: str, user: str, owner: object = None) -> Begin:
+        t = self.throttle
+        refused = t._refusal(net, user)
+        if refused is not None:
+            return Begin(refused, False, None)
+        pair = f"{net} {user}"
+        if t.pair.full(pair):
+            return Begin(PAIR, True, None)
+        if t.net.full(net):
+            return Begin(NETWORK, True, None)
+        t.pair.begin(pair)
+        t.net.begin(net)
+        self._next += 1
+        self._attempts[self._next] = (net, user, owner)
+        return Begin(None, False, self._next)
+
+    def _end(self, attempt: int | None) -> None:
+        got = self._attempts.pop(attempt, None) if attempt is not None else None
+        if got is not None:
+            net, user, _owner = got
+            self.throttle.pair.end(f"{net} {user}")
+            self.throttle.net.end(net)
+
+    def failure(self, attempt: int | None, net: str, user: str) -> list[str]:
+        self._end(attempt)
+        return self.throttle._count_failure(net, user)
+
+    def success(self, attempt: int | None, net: str, user: str) -> None:
+        self._end(attempt)
+        self.throttle._remember(user, net)
+
+    def release(self, attempt: int | None) -> None:
+        self._end(attempt)
+
+    def release_owner(self, owner: object) -> int:
+        """A worker died: its verifications in flight end (their guesses were never answered)."""
+        mine = [a for a, (_n, _u, o) in self._attempts.items() if o is owner]
+        for a in mine:
+            self._end(a)
+        return len(mine)

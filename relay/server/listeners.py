@@ -65,8 +65,11 @@ class Acceptor:
     `connect_accepted_socket` with our protocol; on a resource error pause, log rarely."""
 
     def __init__(self, sock: socket.socket, factory: Callable[..., asyncio.Protocol], name: str,
-                 clock: Callable[[], float] = time.monotonic, gate: "ProxyGate | None" = None):
+                 clock: Callable[[], float] = time.monotonic, gate: "ProxyGate | None" = None,
+                 handoff: Callable[[socket.socket, str | None, bool], None] | None = None):
         self.sock = sock
+        # Several acceptance workers (server/workers.py): (socket, client, local) goes to them.
+        self._handoff = handoff
         self._gate = gate
         self._reading: set[asyncio.Task] = set()  # PROXY header reads: cancelled at close
         self.sockets = [sock]
@@ -97,28 +100,36 @@ class Acceptor:
                     event(log, "accept_failed", logging.ERROR, listener=self.name, error=str(exc))
                 return
             conn.setblocking(False)
+            if self._handoff is not None and self._gate is None:
+                self._handoff(conn, None, False)  # no await in between: no task a connection
+                continue
             task = self._loop.create_task(self._connect(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _connect(self, conn: socket.socket) -> None:
         factory = self._factory
+        client: tuple[str | None, bool] = (None, False)
         if self._gate is not None:
             task = asyncio.current_task()
             assert task is not None
             self._reading.add(task)
             try:
-                client = await self._gate.admit(conn)
+                admitted = await self._gate.admit(conn)
             except asyncio.CancelledError:
                 conn.close()  # the listener closed (shutdown) while the header was awaited
                 return
             finally:
                 self._reading.discard(task)
-            if client is None:
+            if admitted is None:
                 return  # refused and closed by the gate
+            client = admitted
 
-            def factory(client: tuple[str, bool] = client) -> asyncio.Protocol:
+            def factory(client: tuple[str | None, bool] = client) -> asyncio.Protocol:
                 return self._factory(*client)
+        if self._handoff is not None:
+            self._handoff(conn, *client)
+            return
         try:
             await self._loop.connect_accepted_socket(factory, conn)
         except OSError:
@@ -206,7 +217,7 @@ class ProxyGate:
         if st.draining:
             self._refuse(conn, peer, "draining", replies.SHUTTING_DOWN)
             return None
-        if len(st.sessions) + st.proxy_pending >= limits.connections:
+        if len(st.sessions) + st.elsewhere + st.proxy_pending >= limits.connections:
             metrics.CONNECTIONS_REFUSED.labels("global").inc()
             self._refuse(conn, peer, "global", replies.TOO_MANY_CONNECTIONS)
             return None
@@ -258,8 +269,9 @@ def listen_socket(what: str, address: str, port: int) -> socket.socket:
         raise bind_error(what, address, port, exc) from None
 
 
-async def start(state: ServerState, listeners: tuple[Listener, ...]) -> list[Bound]:
-    """Bind and start accepting on every listener; sessions take their TLS context from `state`."""
+async def start(state: ServerState, listeners: tuple[Listener, ...], workers: Any = None) -> list[Bound]:
+    """Bind and start accepting on every listener; sessions take their TLS context from `state`.
+    With `workers` (server/workers.AcceptanceWorkers) the sessions run there instead."""
     bound: list[Bound] = []
     try:
         for lst in listeners:
@@ -274,7 +286,12 @@ async def start(state: ServerState, listeners: tuple[Listener, ...]) -> list[Bou
                         implicit: bool = implicit) -> Session:
                 return Session(state, name, implicit, client_ip=client, proxy_local=local)
 
-            b = Bound(name, lst.address, port, lst.tls, Acceptor(sock, factory, name, gate=gate))
+            handoff = None
+            if workers is not None:
+                def handoff(conn: socket.socket, client: str | None, local: bool, name: str = name,
+                            implicit: bool = implicit) -> None:
+                    workers.handoff(conn, name, implicit, client, local)
+            b = Bound(name, lst.address, port, lst.tls, Acceptor(sock, factory, name, gate=gate, handoff=handoff))
             bound.append(b)
             event(log, "listening", address=lst.address, port=port, tls=lst.tls,
                   proxy_protocol=True if gate is not None else None)

@@ -69,6 +69,25 @@ class ServerState:
     # (client, reason) -> [last logged (monotonic), refusals not logged since]: see refusal_logged.
     refusals_logged: dict[tuple[str, str], list] = field(default_factory=dict)
 
+    def admission(self, ip: str) -> tuple[str, Reply] | None:
+        """The caps at accept, before any TLS: (reason, reply) to refuse with, or None."""
+        limits = self.settings.limits
+        if self.draining:
+            return "draining", replies.SHUTTING_DOWN
+        if len(self.sessions) + self.elsewhere >= limits.connections:
+            return "global", replies.TOO_MANY_CONNECTIONS
+        if self.per_ip.get(ip, 0) >= limits.connections_per_ip:
+            return "per_ip", replies.TOO_MANY_CONNECTIONS_IP
+        return None
+
+    def note_refusal(self, ip: str, listener: str, reason: str, reply: Reply) -> None:
+        if reply is not replies.SHUTTING_DOWN:
+            metrics.CONNECTIONS_REFUSED.labels(reason).inc()
+        suppressed = self.refusal_logged(ip, reason, time.monotonic())
+        if suppressed is not None:
+            event(log, "connection_refused", client=ip, listener=listener, reason=reason,
+                  reply=str(reply), unlogged_since_last=suppressed or None)
+
     def refusal_logged(self, ip: str, reason: str, now: float, interval: float = 60.0) -> int | None:
         """Rate-limits connection_refused lines to one per client and reason per interval: a flood
         of connections past a cap must not bury the lines fail2ban reads. None: stay quiet;
@@ -83,6 +102,13 @@ class ServerState:
         self.refusals_logged[(ip, reason)] = [now, 0]
         return suppressed
     draining: bool = False
+    # Several acceptance workers (issue 16). In the parent: connections handed to workers and not
+    # yet released, counted against limits.connections with `sessions` (per_ip counts them too).
+    elsewhere: int = 0
+    # In a worker: the parent applied the connection caps at accept; `on_release(conn_id)` tells
+    # it a handed-over connection ended.
+    admitted_upstream: bool = False
+    on_release: Any = None
     data_in_flight: int = 0  # bytes of DATA being received now, all sessions (limits.max_data_in_flight)
     spool_dir: str | None = None  # where DATA past limits.data_in_memory goes; None: kept in memory
     # Optional hook: (domain) -> awaitable bool, True when the domain has verified its DNS.
@@ -308,7 +334,7 @@ class Session(SMTP):
     line_length_limit = MAX_RESPONSE + 2
 
     def __init__(self, state: ServerState, listener_name: str, implicit_tls: bool, client_ip: str | None = None,
-                 proxy_local: bool = False):
+                 proxy_local: bool = False, conn_id: int | None = None):
         # Not SMTP.__init__: it introspects the class with inspect.getmembers() for every
         # connection (7% of CPU under load) to find hooks and AUTH mechanisms we replace anyway.
         # We set exactly the attributes aiosmtpd's protocol code we keep (connection_made/lost,
@@ -366,6 +392,7 @@ class Session(SMTP):
         self.errors = 0
         self.tls_info: str | None = None
         self._registered = False
+        self.conn_id = conn_id  # an acceptance worker's: the parent's number for this connection
         self._session_timer: asyncio.TimerHandle | None = None
         self._in_data = False
         self._busy = False  # a command is running (DATA may be committing): the drain waits for it
@@ -419,20 +446,13 @@ class Session(SMTP):
         # in `_handle_client`, so a silent client holds a slot it is charged for.
         st = self.state
         limits = st.settings.limits
-        refuse = None
-        if st.draining:
-            refuse, reason = replies.SHUTTING_DOWN, "draining"
-        elif len(st.sessions) >= limits.connections:
-            refuse, reason = replies.TOO_MANY_CONNECTIONS, "global"
-        elif st.per_ip.get(self.client_ip, 0) >= limits.connections_per_ip:
-            refuse, reason = replies.TOO_MANY_CONNECTIONS_IP, "per_ip"
-        if refuse is not None:
-            if refuse is not replies.SHUTTING_DOWN:
-                metrics.CONNECTIONS_REFUSED.labels(reason).inc()
-            suppressed = st.refusal_logged(self.client_ip, reason, time.monotonic())
-            if suppressed is not None:
-                event(log, "connection_refused", client=self.client_ip, listener=self.listener_name, reason=reason,
-                      reply=str(refuse), unlogged_since_last=suppressed or None)
+        # An acceptance worker's session was admitted by the parent, which counts every worker's
+        # connections (server/workers.py): here only a drain that began meanwhile refuses it.
+        refused = (("draining", replies.SHUTTING_DOWN) if st.draining else None) if st.admitted_upstream \
+            else st.admission(self.client_ip)
+        if refused is not None:
+            reason, refuse = refused
+            st.note_refusal(self.client_ip, self.listener_name, reason, refuse)
             if self._handler_coroutine is not None:
                 self._handler_coroutine.cancel()
             if not self.implicit_tls:  # a TLS client would read a plain-text reply as a protocol error
@@ -449,6 +469,10 @@ class Session(SMTP):
               peer=self.proxy_peer, proxy="local" if self._quiet == logging.DEBUG else None)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self.conn_id is not None:
+            # Handed over by the parent: its count of this client's connections goes down once.
+            conn_id, self.conn_id = self.conn_id, None
+            self.state.on_release(conn_id)
         if self._registered:
             self._registered = False
             st = self.state
