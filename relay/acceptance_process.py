@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import config as config_mod, memory, tls
 from .config import Config, LimitsConfig
-from .delivery_process import _die_with_parent, answer_metrics
+from .delivery_process import answer_metrics, child_start
 from .logs import event
 from .store.contract import StoreUnavailable
 from .store.shared_auth import Begin, Budgets
@@ -60,15 +60,22 @@ class ParentBudgets:
         if self._worker.closed:
             raise StoreUnavailable("the relay's parent process is gone")
         req_id = next(self._ids)
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._waiting[req_id] = fut
         self._worker.send(b"A" + json.dumps([req_id, op, *args]).encode())
+        # A timer, not wait_for: no task per step on the AUTH path.
+        timer = loop.call_later(AUTH_STEP_TIMEOUT, self._timed_out, fut)
         try:
-            return await asyncio.wait_for(fut, AUTH_STEP_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise StoreUnavailable("the relay's parent process did not answer an AUTH budget step") from None
+            return await fut
         finally:
+            timer.cancel()
             self._waiting.pop(req_id, None)
+
+    @staticmethod
+    def _timed_out(fut: asyncio.Future) -> None:
+        if not fut.done():
+            fut.set_exception(StoreUnavailable("the relay's parent process did not answer an AUTH budget step"))
 
     def answered(self, req_id: int, result: object) -> None:
         fut = self._waiting.get(req_id)
@@ -268,22 +275,13 @@ class _Worker:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="relay-acceptance", description="relay's acceptance worker (started by `relay serve`)")
-    p.add_argument("--config")
     p.add_argument("--chan-fd", type=int, required=True)
-    p.add_argument("--ctl-fd", type=int, required=True)
-    p.add_argument("--parent-pid", type=int)
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
-    args = p.parse_args(argv)
-    if args.parent_pid:
-        _die_with_parent(args.parent_pid)
-    from . import logs
-    try:
-        cfg = config_mod.load(args.config)
-    except config_mod.ConfigError as exc:
-        print(f"relay acceptance worker: {exc}", file=sys.stderr)
-        return 2
-    logs.setup(cfg.logging.format, cfg.logging.level)
+    started = child_start(p, argv, "acceptance worker")
+    if isinstance(started, int):
+        return started
+    args, cfg = started
     import asyncio.sslproto
     asyncio.sslproto.SSLProtocol.max_size = 32 * 1024  # as daemon.serve: 32 KiB a TLS session, not 256
     try:

@@ -391,13 +391,12 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="relay-delivery", description="relay's delivery process (started by `relay serve`)")
+def child_start(p: argparse.ArgumentParser, argv: list[str] | None, what: str):
+    """A child process's start (delivery, acceptance workers): the common arguments, dying with
+    the parent, the config (a bad one: one line, exit 2) and logging. (args, cfg) or an exit code."""
     p.add_argument("--config")
-    p.add_argument("--wake-fd", type=int, required=True)
     p.add_argument("--ctl-fd", type=int, required=True)
     p.add_argument("--parent-pid", type=int)
-    p.add_argument("--own-listener", action="append", default=[], help="[address]:port the parent listens on")
     args = p.parse_args(argv)
     if args.parent_pid:
         _die_with_parent(args.parent_pid)
@@ -405,9 +404,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_mod.load(args.config)
     except config_mod.ConfigError as exc:
-        print(f"relay delivery: {exc}", file=sys.stderr)
+        print(f"relay {what}: {exc}", file=sys.stderr)
         return 2
     logs.setup(cfg.logging.format, cfg.logging.level)
+    return args, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="relay-delivery", description="relay's delivery process (started by `relay serve`)")
+    p.add_argument("--wake-fd", type=int, required=True)
+    p.add_argument("--own-listener", action="append", default=[], help="[address]:port the parent listens on")
+    started = child_start(p, argv, "delivery")
+    if isinstance(started, int):
+        return started
+    args, cfg = started
     try:
         own = [(a.partition("]:")[0].lstrip("["), int(a.rpartition(":")[2])) for a in args.own_listener]
         return asyncio.run(_Child(cfg, args.config, args.wake_fd, args.ctl_fd, own).run())
