@@ -26,9 +26,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import config as config_mod, memory, tls
+from . import config as config_mod, event_loop, memory, tls
 from .config import Config, LimitsConfig
-from .delivery_process import answer_metrics, child_start
+from .delivery_process import answer_metrics, child_start, early_hup
 from .logs import event
 from .store.contract import StoreUnavailable
 from .store.shared_auth import Begin, Budgets
@@ -38,10 +38,14 @@ log = logging.getLogger("relay.workers")
 AUTH_STEP_TIMEOUT = 5.0  # the parent answers in microseconds; past this, fail closed (454)
 
 
-def worker_limits(limits: LimitsConfig, workers: int) -> LimitsConfig:
-    """This worker's share of the limits that bound one process's CPU and memory."""
+def worker_limits(limits: LimitsConfig, workers: int, index: int) -> LimitsConfig:
+    """Worker `index`'s share of the limits that bound one process's CPU and memory: the
+    configured value split among the workers so the shares add up to it (the first ones take
+    the remainder), but never below 1 each (a limit smaller than the worker count is exceeded
+    by that much rather than leaving a worker unable to do any TLS or AUTH at all)."""
     def share(n: int) -> int:
-        return max(1, -(-n // workers))
+        base, extra = divmod(n, workers)
+        return max(1, base + (1 if index < extra else 0))
     return dataclasses.replace(limits, tls_handshakes=share(limits.tls_handshakes),
                                auth_pending=share(limits.auth_pending),
                                max_data_in_flight=share(limits.max_data_in_flight))
@@ -120,7 +124,7 @@ class _Worker:
     def settings(self, cfg: Config):
         from .daemon import settings_from
         s = settings_from(cfg)
-        return dataclasses.replace(s, limits=worker_limits(s.limits, self.workers))
+        return dataclasses.replace(s, limits=worker_limits(s.limits, self.workers, self.index))
 
     async def run(self) -> int:
         from .server.auth import AuthThrottle
@@ -147,6 +151,8 @@ class _Worker:
         self.stores = stores
         loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        if early_hup():
+            self._reload()
         loop.add_signal_handler(signal.SIGINT, lambda: None)  # the parent decides when we stop
         self.chan.setblocking(False)
         self.chan.send(b"R" + os.fsencode(storage_identity(self.cfg)))  # see AcceptanceWorkers._spawn
@@ -285,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     import asyncio.sslproto
     asyncio.sslproto.SSLProtocol.max_size = 32 * 1024  # as daemon.serve: 32 KiB a TLS session, not 256
     try:
-        return asyncio.run(_Worker(cfg, args.config, args.chan_fd, args.ctl_fd, args.index, args.workers).run())
+        return event_loop.run(_Worker(cfg, args.config, args.chan_fd, args.ctl_fd, args.index, args.workers).run(),
+                              cfg.server.event_loop)
     except KeyboardInterrupt:
         return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import ipaddress
 import json
 import math
@@ -80,6 +81,9 @@ class ServerConfig:
     # connection caps, each worker runs its sessions on its own core. 1: sessions in the parent
     # itself (one event loop); 0: one worker per core.
     acceptance_workers: int = 1
+    # The event loop of `relay serve` and its children: "uvloop" (libuv, the loop's own work in
+    # C) or "asyncio" (the standard library's). relay/event_loop.py.
+    event_loop: str = "uvloop"
 
 
 @dataclass(frozen=True)
@@ -644,6 +648,10 @@ def _validate(cfg: Config) -> None:
                  "max_mx_sessions", "dead_destination_failures", "dead_destination_backoff"):
         _check_positive(f"delivery.{name}", getattr(d, name))
     _check_positive("delivery.delay_warning_after", d.delay_warning_after, allow_zero=True)
+    if cfg.server.event_loop not in ("uvloop", "asyncio"):
+        raise ConfigError("server.event_loop", f"{cfg.server.event_loop!r}: must be 'uvloop' or 'asyncio'")
+    if cfg.server.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError("server.event_loop", "'uvloop' is not installed here (pip install uvloop), or set 'asyncio'")
     _check_positive("server.acceptance_workers", cfg.server.acceptance_workers, allow_zero=True)
     if cfg.server.acceptance_workers > 64:
         raise ConfigError("server.acceptance_workers", f"at most 64 (0 = one per core), got {cfg.server.acceptance_workers}")

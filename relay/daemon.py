@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__, config as config_mod, db, memory, metrics, tls
+from . import __version__, config as config_mod, db, event_loop, memory, metrics, tls
 from .config import Config, ConfigError
 from .delivery_process import DeliveryProcess, MergedRegistry
 from .logs import event
@@ -187,6 +187,8 @@ class Daemon:
         trim_task = asyncio.create_task(memory.TRIMMER.run(lambda: self.state.data_in_flight > 0), name="malloc-trim")
         heartbeat_task = asyncio.create_task(self._heartbeat(), name="node-heartbeat")
         event(log, "ready", version=__version__, hostname=cfg.server.hostname, pid=os.getpid(),
+              event_loop=type(loop).__module__.partition(".")[0], acceptance_workers=len(self.workers.workers)
+              if self.workers is not None else None,
               listeners=",".join(f"{b.address}:{b.port}/{b.tls}" for b in self.bound))
         sd_notify("READY=1")
         await self.stop_event.wait()
@@ -263,7 +265,7 @@ class Daemon:
 
     def _children_metrics(self) -> list[str]:
         """The delivery process's and the acceptance workers' expositions (the metrics thread)."""
-        texts = [self.delivery.metrics_text()] if self.delivery is not None else []
+        texts = self.delivery.metrics_texts() if self.delivery is not None else []
         return texts + (self.workers.metrics_texts() if self.workers is not None else [])
 
     async def _queue_gauges(self) -> None:
@@ -378,4 +380,4 @@ def serve(cfg: Config, config_path: str | None, found_by: str = "-c") -> int:
     # ~280 KB of RSS per idle TLS session. TLS records carry at most 16 KiB: 32 KiB is plenty.
     import asyncio.sslproto
     asyncio.sslproto.SSLProtocol.max_size = 32 * 1024
-    return asyncio.run(Daemon(cfg, config_path, found_by).run())
+    return event_loop.run(Daemon(cfg, config_path, found_by).run(), cfg.server.event_loop)

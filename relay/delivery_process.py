@@ -30,7 +30,7 @@ from typing import Awaitable, Callable
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import config as config_mod, db, memory, metrics
+from . import config as config_mod, db, event_loop, memory, metrics
 from .config import Config
 from .logs import event
 
@@ -59,6 +59,8 @@ class DeliveryProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self._wake_w: int | None = None
         self._stopping = False
+        self._ready = False
+        self._reload_due = False
         self._supervisor: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -66,6 +68,7 @@ class DeliveryProcess:
         self._supervisor = asyncio.create_task(self._supervise(), name="delivery-supervisor")
 
     async def _spawn(self) -> None:
+        self._ready = False
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         # SEQPACKET keeps message boundaries: a reply that arrives after its scrape timed out is
@@ -110,6 +113,10 @@ class DeliveryProcess:
             raise RuntimeError(f"{problem} (exit code {self.proc.returncode}); details in the lines above")
         old_w, self._wake_w = self._wake_w, wake_w
         self._metrics.attach(parent_ctl)
+        self._ready = True
+        if self._reload_due:  # a SIGHUP came while it started: its config may predate the file
+            self._reload_due = False
+            self.proc.send_signal(signal.SIGHUP)
         if old_w is not None:
             os.close(old_w)
         event(log, "delivery_process_started", pid=self.proc.pid)
@@ -143,11 +150,16 @@ class DeliveryProcess:
             pass  # full: a wake is already pending; broken: the supervisor restarts the child
 
     def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(sig)
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        if sig == signal.SIGHUP and not self._ready:
+            self._reload_due = True  # still starting: SIGHUP's default action would kill it
+            return
+        self.proc.send_signal(sig)
 
-    def metrics_text(self) -> str:
-        return self._metrics.text()
+    def metrics_texts(self) -> list[str]:
+        """This child's exposition and its predecessors' counters (called from the metrics thread)."""
+        return [self._metrics.text(), self._metrics.retired_text()]
 
     async def begin_stop(self) -> None:
         """Shutdown starts: no more restarts, and the child starts its own drain (in-flight
@@ -185,16 +197,43 @@ class MetricsLink:
         self._lock = threading.Lock()
         self._seq = 0
         self._last = ""
+        self._retired: dict[str, tuple[str, dict[tuple, float]]] = {}
 
     def attach(self, sock: socket.socket | None) -> None:
-        """A (re)started child's socket, or None when it stops; the previous one is closed."""
+        """A (re)started child's socket, or None when it stops; the previous one is closed.
+        The previous child's counters are kept (`retired`): its successor starts from zero,
+        and a sum that went down would read as a counter reset to Prometheus."""
         if sock is not None:
             sock.setblocking(True)
             sock.settimeout(5)  # the metrics thread's requests
         with self._lock:
             old, self._sock = self._sock, sock
+            if self._last:
+                self._retire(self._last)
+                self._last = ""
         if old is not None:
             old.close()
+
+    def _retire(self, text: str) -> None:
+        for fam in text_string_to_metric_families(text):
+            if fam.type not in ("counter", "histogram", "summary"):
+                continue  # gauges (sessions open, bytes in flight) end with the process
+            kept = self._retired.setdefault(fam.name, (fam.type, {}))[1]
+            for s in fam.samples:
+                key = (s.name, tuple(sorted(s.labels.items())))
+                kept[key] = kept.get(key, 0.0) + s.value
+
+    def retired_text(self) -> str:
+        """The counters of the children this link served before, in the exposition format."""
+        lines = []
+        with self._lock:
+            for name, (kind, kept) in self._retired.items():
+                # prometheus_client writes a counter's TYPE line under its _total name.
+                lines.append(f"# TYPE {name}_total {kind}" if kind == "counter" else f"# TYPE {name} {kind}")
+                for (sample, labels), value in kept.items():
+                    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+                    lines.append(f"{sample}{{{inner}}} {value!r}" if inner else f"{sample} {value!r}")
+        return "\n".join(lines) + "\n" if lines else ""
 
     def text(self) -> str:
         """The child's exposition. If it does not answer, the last one it gave: counters that
@@ -221,6 +260,10 @@ class MetricsLink:
                     return reply[_LEN.size:].decode()
         except OSError:  # timed out (5 s) or the child is gone
             return ""
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 def answer_metrics(sock: socket.socket) -> bool:
@@ -317,6 +360,8 @@ class _Child:
         loop.add_reader(self.wake_fd, self._on_wake)
         loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        if early_hup():
+            self._reload()
         # Ctrl-C in a terminal reaches the whole process group: the parent decides when we stop.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
         self.ctl.send(b"R" + os.fsencode(storage_identity(self.cfg)))  # see DeliveryProcess._spawn
@@ -391,9 +436,21 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
+_EARLY_HUP: list[int] = []
+
+
+def early_hup() -> bool:
+    """A SIGHUP came before the child's loop had its handler (its config may be older than the
+    file): the child reloads once its handler is set."""
+    return bool(_EARLY_HUP)
+
+
 def child_start(p: argparse.ArgumentParser, argv: list[str] | None, what: str):
     """A child process's start (delivery, acceptance workers): the common arguments, dying with
     the parent, the config (a bad one: one line, exit 2) and logging. (args, cfg) or an exit code."""
+    # First of all: SIGHUP's default action is to exit, and the parent forwards a reload to a
+    # child still opening its stores (a worker restarting, say).
+    signal.signal(signal.SIGHUP, lambda *_: _EARLY_HUP.append(1))
     p.add_argument("--config")
     p.add_argument("--ctl-fd", type=int, required=True)
     p.add_argument("--parent-pid", type=int)
@@ -420,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = started
     try:
         own = [(a.partition("]:")[0].lstrip("["), int(a.rpartition(":")[2])) for a in args.own_listener]
-        return asyncio.run(_Child(cfg, args.config, args.wake_fd, args.ctl_fd, own).run())
+        return event_loop.run(_Child(cfg, args.config, args.wake_fd, args.ctl_fd, own).run(), cfg.server.event_loop)
     except KeyboardInterrupt:
         return 0
 

@@ -151,3 +151,16 @@ def write_self_signed(cert_path: str, key_path: str, hostname: str, days: int = 
                                    serialization.NoEncryption()))
     with open(cert_path, "wb") as fh:
         fh.write(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def feed_early(ssl_protocol: object, early: bytes) -> None:
+    """Bytes read off a connection before its TLS protocol took the transport over go to the
+    handshake. uvloop starts reading as soon as a connection is made, before a task's first
+    step can switch protocols, so on an implicit-TLS port the ClientHello may already have been
+    read by the plain protocol (asyncio's loop starts reading one callback later)."""
+    while early:
+        buf = ssl_protocol.get_buffer(len(early))  # type: ignore[attr-defined]
+        n = min(len(buf), len(early))
+        buf[:n] = early[:n]
+        ssl_protocol.buffer_updated(n)  # type: ignore[attr-defined]
+        early = early[n:]

@@ -11,7 +11,10 @@ import asyncio
 import logging
 import ssl
 
+from asyncio import sslproto
+
 from .. import metrics
+from ..tls import feed_early
 from ..config import RefusalConfig
 from ..logs import event
 from .listeners import Acceptor, ListenError, listen_socket
@@ -35,6 +38,11 @@ class _Refuse(asyncio.Protocol):
         self.client = "unknown"
         self.counted = False
         self.task: asyncio.Task | None = None
+        self.early = bytearray()  # read before the TLS protocol took over (tls.feed_early)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tls and len(self.early) < 65536:
+            self.early += data
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.counted:  # the TLS app transport's connection_made (start_tls does not call it)
@@ -64,8 +72,20 @@ class _Refuse(asyncio.Protocol):
         st.handshakes += 1
         metrics.TLS_HANDSHAKES_IN_PROGRESS.inc()
         try:
-            tls_transport = await asyncio.get_running_loop().start_tls(
-                transport, self, st.tls_context, server_side=True, ssl_handshake_timeout=limits.tls_handshake_timeout)
+            # asyncio's SSLProtocol directly, not loop.start_tls: the bytes already read (uvloop
+            # reads before this task runs) must reach the handshake.
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+            tls = sslproto.SSLProtocol(loop, self, st.tls_context, waiter, server_side=True,
+                                       ssl_handshake_timeout=limits.tls_handshake_timeout)
+            transport.set_protocol(tls)  # type: ignore[attr-defined]
+            tls.connection_made(transport)
+            feed_early(tls, bytes(self.early))
+            self.early.clear()
+            await waiter
+            tls_transport = tls._app_transport
+            if transport.is_closing():
+                raise ConnectionResetError("closed during the TLS handshake")
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError):
             # Deadline passed, bad ClientHello, or the client left.
             metrics.TLS_HANDSHAKES.labels("implicit", "failed").inc()

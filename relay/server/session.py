@@ -29,7 +29,7 @@ from ..credentials import CredentialStore, Principal, StoreError, normalize_user
 from ..logs import event
 from ..store.contract import NewMessage, NewRecipient, QueueStore, StorageFull, StoreUnavailable
 from ..replies import Reply
-from ..tls import describe
+from ..tls import describe, feed_early
 from .auth import BUSY, MAX_RESPONSE, NETWORK, PAIR, UNAVAILABLE, USER, AuthThrottle, b64, decode_plain
 
 log = logging.getLogger("relay.smtp")
@@ -768,6 +768,13 @@ class Session(SMTP):
             self._original_transport.set_protocol(self._tls_protocol)
             self.transport = self._tls_protocol._app_transport
             self._tls_protocol.connection_made(self._original_transport)
+            if self.implicit_tls and self._reader._buffer:
+                # The ClientHello may already sit in the StreamReader (tls.feed_early). On an
+                # implicit-TLS port every byte is TLS, so it goes to the handshake (after
+                # STARTTLS, bytes sent before our 220 are discarded instead: RFC 3207 section 6).
+                early = bytes(self._reader._buffer)
+                self._reader._buffer.clear()
+                feed_early(self._tls_protocol, early)
             await waiter
             if not self._tls_up:
                 # SSLProtocol resolves the waiter with no error when the connection is closed or

@@ -102,6 +102,7 @@ class _Worker:
         self.metrics = MetricsLink()
         self.conns: dict[int, str] = {}   # conn_id -> client address, while the worker holds it
         self.ready = False
+        self.reload_due = False
 
 
 class AcceptanceWorkers:
@@ -178,6 +179,9 @@ class AcceptanceWorkers:
         w.out = Outbox(parent_chan)
         w.metrics.attach(parent_ctl)
         w.ready = True
+        if w.reload_due:  # a SIGHUP came while it started: its config may predate the file
+            w.reload_due = False
+            proc.send_signal(signal.SIGHUP)
         asyncio.get_running_loop().add_reader(parent_chan.fileno(), self._on_packet, w)
         event(log, "acceptance_worker_started", worker=w.index, pid=proc.pid)
 
@@ -224,8 +228,13 @@ class AcceptanceWorkers:
 
     def signal(self, sig: int) -> None:
         for w in self.workers:
-            if w.proc is not None and w.proc.returncode is None:
-                w.proc.send_signal(sig)
+            if w.proc is None or w.proc.returncode is not None:
+                continue
+            if sig == signal.SIGHUP and not w.ready:
+                # Still starting (SIGHUP's default action would kill it): reload once ready.
+                w.reload_due = True
+                continue
+            w.proc.send_signal(sig)
 
     async def begin_stop(self) -> None:
         """Shutdown starts: no restarts, no new connections; every worker drains its sessions
@@ -255,7 +264,7 @@ class AcceptanceWorkers:
 
     def metrics_texts(self) -> list[str]:
         """Every worker's exposition (called from the metrics thread)."""
-        return [w.metrics.text() for w in self.workers]
+        return [t for w in self.workers for t in (w.metrics.text(), w.metrics.retired_text())]
 
     @property
     def held(self) -> int:
