@@ -190,7 +190,7 @@ class Sink:
 
 # ---------------------------------------------------------------- relay under test
 
-RELAY_SERVER: dict = {}  # [server] keys for every relay of the run (--acceptance-workers)
+RELAY_SERVER: dict = {}  # [server] keys for every relay of the run (--acceptance-workers, --event-loop)
 
 
 def start_relay(workdir: Path, sink: Sink, *, trusted: bool = False, extra: dict | None = None,
@@ -1093,10 +1093,14 @@ def main() -> int:
     p.add_argument("--compare-postfix", action="store_true")
     p.add_argument("--acceptance-workers", type=int, default=None,
                    help="server.acceptance_workers for every relay started (default: the relay's own, 1)")
+    p.add_argument("--event-loop", choices=("uvloop", "asyncio"), default=None,
+                   help="server.event_loop for every relay started (default: the relay's own, uvloop)")
     p.add_argument("--json", help="also write results to this file")
     args = p.parse_args()
     if args.acceptance_workers is not None:
         RELAY_SERVER["acceptance_workers"] = args.acceptance_workers
+    if args.event_loop is not None:
+        RELAY_SERVER["event_loop"] = args.event_loop
     raise_nofile()
     scen = {int(s) for s in args.scenarios.split(",") if s}
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
