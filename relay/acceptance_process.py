@@ -116,6 +116,7 @@ class _Worker:
         self.stop_event = asyncio.Event()
         self.closed = False
         self._released: list[int] = []
+        self._arrived: list[int] = []
         self._wake_due = False
         self._flush_due = False
         self.budgets = ParentBudgets(self)
@@ -204,6 +205,9 @@ class _Worker:
 
     def _flush(self) -> None:
         self._flush_due = False
+        if self._arrived:
+            ids, self._arrived = self._arrived, []
+            self.send(b"K" + b",".join(str(i).encode() for i in ids))
         if self._released:
             ids, self._released = self._released, []
             self.send(b"X" + b",".join(str(i).encode() for i in ids))
@@ -243,6 +247,8 @@ class _Worker:
     def _accept(self, fd: int, body: bytes) -> None:
         from .server.session import Session
         conn_id, listener, implicit, client, local = json.loads(body)
+        self._arrived.append(conn_id)  # acknowledged at the end of this loop pass
+        self._schedule_flush()
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         state = self.state

@@ -17,6 +17,8 @@ Channel: AF_UNIX SOCK_SEQPACKET, one per worker, one message a packet:
     parent -> worker   C[conn_id, listener, implicit, client, local]  + the socket (SCM_RIGHTS)
                        a[req_id, result]             the answer to an AUTH budget step
     worker -> parent   R<storage identity>           ready (stores open, signal handlers set)
+                       K<conn_id>,<conn_id>,...      these hand-overs arrived (a worker that does
+                                                     not say so within STALLED gets no more)
                        X<conn_id>,<conn_id>,...      these connections ended
                        W                             a message was committed: wake delivery
                        A[req_id, op, args...]        an AUTH budget step (begin/failure/success/release)
@@ -34,6 +36,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from typing import Callable
 
 from .. import replies
@@ -47,6 +50,7 @@ log = logging.getLogger("relay.workers")
 
 READY_TIMEOUT = 60.0
 RESTART_DELAY = 1.0
+STALLED = 1.0  # seconds a hand-over may wait for the worker's acknowledgement
 MAX_PACKET = 65536
 
 
@@ -101,6 +105,9 @@ class _Worker:
         self.out: Outbox | None = None
         self.metrics = MetricsLink()
         self.conns: dict[int, str] = {}   # conn_id -> client address, while the worker holds it
+        # Handed over, not yet acknowledged (conn_id -> when): a worker that leaves one
+        # unacknowledged past STALLED (stopped, stuck in a loop) gets no more connections.
+        self.unacked: dict[int, float] = {}
         self.ready = False
         self.reload_due = False
 
@@ -286,7 +293,10 @@ class AcceptanceWorkers:
                 return
         refused = st.admission(ip)
         if refused is None:
-            for w in sorted((w for w in self.workers if w.ready), key=lambda w: len(w.conns)):
+            now = time.monotonic()
+            live = [w for w in self.workers
+                    if w.ready and (not w.unacked or now - next(iter(w.unacked.values())) < STALLED)]
+            for w in sorted(live, key=lambda w: len(w.conns)):
                 self._next_id += 1
                 conn_id = self._next_id
                 packet = b"C" + json.dumps([conn_id, listener, implicit, client, local]).encode()
@@ -295,6 +305,7 @@ class AcceptanceWorkers:
                 except OSError:  # its buffer is full (a stalled worker) or it just died: the next one
                     continue
                 w.conns[conn_id] = ip
+                w.unacked[conn_id] = now
                 st.elsewhere += 1
                 st.per_ip[ip] = st.per_ip.get(ip, 0) + 1
                 conn.close()  # the worker holds its own descriptor now
@@ -310,6 +321,7 @@ class AcceptanceWorkers:
         conn.close()
 
     def _release(self, w: _Worker, conn_id: int) -> None:
+        w.unacked.pop(conn_id, None)
         ip = w.conns.pop(conn_id, None)
         if ip is None:
             return  # already released (a worker's late report after its restart, say)
@@ -338,7 +350,10 @@ class AcceptanceWorkers:
                 asyncio.get_running_loop().remove_reader(chan.fileno())
                 return
             kind, body = packet[:1], packet[1:]
-            if kind == b"X":
+            if kind == b"K":
+                for part in body.split(b","):
+                    w.unacked.pop(int(part), None)
+            elif kind == b"X":
                 for part in body.split(b","):
                     self._release(w, int(part))
             elif kind == b"W":

@@ -718,3 +718,35 @@ def test_a_reload_while_a_worker_restarts_does_not_kill_the_new_worker(tmp_path)
             b.quit()
     finally:
         relay.stop()
+
+
+# ---------------------------------------------------------------- a stopped worker
+
+def test_a_stopped_worker_gets_no_more_connections_and_its_client_is_served_later(tmp_path):
+    """A worker that stops answering (SIGSTOP, stuck in a loop) must not keep taking clients:
+    past STALLED without acknowledging a hand-over it is skipped, so every new client is served
+    by the others; the client it held is served when it resumes, not lost."""
+    relay = start_relay(tmp_path, config=workers_config())
+    stuck = None
+    try:
+        wait_workers_started(relay)
+        pid0 = worker_pids(relay)[0]
+        os.kill(pid0, signal.SIGSTOP)
+        try:
+            # Nobody holds a connection: the first goes to worker 0 (the tie's first), which is stopped.
+            stuck = socket.create_connection(("127.0.0.1", relay.port), timeout=5)
+            stuck.settimeout(1.5)
+            with pytest.raises(socket.timeout):
+                stuck.recv(100)  # no banner; this wait also outlasts workers.STALLED
+            for _ in range(6):  # least-busy alone would send every other one to worker 0
+                c = connect(relay, timeout=5)
+                assert c.banner.code == 220, str(c.banner)
+                c.close()
+        finally:
+            os.kill(pid0, signal.SIGCONT)
+        stuck.settimeout(10)
+        assert stuck.recv(100).startswith(b"220 ")
+    finally:
+        if stuck is not None:
+            stuck.close()
+        relay.stop()
