@@ -162,7 +162,7 @@ class _Worker:
         loop.add_reader(self.ctl.fileno(), self._on_ctl)
         trim_task = asyncio.create_task(memory.TRIMMER.run(lambda: self.state.data_in_flight > 0), name="malloc-trim")
         await self.stop_event.wait()
-        await self._drain()
+        await self.state.drain(time.monotonic() + self.cfg.server.shutdown_grace)
         loop.remove_reader(self.ctl.fileno())
         trim_task.cancel()
         await asyncio.gather(trim_task, return_exceptions=True)
@@ -172,17 +172,6 @@ class _Worker:
         self._flush()
         executor.shutdown(wait=False)
         return 0
-
-    async def _drain(self) -> None:
-        st = self.state
-        st.draining = True
-        deadline = time.monotonic() + self.cfg.server.shutdown_grace
-        while True:
-            for sess in list(st.sessions):
-                sess.drain_close(force=time.monotonic() >= deadline)
-            if not st.sessions or time.monotonic() >= deadline + 1:
-                break
-            await asyncio.sleep(0.05)
 
     # ------------------------------------------------------------ to the parent
 

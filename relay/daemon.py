@@ -344,12 +344,7 @@ class Daemon:
             await self.delivery.begin_stop()
         if self.workers is not None:
             await self.workers.begin_stop()  # their sessions drain in parallel, same grace
-        while True:
-            for sess in list(self.state.sessions):
-                sess.drain_close(force=time.monotonic() >= deadline)
-            if not self.state.sessions or time.monotonic() >= deadline + 1:
-                break
-            await asyncio.sleep(0.05)
+        await self.state.drain(deadline)
         if self.workers is not None:
             await self.workers.stop(timeout=max(1.0, deadline + 1 - time.monotonic()))
         # One grace period in all: what the sessions used is not given to the runner again.

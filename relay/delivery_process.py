@@ -186,8 +186,6 @@ class DeliveryProcess:
         self._metrics.attach(None)
 
 
-
-
 class MetricsLink:
     """The parent's end of a child's control socket, used from the metrics thread: ask for the
     child's exposition (b"M" + a sequence number), read the reply with the same number."""

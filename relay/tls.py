@@ -153,11 +153,13 @@ def write_self_signed(cert_path: str, key_path: str, hostname: str, days: int = 
         fh.write(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def feed_early(ssl_protocol: object, early: bytes) -> None:
-    """Bytes read off a connection before its TLS protocol took the transport over go to the
-    handshake. uvloop starts reading as soon as a connection is made, before a task's first
-    step can switch protocols, so on an implicit-TLS port the ClientHello may already have been
-    read by the plain protocol (asyncio's loop starts reading one callback later)."""
+def take_over(transport: object, ssl_protocol: object, early: bytes = b"") -> None:
+    """A server-side TLS protocol (asyncio's SSLProtocol) takes a plain transport over and gets
+    the bytes the plain protocol already read. uvloop starts reading as soon as a connection is
+    made, before a task's first step can switch protocols, so on an implicit-TLS port the
+    ClientHello may already have been read (asyncio's loop starts reading one callback later)."""
+    transport.set_protocol(ssl_protocol)  # type: ignore[attr-defined]
+    ssl_protocol.connection_made(transport)  # type: ignore[attr-defined]
     while early:
         buf = ssl_protocol.get_buffer(len(early))  # type: ignore[attr-defined]
         n = min(len(buf), len(early))

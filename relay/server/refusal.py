@@ -14,7 +14,7 @@ import ssl
 from asyncio import sslproto
 
 from .. import metrics
-from ..tls import feed_early
+from ..tls import take_over
 from ..config import RefusalConfig
 from ..logs import event
 from .listeners import Acceptor, ListenError, listen_socket
@@ -38,7 +38,7 @@ class _Refuse(asyncio.Protocol):
         self.client = "unknown"
         self.counted = False
         self.task: asyncio.Task | None = None
-        self.early = bytearray()  # read before the TLS protocol took over (tls.feed_early)
+        self.early = bytearray()  # read before the TLS protocol took over (tls.take_over)
 
     def data_received(self, data: bytes) -> None:
         if self.tls and len(self.early) < 65536:
@@ -78,10 +78,8 @@ class _Refuse(asyncio.Protocol):
             waiter = loop.create_future()
             tls = sslproto.SSLProtocol(loop, self, st.tls_context, waiter, server_side=True,
                                        ssl_handshake_timeout=limits.tls_handshake_timeout)
-            transport.set_protocol(tls)  # type: ignore[attr-defined]
-            tls.connection_made(transport)
-            feed_early(tls, bytes(self.early))
-            self.early.clear()
+            early, self.early = bytes(self.early), bytearray()
+            take_over(transport, tls, early)
             await waiter
             tls_transport = tls._app_transport
             if transport.is_closing():

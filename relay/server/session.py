@@ -29,7 +29,7 @@ from ..credentials import CredentialStore, Principal, StoreError, normalize_user
 from ..logs import event
 from ..store.contract import NewMessage, NewRecipient, QueueStore, StorageFull, StoreUnavailable
 from ..replies import Reply
-from ..tls import describe, feed_early
+from ..tls import describe, take_over
 from .auth import BUSY, MAX_RESPONSE, NETWORK, PAIR, UNAVAILABLE, USER, AuthThrottle, b64, decode_plain
 
 log = logging.getLogger("relay.smtp")
@@ -79,6 +79,27 @@ class ServerState:
         if self.per_ip.get(ip, 0) >= limits.connections_per_ip:
             return "per_ip", replies.TOO_MANY_CONNECTIONS_IP
         return None
+
+    def ip_joined(self, ip: str) -> None:
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+
+    def ip_left(self, ip: str) -> None:
+        n = self.per_ip.get(ip, 1) - 1
+        if n <= 0:
+            self.per_ip.pop(ip, None)
+        else:
+            self.per_ip[ip] = n
+
+    async def drain(self, deadline: float) -> None:
+        """Shutdown: no new sessions; open ones finish their transaction until `deadline`
+        (monotonic), then get 421; back once all are gone or a second past it."""
+        self.draining = True
+        while True:
+            for sess in list(self.sessions):
+                sess.drain_close(force=time.monotonic() >= deadline)
+            if not self.sessions or time.monotonic() >= deadline + 1:
+                return
+            await asyncio.sleep(0.05)
 
     def note_refusal(self, ip: str, listener: str, reason: str, reply: Reply) -> None:
         if reply is not replies.SHUTTING_DOWN:
@@ -448,8 +469,10 @@ class Session(SMTP):
         limits = st.settings.limits
         # An acceptance worker's session was admitted by the parent, which counts every worker's
         # connections (server/workers.py): here only a drain that began meanwhile refuses it.
-        refused = (("draining", replies.SHUTTING_DOWN) if st.draining else None) if st.admitted_upstream \
-            else st.admission(self.client_ip)
+        if not st.admitted_upstream:
+            refused = st.admission(self.client_ip)
+        else:
+            refused = ("draining", replies.SHUTTING_DOWN) if st.draining else None
         if refused is not None:
             reason, refuse = refused
             st.note_refusal(self.client_ip, self.listener_name, reason, refuse)
@@ -461,7 +484,7 @@ class Session(SMTP):
             return
         self._registered = True
         st.sessions.add(self)
-        st.per_ip[self.client_ip] = st.per_ip.get(self.client_ip, 0) + 1
+        st.ip_joined(self.client_ip)
         metrics.CONNECTIONS.labels(self.listener_name).inc()
         metrics.SESSIONS_ACTIVE.inc()
         self._session_timer = self.loop.call_later(limits.session_timeout, self._session_expired)
@@ -477,11 +500,7 @@ class Session(SMTP):
             self._registered = False
             st = self.state
             st.sessions.discard(self)
-            n = st.per_ip.get(self.client_ip, 1) - 1
-            if n <= 0:
-                st.per_ip.pop(self.client_ip, None)
-            else:
-                st.per_ip[self.client_ip] = n
+            st.ip_left(self.client_ip)
             metrics.SESSIONS_ACTIVE.dec()
             if self._session_timer is not None:
                 self._session_timer.cancel()
@@ -765,16 +784,15 @@ class Session(SMTP):
             self._tls_protocol = sslproto.SSLProtocol(self.loop, self, st.tls_context, waiter, server_side=True,
                                                       ssl_handshake_timeout=limits.tls_handshake_timeout)
             self._original_transport = self.transport
-            self._original_transport.set_protocol(self._tls_protocol)
             self.transport = self._tls_protocol._app_transport
-            self._tls_protocol.connection_made(self._original_transport)
+            early = b""
             if self.implicit_tls and self._reader._buffer:
-                # The ClientHello may already sit in the StreamReader (tls.feed_early). On an
+                # The ClientHello may already sit in the StreamReader (tls.take_over). On an
                 # implicit-TLS port every byte is TLS, so it goes to the handshake (after
                 # STARTTLS, bytes sent before our 220 are discarded instead: RFC 3207 section 6).
                 early = bytes(self._reader._buffer)
                 self._reader._buffer.clear()
-                feed_early(self._tls_protocol, early)
+            take_over(self._original_transport, self._tls_protocol, early)
             await waiter
             if not self._tls_up:
                 # SSLProtocol resolves the waiter with no error when the connection is closed or

@@ -307,7 +307,7 @@ class AcceptanceWorkers:
                 w.conns[conn_id] = ip
                 w.unacked[conn_id] = now
                 st.elsewhere += 1
-                st.per_ip[ip] = st.per_ip.get(ip, 0) + 1
+                st.ip_joined(ip)
                 conn.close()  # the worker holds its own descriptor now
                 return
             refused = ("no_worker", replies.NO_WORKER)
@@ -325,13 +325,8 @@ class AcceptanceWorkers:
         ip = w.conns.pop(conn_id, None)
         if ip is None:
             return  # already released (a worker's late report after its restart, say)
-        st = self.state
-        st.elsewhere -= 1
-        n = st.per_ip.get(ip, 1) - 1
-        if n <= 0:
-            st.per_ip.pop(ip, None)
-        else:
-            st.per_ip[ip] = n
+        self.state.elsewhere -= 1
+        self.state.ip_left(ip)
 
     # ------------------------------------------------------------ the channel
 

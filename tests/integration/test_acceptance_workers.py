@@ -25,7 +25,7 @@ import pytest
 
 from relay import replies
 from tests.conftest import PASSWORD, USER
-from tests.support.raw_smtp import RawSMTP, b64, connect, metric, start_relay
+from tests.support.raw_smtp import RawSMTP, at_once, b64, connect, metric, start_relay
 from tests.support.relay_instance import RelayInstance, client_tls_context, wait_until
 
 WORKERS = 2
@@ -291,17 +291,8 @@ def test_auth_lockout_budget_is_shared_by_the_workers(tmp_path):
         conns = [connect(relay, source=ip2).secure() for _ in range(8)]
         try:
             assert len({holder(relay, c) for c in conns} - {None}) == WORKERS
-            barrier = threading.Barrier(len(conns))
-            got2: dict[int, object] = {}
-
-            def guess(i: int) -> None:
-                barrier.wait(10)
-                got2[i] = conns[i].auth_plain("nobody@mg.example.com", f"guess {i}")
-            threads = [threading.Thread(target=guess, args=(i,)) for i in range(len(conns))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(30)
+            got2 = at_once(len(conns), lambda i: conns[i].auth_plain("nobody@mg.example.com", f"guess {i}"),
+                           timeout=30)
         finally:
             for c in conns:
                 c.close()

@@ -5,13 +5,12 @@ them the way auth_ipv6_prefix = 64 groups a /64); the IPv6 grouping itself is un
 """
 from __future__ import annotations
 
-import threading
 
 import pytest
 
 from relay import replies
 from tests.conftest import PASSWORD, USER
-from tests.support.raw_smtp import b64, connect, metric, start_relay
+from tests.support.raw_smtp import at_once, b64, connect, metric, start_relay
 
 OTHER = "billing@mg.example.com"
 OTHER_PASSWORD = "another long password 7"
@@ -86,18 +85,8 @@ def test_pending_verifications_are_bounded_and_the_rest_get_454_at_once(tmp_path
     try:
         conns = [connect(inst, source=f"127.0.8.{i + 1}").secure() for i in range(12)]
         try:
-            barrier = threading.Barrier(len(conns))
-            got: dict[int, object] = {}
-
-            def guess(i: int) -> None:
-                barrier.wait(10)
-                got[i] = conns[i].cmd("AUTH PLAIN " + b64(f"\0nobody{i}@mg.example.com\0guess {i}"))
-
-            threads = [threading.Thread(target=guess, args=(i,)) for i in range(len(conns))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
+            got = at_once(len(conns), lambda i: conns[i].cmd(
+                "AUTH PLAIN " + b64(f"\0nobody{i}@mg.example.com\0guess {i}")), timeout=60)
         finally:
             for c in conns:
                 c.close()

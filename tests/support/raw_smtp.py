@@ -10,6 +10,7 @@ import base64
 import re
 import socket
 import ssl
+import threading
 from pathlib import Path
 
 from tests.conftest import PASSWORD, USER
@@ -139,6 +140,23 @@ def connect(relay: RelayInstance, *, implicit: bool = False, source: str | None 
 def authed(relay: RelayInstance, *, implicit: bool = False, source: str | None = None) -> RawSMTP:
     """Connected, TLS up, EHLO done, logged in as USER."""
     return connect(relay, implicit=implicit, source=source).secure().login()
+
+
+def at_once(count: int, step, timeout: float = 60) -> dict[int, object]:
+    """step(i) for i in range(count), each in its own thread, released together (a barrier):
+    {i: what step(i) returned} for those that finished within `timeout`."""
+    barrier = threading.Barrier(count)
+    got: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        barrier.wait(10)
+        got[i] = step(i)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return got
 
 
 def hold_queue() -> dict:
