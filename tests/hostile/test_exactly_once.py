@@ -94,7 +94,7 @@ def test_reader_that_stops_reading_is_reset_and_never_completes_a_copy(make_rela
                         retry_schedule=[3600])
     qid = submit(relay, RCPT, "stopped-reader", size=big_body_size())
     until(lambda: deferred_with_reason(relay, qid) or mx.messages, 30, "the attempt to be deferred")
-    until(lambda: mx.stalled_reads >= 1 and mx.active == 0, 20, "the stalled connection to end")
+    until(lambda: mx.stalled_reads >= 1 and mx.settled, 20, "the stalled connection to end")
     assert not mx.messages, "a copy completed: the stalled transfer was not aborted (RST) before the dot"
     assert mx.partials == 1
     assert mx.ended() == ["reset"], f"the stalled connection ended {mx.ended()}, not with a TCP RST"
@@ -204,6 +204,7 @@ def test_close_mid_data_defers_then_delivers_once(make_relay, dns_server, peers,
     relay = start_relay(make_relay, dns_server, mx.port, command_timeout=10, retry_schedule=[3600])
     qid = submit(relay, RCPT, "mid-data", size=1_000_000)
     until(lambda: deferred_with_reason(relay, qid), 20, "the deferral")
+    until(lambda: mx.settled, 10, "the cut connection to be booked")
     assert not mx.messages and mx.partials == 1
     assert outcomes(relay, qid) == ["deferred"]
 

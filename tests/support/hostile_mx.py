@@ -12,7 +12,7 @@ relay's ``delivery.mx_port``), and keeps exact books:
 - ``messages``: only COMPLETED messages, i.e. the whole final ``CRLF.CRLF`` arrived. A message
   counts at that moment, whatever reply follows and whether or not the client is still there to
   read it: that is exactly when a real MX takes responsibility. ``partials`` counts DATA bodies
-  that ended (reset, EOF, our own close) before their final dot;
+  that ended (reset, EOF, our own close) before their final dot, booked once ``settled``;
 - ``ends``: how each connection ended, from the receiver's side: ``"reset"`` (a TCP RST reached
   us), ``"eof"`` (the client's FIN), ``"closed"`` (we closed it), ``"stopped"`` (the MX stopped);
 - ``log``: every command line as (connection serial, line), and ``nested_mail`` (MAIL inside an
@@ -504,6 +504,15 @@ class HostileMX:
                 return False
             time.sleep(0.02)
         return True
+
+    @property
+    def settled(self) -> bool:
+        """No connection open and no session still working through what it read.
+
+        ``active`` drops when the kernel ends the connection; the session that was reading it
+        books the partial body a moment later, on its own turn of the loop. Tests that look
+        at ``partials`` wait for this, not for ``active == 0``."""
+        return self.active == 0 and not self._tasks
 
     def subjects(self) -> list[str | None]:
         return [m.subject for m in list(self.messages)]

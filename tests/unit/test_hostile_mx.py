@@ -70,7 +70,7 @@ def test_accepts_and_records_a_message_byte_for_byte(mx):
     assert (m.mail_from, m.rcpt_tos, m.connection, m.host) == ("a@example.com", ["b@example.org", "c@example.org"],
                                                               1, "127.0.0.1")
     assert m.data == BODY and m.subject == "peer"
-    assert mx.wait_until(lambda: mx.active == 0)
+    assert mx.wait_until(lambda: mx.settled)
     assert mx.connections == 1 and mx.max_active == 1 and mx.partials == 0
     assert mx.ended() == ["closed"]  # QUIT: we close
 
@@ -89,7 +89,7 @@ def test_a_message_counts_only_when_the_whole_final_dot_arrived(mx):
     open_data(s)
     s.sendall(b"Subject: cut\r\n\r\nbody\r\n.")  # everything but the dot's CRLF
     s.close()
-    assert mx.wait_until(lambda: mx.active == 0)
+    assert mx.wait_until(lambda: mx.settled)
     assert mx.messages == [] and mx.partials == 1 and mx.ended() == ["eof"]
 
 
@@ -99,7 +99,7 @@ def test_a_reset_mid_data_is_recorded_as_reset(mx):
     s.sendall(b"Subject: rst\r\n\r\nbody\r\n")
     time.sleep(0.1)  # let it be read: an RST with unread data is not what we test here
     reset(s)
-    assert mx.wait_until(lambda: mx.active == 0)
+    assert mx.wait_until(lambda: mx.settled)
     assert mx.ended() == ["reset"] and mx.partials == 1 and not mx.messages
 
 
@@ -197,7 +197,7 @@ def test_close_mid_data(mx, how, end):
     with pytest.raises((smtplib.SMTPServerDisconnected, ConnectionError, smtplib.SMTPDataError)):
         with client(mx) as s:
             s.sendmail("a@example.com", ["b@example.org"], body)
-    assert mx.wait_until(lambda: mx.active == 0)
+    assert mx.wait_until(lambda: mx.settled)
     assert not mx.messages and mx.partials == 1 and mx.ended() == [end]
 
 
