@@ -85,3 +85,49 @@ async def test_a_writer_denied_its_turn_answers_unavailable_and_commits_nothing_
     await store.close()
     await conn.close()
     lock.close()
+
+
+async def test_a_write_cancelled_before_its_turn_never_commits(tmp_path):
+    """A caller that stops waiting (its client hung up) while the other process holds the turn:
+    its write is dropped when the turn comes, and the writer goes on with the next one."""
+    import fcntl
+    import os
+
+    path = str(tmp_path / "queue.db")
+    conn = await db.open_async(path)
+    lock = db.WriterLock(path)
+    store = QueueStore(conn, writer_lock=lock)
+    await store.enqueue(message("first@example.net"))  # the writer thread is up
+    other = os.open(lock.path, os.O_RDWR)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    try:
+        waiting = asyncio.ensure_future(store.enqueue(message("bob@example.net")))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()  # no turn yet
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+    await store.enqueue(message("carol@example.net"))
+    got = sorted(r["rcpt"] for r in await rows(conn))
+    assert got == ["carol@example.net", "first@example.net"], got
+    await store.close()
+    await conn.close()
+    lock.close()
+
+
+async def test_close_commits_what_is_waiting(tmp_path):
+    path = str(tmp_path / "queue.db")
+    conn = await db.open_async(path)
+    store = QueueStore(conn)
+    writes = [asyncio.ensure_future(store.enqueue(message(f"u{i}@example.net"))) for i in range(10)]
+    await asyncio.sleep(0)  # every write is handed to the writer
+    await store.close()
+    qids = await asyncio.wait_for(asyncio.gather(*writes), 5)
+    assert len(set(qids)) == 10
+    assert len(await rows(conn)) == 10
+    with pytest.raises(Exception, match="closing"):
+        await store.enqueue(message("late@example.net"))
+    await conn.close()
