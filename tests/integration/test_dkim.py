@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import dkim
 import dns.message
@@ -109,6 +110,31 @@ def test_delivered_mail_carries_a_signature_that_verifies(setup, dns_server, mx_
     assert b"Message-ID: <" in data and b"\r\nDate: " in data
     # Tampering is detected.
     assert not dkim.verify(data.replace(b"Subject: signed", b"Subject: changed"), dnsfunc=dnsfunc_for(dns_server))
+
+
+def test_a_retry_sends_the_signature_the_first_attempt_sent(make_relay, dns_server, mx_sink):
+    """Signed once: the signature is stored beside the first attempt (not before it), and the
+    settle that makes the retry due waits for it, so the retry carries the same bytes."""
+    dns_server.set("example.net", "MX", ["10 mx.example.net."])
+    dns_server.set("mx.example.net", "A", ["127.0.0.1"])
+    relay = make_relay(start=False, dns=dns_server.address, mx_port=mx_sink.port,
+                       config={"domains": {"public_addresses": ["192.0.2.10"]},
+                               "delivery": {"retry_schedule": [1]}})
+    relay.add_user(USER, PASSWORD)
+    relay.start()
+    publish(dns_server, relay)
+    mx_sink.data_reply = "451 4.3.0 try again later"
+    relay.submit(USER, PASSWORD, USER, ["bob@example.net"], b"From: a@mg.example.com\r\nSubject: once\r\n\r\nx\r\n")
+    deadline = time.monotonic() + 15
+    while not mx_sink.rejected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mx_sink.rejected, "the first attempt never came"
+    mx_sink.data_reply = None
+    assert mx_sink.wait_for(1, timeout=20)
+    first, retry = mx_sink.rejected[0].data, mx_sink.messages[0].data
+    assert first.startswith(b"DKIM-Signature:")
+    assert first == retry  # the same signature (t= included), the same bytes
+    assert dkim.verify(retry, dnsfunc=dnsfunc_for(dns_server))
 
 
 def test_rotation_keeps_old_signatures_verifiable_while_published(setup, dns_server, mx_sink):
