@@ -133,7 +133,7 @@ class QueueRunner:
         self._global_waiting = 0
         self._tasks: set[asyncio.Task] = set()
         self._settling: set[asyncio.Task] = set()
-        self._signature_writes: dict[object, asyncio.Task] = {}  # job token -> its DKIM signature's store
+        self._signatures: dict[object, bytes] = {}  # job token -> the DKIM-Signature its attempt sent
         self._current: dict[asyncio.Task, Job] = {}
         # Every job this runner holds a lease on (waiting, in flight or settling), by token; the
         # heartbeat renews them all. Their recipient ids: a claim must never return one of them.
@@ -257,7 +257,7 @@ class QueueRunner:
         if self._held.pop(job.token, None) is not None:
             self._held_rcpts.difference_update(r.id for r in job.recipients)
         self._inflight.pop(job.token, None)
-        self._signature_writes.pop(job.token, None)  # a lost job's write finishes on its own (in _settling)
+        self._signatures.pop(job.token, None)
 
     def _lost(self, job: Job, where: str) -> None:
         metrics.LEASES_LOST.labels(where).inc()
@@ -609,9 +609,9 @@ class QueueRunner:
         t.add_done_callback(self._settling.discard)
 
     async def _sign(self, job: Job, domain: str, body: Body) -> bytes | None:
-        """DKIM-sign before the first attempt and store the signature (retries send it as is).
-        The DKIM-Signature field (b"" without a key), or None when signing failed: the attempt is
-        deferred rather than made unsigned."""
+        """DKIM-sign before the first attempt; the settle stores the signature if a retry will
+        need it (retries send it as is). The DKIM-Signature field (b"" without a key), or None
+        when signing failed: the attempt is deferred rather than made unsigned."""
         assert self.signer is not None
         try:
             signed, selector = await self.signer(domain, body)
@@ -619,31 +619,19 @@ class QueueRunner:
             event(log, "dkim_sign_failed", logging.ERROR, qid=job.msg_id, domain=domain,
                   error=f"{type(exc).__name__}: {exc}")
             return None
-        # Stored beside the attempt, not before it: only a retry reads it, and the settle that
-        # makes one possible waits for this write (and is queued behind it in the same writer).
-        # On the critical path it cost a commit wait, the other process's turn included, per message.
-        t = asyncio.create_task(self._store_signed(job, signed))
-        self._settling.add(t)
-        t.add_done_callback(self._settling.discard)
-        self._signature_writes[job.token] = t
+        # Kept for the settle, which stores it only when a retry will need it (a recipient deferred):
+        # storing it for every message rewrote the body's row (its blob included) once more per
+        # message, only for the settle to delete it.
+        self._signatures[job.token] = signed
         if selector is not None:
             event(log, "dkim_signed", qid=job.msg_id, domain=domain, selector=selector)
         return signed
-
-    async def _store_signed(self, job: Job, signed: bytes) -> None:
-        try:
-            await self.queue.store_signed(job.msg_id, signed)
-        except Exception as exc:  # noqa: BLE001 - what was signed is sent; the next attempt signs again
-            event(log, "dkim_store_failed", logging.WARNING, qid=job.msg_id, error=f"{type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------ settle
 
     async def _settle(self, job: Job, outcomes: dict[str, RcptOutcome], body: bytes | None,
                       not_before: float = 0.0) -> None:
-        stored = self._signature_writes.pop(job.token, None)
         try:
-            if stored is not None:
-                await stored  # a retry must find the signature this attempt sent
             await self._settle_job(job, outcomes, body, not_before)
         finally:
             self._finish(job)
@@ -713,6 +701,9 @@ class QueueRunner:
         elif failed:
             event(log, "bounce_dropped", logging.WARNING, qid=job.msg_id, rcpts=len(failed),
                   reason="null sender: no bounce for a bounce")
+        signed = self._signatures.pop(job.token, None)
+        if signed is not None and any(u.state == "deferred" for u in updates):
+            await self._store_signed(job, signed)  # the retry sends what this attempt sent
         try:
             ids = await self.queue.settle(job, updates, bounces=tuple(bounces), history=history, mark_warned=warn)
         except LeaseLost:
@@ -732,6 +723,12 @@ class QueueRunner:
         for qid, b in zip(ids, bounces):
             event(log, "bounce", qid=job.msg_id, dsn_qid=qid, to=job.sender,
                   rcpts=len(b.recipients))
+
+    async def _store_signed(self, job: Job, signed: bytes) -> None:
+        try:
+            await self.queue.store_signed(job.msg_id, signed)
+        except Exception as exc:  # noqa: BLE001 - what was signed is sent; the next attempt signs again
+            event(log, "dkim_store_failed", logging.WARNING, qid=job.msg_id, error=f"{type(exc).__name__}: {exc}")
 
     def _dsn(self, job: Job, body: bytes, rcpts: list[bounce.DSNRecipient]) -> NewMessage:
         data = bounce.build_dsn(

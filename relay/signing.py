@@ -1,4 +1,4 @@
-"""DKIM signing (dkimpy) in the delivery process, once per message so retries never re-sign.
+"""DKIM signing (dkimpy) in the delivery process, once per message: a retry sends the stored signature.
 
 Relaxed/relaxed canonicalization, the usual header set, From oversigned (listed once more
 than it occurs, so a second From added in transit breaks the signature). The result is the

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import ipaddress
 import logging
 import time
@@ -60,6 +61,9 @@ def decode_plain(blob: bytes) -> tuple[bytes, bytes] | Reply:
     return authc, password
 
 
+# Cached: every connection asks, parsing an address costs more than the rest of the AUTH check,
+# and the answer depends on the arguments only. Bounded, so a scan of many addresses cannot grow it.
+@functools.lru_cache(maxsize=4096)
 def network_of(ip: str, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> str:
     """The network a client address is grouped in: '192.0.2.7/32', '2001:db8:1:2::/64'.
 

@@ -113,8 +113,8 @@ def test_delivered_mail_carries_a_signature_that_verifies(setup, dns_server, mx_
 
 
 def test_a_retry_sends_the_signature_the_first_attempt_sent(make_relay, dns_server, mx_sink):
-    """Signed once: the signature is stored beside the first attempt (not before it), and the
-    settle that makes the retry due waits for it, so the retry carries the same bytes."""
+    """Signed once: the settle that makes the retry due stores the signature first, so the retry
+    carries the same bytes."""
     dns_server.set("example.net", "MX", ["10 mx.example.net."])
     dns_server.set("mx.example.net", "A", ["127.0.0.1"])
     relay = make_relay(start=False, dns=dns_server.address, mx_port=mx_sink.port,
@@ -135,6 +135,31 @@ def test_a_retry_sends_the_signature_the_first_attempt_sent(make_relay, dns_serv
     assert first.startswith(b"DKIM-Signature:")
     assert first == retry  # the same signature (t= included), the same bytes
     assert dkim.verify(retry, dnsfunc=dnsfunc_for(dns_server))
+
+
+def test_a_recipient_deferred_beside_a_delivered_one_gets_the_same_signature(make_relay, dns_server, mx_sink):
+    """One recipient taken, one deferred at RCPT: the message is not done, so its signature is
+    kept, and the deferred recipient's retry sends what the delivered one got."""
+    dns_server.set("example.net", "MX", ["10 mx.example.net."])
+    dns_server.set("mx.example.net", "A", ["127.0.0.1"])
+    relay = make_relay(start=False, dns=dns_server.address, mx_port=mx_sink.port,
+                       config={"domains": {"public_addresses": ["192.0.2.10"]},
+                               "delivery": {"retry_schedule": [1]}})
+    relay.add_user(USER, PASSWORD)
+    relay.start()
+    publish(dns_server, relay)
+    mx_sink.rcpt_replies["carol@example.net"] = "450 4.2.0 mailbox busy"
+    relay.submit(USER, PASSWORD, USER, ["bob@example.net", "carol@example.net"],
+                 b"From: a@mg.example.com\r\nSubject: split\r\n\r\nx\r\n")
+    assert mx_sink.wait_for(1, timeout=15)
+    assert mx_sink.messages[0].rcpt_tos == ["bob@example.net"]
+    del mx_sink.rcpt_replies["carol@example.net"]
+    assert mx_sink.wait_for(2, timeout=20)
+    first, retry = mx_sink.messages[0], mx_sink.messages[1]
+    assert retry.rcpt_tos == ["carol@example.net"]
+    assert first.data.startswith(b"DKIM-Signature:")
+    assert first.data == retry.data
+    assert dkim.verify(retry.data, dnsfunc=dnsfunc_for(dns_server))
 
 
 def test_rotation_keeps_old_signatures_verifiable_while_published(setup, dns_server, mx_sink):
