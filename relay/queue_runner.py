@@ -609,8 +609,8 @@ class QueueRunner:
         t.add_done_callback(self._settling.discard)
 
     async def _sign(self, job: Job, domain: str, body: Body) -> bytes | None:
-        """DKIM-sign before the first attempt; the settle stores the signature if a retry will
-        need it (retries send it as is). The DKIM-Signature field (b"" without a key), or None
+        """DKIM-sign before the first attempt; the settle stores the signature (retries send it
+        as is). The DKIM-Signature field (b"" without a key), or None
         when signing failed: the attempt is deferred rather than made unsigned."""
         assert self.signer is not None
         try:
@@ -619,9 +619,9 @@ class QueueRunner:
             event(log, "dkim_sign_failed", logging.ERROR, qid=job.msg_id, domain=domain,
                   error=f"{type(exc).__name__}: {exc}")
             return None
-        # Kept for the settle, which stores it only when a retry will need it (a recipient deferred):
-        # storing it for every message rewrote the body's row (its blob included) once more per
-        # message, only for the settle to delete it.
+        # Kept for the settle, which stores it in its own transaction: a write of its own per
+        # message rewrote the body's row (its blob included) once more, only for the settle to
+        # rewrite it again.
         self._signatures[job.token] = signed
         if selector is not None:
             event(log, "dkim_signed", qid=job.msg_id, domain=domain, selector=selector)
@@ -689,10 +689,13 @@ class QueueRunner:
                 succeeded.append(dsn_r)
             elif state == "deferred" and notify_allows(r.notify, "DELAY"):
                 delayed.append(dsn_r)
+        signed = self._signatures.pop(job.token, None)
         bounces = []
         warn = bool(d.delay_warning_after and delayed and not job.warned and age >= d.delay_warning_after)
         if job.sender and (failed or succeeded or warn) and body is None:
             body = await self.queue.body(job.msg_id) or b""  # a deferral without an attempt read no body
+            if signed:  # stored by this settle, after the read: the report returns what was sent
+                body = signed + body
         if job.sender:  # never a bounce for a bounce (RFC 3461 6.2, RFC 5321 3.6.3)
             for kind, rcpts in (("failure", failed), ("success", succeeded), ("delay", delayed if warn else [])):
                 if rcpts:
@@ -701,11 +704,11 @@ class QueueRunner:
         elif failed:
             event(log, "bounce_dropped", logging.WARNING, qid=job.msg_id, rcpts=len(failed),
                   reason="null sender: no bounce for a bounce")
-        signed = self._signatures.pop(job.token, None)
-        if signed is not None and any(u.state == "deferred" for u in updates):
-            await self._store_signed(job, signed)  # the retry sends what this attempt sent
         try:
-            ids = await self.queue.settle(job, updates, bounces=tuple(bounces), history=history, mark_warned=warn)
+            # The signature goes into the settle's own transaction: a retry sends what this
+            # attempt sent, and `queue show` of the finished message shows it signed.
+            ids = await self.queue.settle(job, updates, bounces=tuple(bounces), history=history, mark_warned=warn,
+                                          signature=signed)
         except LeaseLost:
             metrics.LEASES_LOST.labels("settle").inc()
             event(log, "lease_lost", logging.WARNING, qid=job.msg_id, where="settle")
@@ -723,12 +726,6 @@ class QueueRunner:
         for qid, b in zip(ids, bounces):
             event(log, "bounce", qid=job.msg_id, dsn_qid=qid, to=job.sender,
                   rcpts=len(b.recipients))
-
-    async def _store_signed(self, job: Job, signed: bytes) -> None:
-        try:
-            await self.queue.store_signed(job.msg_id, signed)
-        except Exception as exc:  # noqa: BLE001 - what was signed is sent; the next attempt signs again
-            event(log, "dkim_store_failed", logging.WARNING, qid=job.msg_id, error=f"{type(exc).__name__}: {exc}")
 
     def _dsn(self, job: Job, body: bytes, rcpts: list[bounce.DSNRecipient]) -> NewMessage:
         data = bounce.build_dsn(

@@ -389,13 +389,15 @@ class PgQueueStore:
     async def store_signed(self, msg_id: str, prefix: bytes) -> None:
         """One statement, without waiting for the WAL flush: lost in a database crash, the
         message is signed again before its next attempt (a new signature, as valid)."""
-        async def op(conn: asyncpg.Connection) -> None:
-            await conn.execute(
-                "WITH m AS (UPDATE messages SET dkim_domain = NULL, size = size + $1 WHERE id = $2 "
-                "AND dkim_domain IS NOT NULL RETURNING id) "
-                "UPDATE bodies SET prefix = $3 FROM m WHERE bodies.id = m.id", len(prefix), msg_id, prefix)
+        await self._run(lambda conn: self._keep_signature(conn, msg_id, prefix), transaction=False,
+                        synchronous=False)
 
-        await self._run(op, transaction=False, synchronous=False)
+    @staticmethod
+    async def _keep_signature(conn: asyncpg.Connection, msg_id: str, prefix: bytes) -> None:
+        await conn.execute(
+            "WITH m AS (UPDATE messages SET dkim_domain = NULL, size = size + $1 WHERE id = $2 "
+            "AND dkim_domain IS NOT NULL RETURNING id) "
+            "UPDATE bodies SET prefix = $3 FROM m WHERE bodies.id = m.id", len(prefix), msg_id, prefix)
 
     async def body(self, msg_id: str, limit: int = 1_048_576) -> bytes | None:
         rows = await self._fetch("SELECT b.data, b.prefix, b.chunks FROM bodies b WHERE b.id = $1", msg_id)
@@ -457,9 +459,11 @@ class PgQueueStore:
     # ------------------------------------------------------------ settle / release / recover
 
     async def settle(self, job: Job, updates: list[RecipientUpdate], *, bounces: tuple[NewMessage, ...] = (),
-                     history: list[tuple] = (), mark_warned: bool = False) -> list[str]:
-        """Outcomes, history and the DSNs in one transaction; LeaseLost (nothing changed) if the
-        token is no longer this job's."""
+                     history: list[tuple] = (), mark_warned: bool = False,
+                     signature: bytes | None = None) -> list[str]:
+        """Outcomes, history, the DSNs and the DKIM signature the attempt sent (`signature`, as
+        store_signed keeps it) in one transaction; LeaseLost (nothing changed) if the token is no
+        longer this job's."""
         now = self._clock()
         bounce_ids = [b.queue_id or new_queue_id() for b in bounces]
 
@@ -489,6 +493,8 @@ class PgQueueStore:
                 await conn.execute("UPDATE messages SET warned = 1 WHERE id = $1", job.msg_id)
             for qid, b in zip(bounce_ids, bounces):
                 await self._insert(conn, qid, b, now)
+            if signature is not None:
+                await self._keep_signature(conn, job.msg_id, signature)
             await self._finish_if_final(conn, job.msg_id, now)
             return bounce_ids
 

@@ -210,13 +210,14 @@ class QueueStore:
         """Keep the DKIM-Signature field (`prefix`; empty when there was no key), sent before the
         content from now on, so retries send the same bytes; the body itself is never rewritten
         (a spooled one stays where it is). The first job of a message to get here wins."""
-        def op(conn: sqlite3.Connection) -> None:
-            cur = conn.execute("UPDATE messages SET dkim_domain = NULL, size = size + ? WHERE id = ? "
-                               "AND dkim_domain IS NOT NULL", (len(prefix), msg_id))
-            if cur.rowcount:
-                conn.execute("UPDATE bodies SET prefix = ? WHERE id = ?", (prefix, msg_id))
+        await self._write(lambda conn: self._keep_signature(conn, msg_id, prefix))
 
-        await self._write(op)
+    @staticmethod
+    def _keep_signature(conn: sqlite3.Connection, msg_id: str, prefix: bytes) -> None:
+        cur = conn.execute("UPDATE messages SET dkim_domain = NULL, size = size + ? WHERE id = ? "
+                           "AND dkim_domain IS NOT NULL", (len(prefix), msg_id))
+        if cur.rowcount:
+            conn.execute("UPDATE bodies SET prefix = ? WHERE id = ?", (prefix, msg_id))
 
     async def next_due(self, exclude_routes: Iterable[str] = ()) -> float | None:
         excluded = tuple(exclude_routes)
@@ -329,8 +330,11 @@ class QueueStore:
         return await asyncio.to_thread(spool.remove_orphans, self.spool_dir, keep)
 
     async def settle(self, job: Job, updates: list[RecipientUpdate], *, bounces: tuple[NewMessage, ...] = (),
-                     history: list[tuple] = (), mark_warned: bool = False) -> list[str]:
+                     history: list[tuple] = (), mark_warned: bool = False,
+                     signature: bytes | None = None) -> list[str]:
         """Apply outcomes for a job's recipients and queue its DSNs, atomically. Returns DSN queue ids.
+        `signature`: the DKIM-Signature field the attempt sent, kept as store_signed keeps it (in
+        the same transaction: the body's row is rewritten here anyway when the message finishes).
 
         Raises LeaseLost (and changes nothing) if another worker holds the lease now.
         """
@@ -358,6 +362,8 @@ class QueueStore:
                 conn.execute("UPDATE messages SET warned = 1 WHERE id = ?", (job.msg_id,))
             for qid, b in zip(bounce_ids, bounces):
                 self._insert(conn, qid, b, now)
+            if signature is not None:
+                self._keep_signature(conn, job.msg_id, signature)
             # What became of the failure report belongs to the message's story (queue show).
             notes = [(job.msg_id, now, None, "bounce", f"report {qid} queued to <{b.recipients[0].address}>")
                      for qid, b in zip(bounce_ids, bounces)]

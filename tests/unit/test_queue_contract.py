@@ -159,6 +159,31 @@ async def test_settle_queues_its_dsns_atomically(store, conn, clock):
     assert (r["rcpt"], r["state"]) == ("alice@example.com", "pending")
 
 
+async def test_settle_keeps_the_signature_the_attempt_sent(store, conn, clock):
+    """The DKIM-Signature an attempt sent is stored by its settle: a deferred recipient's retry
+    sends it unchanged (no new signing), a finished message keeps it in what `queue show` reads,
+    and a lost lease keeps nothing."""
+    sig = b"DKIM-Signature: v=1; d=example.com\r\n"
+    qid = await store.enqueue(message("bob@example.net", "carol@example.org", dkim_domain="example.com"))
+    [a, b] = sorted(await store.claim(100), key=lambda j: j.route)
+    clock.t += LEASE + 1
+    [stale, b2] = sorted(await store.claim(100), key=lambda j: j.route)  # both leases expired
+    with pytest.raises(LeaseLost):
+        await store.settle(a, done(a, "deferred", clock.t + 60), signature=sig)
+    assert (await store.body_to_send(qid))[1] == "example.com"  # still to be signed
+    await store.settle(stale, done(stale, "deferred", clock.t + 60), signature=sig)
+    body, dkim_domain = await store.body_to_send(qid)
+    assert dkim_domain is None and body.prefix == sig  # the retry sends these bytes, unsigned again
+    assert await store.body(qid) == sig + b"Subject: t\r\n\r\nhi\r\n"
+    await store.settle(b2, done(b2), signature=b"DKIM-Signature: other\r\n")  # the first one kept stays
+    assert (await store.body(qid)).startswith(sig)
+    qid2 = await store.enqueue(message("dave@example.net", dkim_domain="example.com"))
+    [j] = [j for j in await store.claim(100) if j.msg_id == qid2]
+    await store.settle(j, done(j), signature=sig)
+    shown = await store.show(qid2)
+    assert shown["state"] == "delivered" and shown["dkim_domain"] is None and sig in shown["headers"].encode()
+
+
 async def test_renew_extends_a_live_lease_and_refuses_a_lost_one(store, conn, clock):
     await store.enqueue(message("bob@example.net"))
     [job] = await store.claim(100)
