@@ -610,8 +610,8 @@ class QueueRunner:
 
     async def _sign(self, job: Job, domain: str, body: Body) -> bytes | None:
         """DKIM-sign before the first attempt; the settle stores the signature (retries send it
-        as is). The DKIM-Signature field (b"" without a key), or None
-        when signing failed: the attempt is deferred rather than made unsigned."""
+        as is). The DKIM-Signature field (b"" without a key), or None when signing failed: the
+        attempt is deferred rather than made unsigned."""
         assert self.signer is not None
         try:
             signed, selector = await self.signer(domain, body)

@@ -386,14 +386,10 @@ class PgQueueStore:
 
     # ------------------------------------------------------------ bodies
 
-    async def store_signed(self, msg_id: str, prefix: bytes) -> None:
-        """One statement, without waiting for the WAL flush: lost in a database crash, the
-        message is signed again before its next attempt (a new signature, as valid)."""
-        await self._run(lambda conn: self._keep_signature(conn, msg_id, prefix), transaction=False,
-                        synchronous=False)
-
     @staticmethod
     async def _keep_signature(conn: asyncpg.Connection, msg_id: str, prefix: bytes) -> None:
+        """The DKIM-Signature field sent before the content from now on; the first job of a
+        message to get here wins (SQLite's twin says more)."""
         await conn.execute(
             "WITH m AS (UPDATE messages SET dkim_domain = NULL, size = size + $1 WHERE id = $2 "
             "AND dkim_domain IS NOT NULL RETURNING id) "
@@ -461,8 +457,8 @@ class PgQueueStore:
     async def settle(self, job: Job, updates: list[RecipientUpdate], *, bounces: tuple[NewMessage, ...] = (),
                      history: list[tuple] = (), mark_warned: bool = False,
                      signature: bytes | None = None) -> list[str]:
-        """Outcomes, history, the DSNs and the DKIM signature the attempt sent (`signature`, as
-        store_signed keeps it) in one transaction; LeaseLost (nothing changed) if the token is no
+        """Outcomes, history, the DSNs and the DKIM signature the attempt sent (`signature`, kept
+        by _keep_signature) in one transaction; LeaseLost (nothing changed) if the token is no
         longer this job's."""
         now = self._clock()
         bounce_ids = [b.queue_id or new_queue_id() for b in bounces]

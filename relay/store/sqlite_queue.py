@@ -206,14 +206,11 @@ class QueueStore:
             job.lost = True
         return held
 
-    async def store_signed(self, msg_id: str, prefix: bytes) -> None:
+    @staticmethod
+    def _keep_signature(conn: sqlite3.Connection, msg_id: str, prefix: bytes) -> None:
         """Keep the DKIM-Signature field (`prefix`; empty when there was no key), sent before the
         content from now on, so retries send the same bytes; the body itself is never rewritten
         (a spooled one stays where it is). The first job of a message to get here wins."""
-        await self._write(lambda conn: self._keep_signature(conn, msg_id, prefix))
-
-    @staticmethod
-    def _keep_signature(conn: sqlite3.Connection, msg_id: str, prefix: bytes) -> None:
         cur = conn.execute("UPDATE messages SET dkim_domain = NULL, size = size + ? WHERE id = ? "
                            "AND dkim_domain IS NOT NULL", (len(prefix), msg_id))
         if cur.rowcount:
@@ -333,7 +330,7 @@ class QueueStore:
                      history: list[tuple] = (), mark_warned: bool = False,
                      signature: bytes | None = None) -> list[str]:
         """Apply outcomes for a job's recipients and queue its DSNs, atomically. Returns DSN queue ids.
-        `signature`: the DKIM-Signature field the attempt sent, kept as store_signed keeps it (in
+        `signature`: the DKIM-Signature field the attempt sent, kept by _keep_signature (in
         the same transaction: the body's row is rewritten here anyway when the message finishes).
 
         Raises LeaseLost (and changes nothing) if another worker holds the lease now.

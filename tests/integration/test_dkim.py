@@ -40,13 +40,26 @@ def publish(dns_server, relay, domain: str = DOMAIN) -> list[dict]:
     return recs
 
 
-@pytest.fixture
-def setup(make_relay, dns_server, mx_sink):
+def _relay(make_relay, dns_server, mx_sink, **config):
     dns_server.set("example.net", "MX", ["10 mx.example.net."])
     dns_server.set("mx.example.net", "A", ["127.0.0.1"])
     relay = make_relay(start=False, dns=dns_server.address, mx_port=mx_sink.port,
-                       config={"domains": {"public_addresses": ["192.0.2.10"]}})
+                       config={"domains": {"public_addresses": ["192.0.2.10"]}, **config})
     relay.add_user(USER, PASSWORD)
+    return relay
+
+
+@pytest.fixture
+def setup(make_relay, dns_server, mx_sink):
+    return _relay(make_relay, dns_server, mx_sink)
+
+
+@pytest.fixture
+def retrying(make_relay, dns_server, mx_sink):
+    """Started, its key published, a deferred recipient retried after 1 s."""
+    relay = _relay(make_relay, dns_server, mx_sink, delivery={"retry_schedule": [1]})
+    relay.start()
+    publish(dns_server, relay)
     return relay
 
 
@@ -112,17 +125,10 @@ def test_delivered_mail_carries_a_signature_that_verifies(setup, dns_server, mx_
     assert not dkim.verify(data.replace(b"Subject: signed", b"Subject: changed"), dnsfunc=dnsfunc_for(dns_server))
 
 
-def test_a_retry_sends_the_signature_the_first_attempt_sent(make_relay, dns_server, mx_sink):
+def test_a_retry_sends_the_signature_the_first_attempt_sent(retrying, dns_server, mx_sink):
     """Signed once: the settle that makes the retry due stores the signature first, so the retry
     carries the same bytes."""
-    dns_server.set("example.net", "MX", ["10 mx.example.net."])
-    dns_server.set("mx.example.net", "A", ["127.0.0.1"])
-    relay = make_relay(start=False, dns=dns_server.address, mx_port=mx_sink.port,
-                       config={"domains": {"public_addresses": ["192.0.2.10"]},
-                               "delivery": {"retry_schedule": [1]}})
-    relay.add_user(USER, PASSWORD)
-    relay.start()
-    publish(dns_server, relay)
+    relay = retrying
     mx_sink.data_reply = "451 4.3.0 try again later"
     relay.submit(USER, PASSWORD, USER, ["bob@example.net"], b"From: a@mg.example.com\r\nSubject: once\r\n\r\nx\r\n")
     deadline = time.monotonic() + 15
@@ -137,17 +143,10 @@ def test_a_retry_sends_the_signature_the_first_attempt_sent(make_relay, dns_serv
     assert dkim.verify(retry, dnsfunc=dnsfunc_for(dns_server))
 
 
-def test_a_recipient_deferred_beside_a_delivered_one_gets_the_same_signature(make_relay, dns_server, mx_sink):
+def test_a_recipient_deferred_beside_a_delivered_one_gets_the_same_signature(retrying, dns_server, mx_sink):
     """One recipient taken, one deferred at RCPT: the message is not done, so its signature is
     kept, and the deferred recipient's retry sends what the delivered one got."""
-    dns_server.set("example.net", "MX", ["10 mx.example.net."])
-    dns_server.set("mx.example.net", "A", ["127.0.0.1"])
-    relay = make_relay(start=False, dns=dns_server.address, mx_port=mx_sink.port,
-                       config={"domains": {"public_addresses": ["192.0.2.10"]},
-                               "delivery": {"retry_schedule": [1]}})
-    relay.add_user(USER, PASSWORD)
-    relay.start()
-    publish(dns_server, relay)
+    relay = retrying
     mx_sink.rcpt_replies["carol@example.net"] = "450 4.2.0 mailbox busy"
     relay.submit(USER, PASSWORD, USER, ["bob@example.net", "carol@example.net"],
                  b"From: a@mg.example.com\r\nSubject: split\r\n\r\nx\r\n")
